@@ -1,0 +1,91 @@
+"""Step 1: check the images, remove near-duplicates, split into train/val/test and build the ranking sets.
+
+Reads data/<datasetName>/<label>/... (any depth below the label folder). Every image is decoded once: unreadable
+files are skipped and named, near-duplicates (dhash) are reported and, with dedup_enabled, reduced to one image per
+group before splitting, so no duplicate straddles train and test. Writes the split lists, label tables, ranking sets
+and pair CSVs to proc/<datasetName>/, and split_counts.csv, near_duplicates.csv, skipped_images.tsv to
+results/<datasetName>/.
+"""
+import itertools
+import logging
+
+import numpy as np
+import pandas as pd
+
+import helpers
+from image_similarity import dedup, fileio, images, pairs
+
+logger = logging.getLogger("1_prepareData")
+
+
+def main(args, P):
+    skipped = images.SkippedImages()
+    paths = helpers.dataset_images(P, skipped)
+    print(f"Reading and hashing {len(paths)} images under {P.imgDir} ...")
+    hashes = dedup.hash_images(paths, root=P.imgDir, hash_size=P.dedup_hashSize, skipped=skipped)
+    groups = dedup.find_near_duplicate_groups(hashes, P.dedup_maxHammingDistance)
+    fileio.save_csv(P.nearDuplicatesPath, ["group", "key", "kept"], [
+        (number, key, "yes" if key == dedup.kept_key(group) else "no")
+        for number, group in enumerate(groups, 1) for key in group])
+    removed = set(dedup.duplicates_to_remove(groups)) if P.dedup_enabled else set()
+    print(f"{len(groups)} group(s) of near-duplicates ({P.nearDuplicatesPath}); "
+          + (f"removed {len(removed)} image(s), keeping one per group" if P.dedup_enabled else "report only"))
+
+    keys_by_label = {}
+    for key in hashes:
+        if "/" not in key:
+            skipped.add(P.imgDir / key, "not inside a label folder")
+        elif key not in removed:
+            keys_by_label.setdefault(pairs.label_of(key), []).append(key)
+    if not keys_by_label:
+        skipped.save(P.skippedImagesPath)
+        raise helpers.UsageError(f"no readable image in a label folder under {P.imgDir} ({P.skippedImagesPath})")
+    folders = {d.name for d in P.imgDir.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    for label in sorted(folders - set(keys_by_label)):
+        if P.includeLabels is None or label in P.includeLabels:
+            logger.warning("label folder %s has no usable image: left out", P.imgDir / label)
+    for label in sorted(label for label, keys in keys_by_label.items() if len(keys) < 2):
+        logger.warning("label %r has only %d image: it gives no query images", label, len(keys_by_label[label]))
+
+    if P.splitFilePath is not None and not P.splitFilePath.is_file():
+        raise helpers.UsageError(f"splitFile {P.splitFilePath} not found (set splitFile=None for a random split)")
+    split_rows = fileio.read_tsv(P.splitFilePath) if P.splitFilePath is not None else None
+    excluded = removed | {images.image_key(path, P.imgDir) for path, _ in skipped}
+    splits = pairs.split_images(keys_by_label, P.ratioTrainTest, P.ratioValFromTrain, P.imagesSplitBy, split_rows,
+                                seed=P.randomSeed, excluded_keys=excluded)
+    rng = np.random.default_rng(P.randomSeed)
+    infos = {split: pairs.make_ranking_sets(splits[split], getattr(P, f"{split}_maxQueryImgsPerSubdir"),
+                                            getattr(P, f"{split}_maxNegImgsPerQueryImg"), rng)
+             for split in pairs.SPLITS}
+
+    used = {split: {k for keys in splits[split].values() for k in keys}
+            | {k for s in infos[split] for k in (s.query, *s.references)} for split in pairs.SPLITS}
+    for a, b in itertools.combinations(pairs.SPLITS, 2):
+        if used[a] & used[b]:
+            raise RuntimeError(f"{a} and {b} share {len(used[a] & used[b])} image(s), e.g. {min(used[a] & used[b])}")
+    print("Check passed: train, val and test share no image.")
+
+    labels = sorted(keys_by_label)
+    fileio.save_pickle(P.lutLabel2IdPath, {label: i for i, label in enumerate(labels)})
+    fileio.save_pickle(P.lutId2LabelPath, dict(enumerate(labels)))
+    for split in pairs.SPLITS:
+        fileio.save_pickle(P.imgFilenamesPath[split], splits[split])
+        fileio.save_pickle(P.imgInfosPath[split], infos[split])
+        fileio.save_csv(P.pairsCsvPath[split], ["query", "reference", "is_positive"], [
+            (s.query, ref, int(pos)) for s in infos[split] for ref, pos in zip(s.references, s.is_positive)])
+        print(f"{split:5}: {len(infos[split]):4} ranking sets -> "
+              f"{P.imgFilenamesPath[split]}, {P.imgInfosPath[split]}, {P.pairsCsvPath[split]}")
+    counts = pd.DataFrame({split: {label: len(splits[split][label]) for label in labels} for split in pairs.SPLITS})
+    counts["total"] = counts.sum(axis=1)
+    fileio.save_csv(P.splitCountsPath, ["label", *counts.columns], counts.reset_index().values.tolist())
+    print(pd.concat([counts, counts.sum().to_frame("all").T]).to_string())
+    skipped.save(P.skippedImagesPath)
+    print(f"Wrote {P.lutLabel2IdPath}, {P.lutId2LabelPath}, {P.splitCountsPath}, {P.skippedImagesPath}")
+    if skipped:
+        logger.warning(skipped.summary())
+    print(f"Done: {counts['total'].sum()} images in {len(labels)} labels split "
+          f"{'/'.join(str(counts[split].sum()) for split in pairs.SPLITS)} (train/val/test), {len(removed)} near-duplicate(s) removed, {len(skipped)} file(s) skipped.")
+
+
+if __name__ == "__main__":
+    helpers.run(main, __doc__)

@@ -1,0 +1,74 @@
+"""Step 2: refine the pretrained backbone as an image classifier on the training split.
+
+Reads the split lists and label table written by 1_prepareData.py. Trains backbone + dropout + linear head with
+SGD for rf_maxEpochs epochs (rf_lrPerMb is the per-epoch learning rate), evaluates on the validation split after
+every epoch and keeps the best epoch by validation accuracy (the test split is never used). Writes the best model
+to proc/<datasetName>/model.pt, refine_log.csv and refine_curves.png to results/<datasetName>/, and a resume
+checkpoint after every epoch: run again with --resume to continue an interrupted run (or to add epochs).
+rf_maxEpochs=0 skips refinement: step 3 then uses the pretrained backbone's features.
+"""
+import os
+
+# Set before torch loads OpenMP: idle threads sleep instead of spinning, which on a CPU shared with other processes
+# made every training step up to 10x slower. An OMP_WAIT_POLICY already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import helpers  # noqa: E402
+from image_similarity import backbones, fileio, plots, refine  # noqa: E402
+from image_similarity.images import SkippedImages  # noqa: E402
+
+
+def add_arguments(parser):
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the resume checkpoint (proc/<datasetName>/refine_checkpoint.pt)")
+
+
+def main(args, P):
+    if P.rf_maxEpochs == 0:
+        print("rf_maxEpochs = 0: no refinement, nothing written; step 3 will use the pretrained "
+              f"{P.rf_backbone} features.")
+        return
+    for path in (P.imgFilenamesPath["train"], P.imgFilenamesPath["val"], P.lutLabel2IdPath):
+        helpers.require(path, "1_prepareData.py")
+    label2id = fileio.load_pickle(P.lutLabel2IdPath)
+    classes = sorted(label2id, key=label2id.get)
+    items = {split: [(key, label2id[label]) for label, keys in sorted(fileio.load_pickle(
+        P.imgFilenamesPath[split]).items()) for key in keys] for split in ("train", "val")}
+    config = refine.RefineConfig.from_parameters(P)
+    device = refine.select_device()
+    n_threads = refine.configure_threads(device)
+    print(f"Refining {config.backbone} at {config.input_resolution} px on {len(items['train'])} train / "
+          f"{len(items['val'])} val images, {len(classes)} labels, {config.max_epochs} epochs; device: {device}"
+          + (f" ({n_threads} threads)" if device.type == "cpu" else ""))
+    if P.refineCheckpointPath.exists() and not args.resume:
+        print(f"Ignoring the existing checkpoint {P.refineCheckpointPath} (pass --resume to continue it): "
+              "it will be overwritten.")
+    elif args.resume and not P.refineCheckpointPath.exists():
+        print(f"--resume: no checkpoint at {P.refineCheckpointPath}, starting from epoch 1.")
+
+    skipped = SkippedImages()
+    if P.skippedImagesPath.exists():  # keep what earlier steps recorded
+        for path, reason in fileio.read_tsv(P.skippedImagesPath)[1:]:
+            skipped.add(path, reason)
+    n_skipped_before = len(skipped)
+    result = refine.fine_tune(config, items["train"], items["val"], P.imgDir, classes, device,
+                              checkpoint_path=P.refineCheckpointPath, resume=args.resume, skipped=skipped)
+    if result.resumed_after_epoch:
+        print(f"Resumed after epoch {result.resumed_after_epoch} from {P.refineCheckpointPath}.")
+
+    meta = {"epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy, "val_loss": result.best_val_loss,
+            "n_train": result.n_train, "n_val": result.n_val, "train_params": config.as_dict()}
+    backbones.save_checkpoint(P.modelPath, result.model, config.backbone, classes, config.input_resolution, meta)
+    fileio.save_csv(P.refineLogPath, refine.LOG_COLUMNS, [[row[c] for c in refine.LOG_COLUMNS]
+                                                         for row in result.log_rows])
+    plots.plot_refine_curves(result.log_rows, P.refineCurvesPath)
+    print(f"Wrote {P.modelPath}, {P.refineCheckpointPath}, {P.refineLogPath}, {P.refineCurvesPath}")
+    if len(skipped) > n_skipped_before:
+        skipped.save(P.skippedImagesPath)
+        print(f"{len(skipped) - n_skipped_before} unreadable image(s) skipped, listed in {P.skippedImagesPath}")
+    print(f"Done: best epoch {result.best_epoch} of {len(result.log_rows)}, val accuracy "
+          f"{100 * result.best_val_accuracy:.1f}%, {result.seconds / 60:.1f} min.")
+
+
+if __name__ == "__main__":
+    helpers.run(main, __doc__, add_arguments)

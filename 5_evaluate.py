@@ -1,0 +1,91 @@
+"""Step 5: rank every ranking set's references with every ranker and report where the positive lands.
+
+For each ranker (random, L1, L2, cosine, weighted L2, its calibrated probability, class-probability L2 and cosine)
+prints and saves top-N accuracies, mean and median rank and MRR on the chosen split (default test). The best ranker
+is chosen on the validation split (top-1, then mean rank; never on test, never the random baseline): it draws the
+per-query figures and ranks, for every test query image, its TOP_K_CANDIDATES closest featurized images
+(ranking_results.csv).
+"""
+import numpy as np
+
+import helpers
+from image_similarity import evaluation, fileio, images, pairs, plots, rankers
+from image_similarity.features import load_features
+
+
+def add_arguments(parser):
+    parser.add_argument("--on", choices=pairs.SPLITS, default="test", help="split to evaluate (default: test)")
+
+
+def visualize(ranker, features, ranking_sets, P, folder, skipped):
+    """The tutorial's per-query figures: query, closest reference and the positive, framed green or red."""
+    for ranking_set in ranking_sets:
+        d = ranker.distances(features.rows([ranking_set.query]), features.rows(ranking_set.references))[0]
+        best, positive = int(np.argmin(d)), int(np.flatnonzero(ranking_set.is_positive)[0])
+        shown = [images.load_image(P.imgDir / k, skipped) for k in
+                 (ranking_set.query, ranking_set.references[best], ranking_set.positive)]
+        plots.plot_query_result(*shown, d[best], d[positive], best == positive,
+                                folder / (ranking_set.query.replace("/", "-") + ".png"), title=ranking_set.query)
+
+
+def main(args, P):
+    helpers.require(P.featuresPath, "3_featurizeImages.py")
+    for split in {args.on, "val", "test"}:
+        helpers.require(P.imgInfosPath[split], "1_prepareData.py")
+    for path in (P.svmPath, P.classifierPath):
+        helpers.require(path, "4_trainSvm.py")
+    features = load_features(P.featuresPath)
+    model_id = features.meta["model_id"]
+    all_rankers = rankers.build_rankers(rankers.load_payload(P.svmPath, model_id),
+                                        rankers.load_payload(P.classifierPath, model_id), P.randomSeed)
+    sets = {split: fileio.load_pickle(P.imgInfosPath[split]) for split in {args.on, "val", "test"}}
+    helpers.require_features(features, {k for ss in sets.values() for s in ss for k in (s.query, *s.references)},
+                             P.featuresPath)
+    if not sets[args.on] or not sets["val"]:
+        raise helpers.UsageError(f"no ranking sets in {P.imgInfosPath[args.on if not sets[args.on] else 'val']}: "
+                                 "too few images per label (run 1_prepareData.py with more images)")
+
+    print(f"Ranking {len(sets[args.on])} {args.on} ranking sets ({len(sets[args.on][0].references)} references "
+          f"each) with {len(all_rankers)} rankers on {model_id} features ...")
+    ranks = {name: evaluation.rank_ranking_sets(r, features, sets[args.on]) for name, r in all_rankers.items()}
+    results = {name: evaluation.evaluate(r, P.eval_topNs) for name, r in ranks.items()}
+    val = results if args.on == "val" else {
+        name: evaluation.evaluate(evaluation.rank_ranking_sets(r, features, sets["val"]), [1])
+        for name, r in all_rankers.items()}
+    best = min((n for n in val if n != "random"), key=lambda n: (-val[n]["top1"], val[n]["mean_rank"]))
+
+    columns = [f"top{n}" for n in P.eval_topNs] + ["mean_rank", "median_rank", "mrr"]
+    print(f"{'ranker':17}" + "".join(f"{c.replace('_rank', ''):>8}" for c in columns))
+    for name, m in results.items():
+        print(f"{name:17}" + "".join(f"{100 * m[c]:7.1f}%" for c in columns[:-3])
+              + f"{m['mean_rank']:8.2f}{m['median_rank']:8.1f}{m['mrr']:8.3f}" + ("  <- best on val" * (name == best)))
+    fileio.save_json(P.evaluationJsonPath, results)
+    fileio.save_csv(P.evaluationCsvPath, ["ranker", *columns, "n_queries", "best_on_val"],
+                    [[name, *(m[c] for c in columns), m["n_queries"], int(name == best)]
+                     for name, m in results.items()])
+    plots.plot_top_n_curves(results, P.eval_topNs, P.topNPlotPath, title=f"Top-N accuracy ({args.on} split)")
+    plots.plot_rank_histogram(ranks, P.rankHistogramPath, title=f"Rank of the positive ({args.on} split)")
+    print(f"Wrote {P.evaluationJsonPath}, {P.evaluationCsvPath}, {P.topNPlotPath}, {P.rankHistogramPath}")
+
+    skipped = images.SkippedImages()
+    if P.eval_boVisualizeResults and P.eval_nrVisualizations > 0:
+        folder = P.resultsDir / f"visualizations_{best}"
+        visualize(all_rankers[best], features, sets[args.on][:P.eval_nrVisualizations], P, folder, skipped)
+        print(f"Wrote {min(P.eval_nrVisualizations, len(sets[args.on]))} per-query figures of {best} to {folder}")
+    queries = sorted({s.query for s in sets["test"]})
+    found = evaluation.top_k_candidates(all_rankers[best], features, queries, features.keys, P.TOP_K_CANDIDATES)
+    fileio.save_csv(P.rankingResultsPath, ["query", "rank", "candidate", "distance", "same_label"], [
+        (q, n, key, f"{dist:.6g}", int(pairs.label_of(key) == pairs.label_of(q)))
+        for q, matches in zip(queries, found) for n, (key, dist) in enumerate(matches, 1)])
+    print(f"Wrote the top {P.TOP_K_CANDIDATES} of {len(features) - 1} candidates for {len(queries)} test queries "
+          f"({best}) to {P.rankingResultsPath}")
+    if skipped:
+        skipped.save(P.skippedImagesPath)
+        print(skipped.summary())
+    top1 = {name: f"{100 * m['top1']:.1f}%" for name, m in results.items()}
+    print(f"Done: {args.on} top-1 over {len(sets[args.on])} queries: "
+          + ", ".join(f"{n} {v}" for n, v in top1.items()) + f"; best on val: {best}.")
+
+
+if __name__ == "__main__":
+    helpers.run(main, __doc__, add_arguments)

@@ -1,0 +1,96 @@
+"""Variant A3: the pipeline of Microsoft's "Image Similarity with SQL Server Machine Learning Services", on a database.
+
+Each step reads its inputs from tables and writes its outputs to tables in one transaction (a re-run replaces them):
+  1  ImageStore, features: every image of data/<datasetName>/ and its float32 embedding (rf_backbone with
+     rf_maxEpochs=0, else proc/<datasetName>/model.pt) as a blob
+  2  training_images, evaluation_images (validation), testing_images, query_images (ranking sets), as 1_prepareData.py
+  3  model: the class-probability classifier of 4_trainSvm.py, pickled
+  4  scores: every image's class probabilities (one row per image and class)
+  5  evaluation_results: top-N accuracies, mean/median rank, MRR with L2 and cosine between score vectors
+  6  ranking_results: the TOP_K_CANDIDATES closest images to every test query image, for both distances
+--db takes an SQLAlchemy URL (postgresql://user@host:port/database ...);
+default: proc/<datasetName>/image_similarity.sqlite.
+"""
+import pandas as pd
+
+import helpers
+from image_similarity import backbones, features, fileio, images, pairs, store
+
+
+def add_arguments(parser):
+    parser.add_argument("--db", help="SQLAlchemy database URL (default: sqlite:///<procDir>/image_similarity.sqlite)")
+    parser.add_argument("--steps", type=int, nargs="+", choices=range(1, 7), default=list(range(1, 7)), metavar="N",
+                        help="steps to run, in this order (default: 1 2 3 4 5 6)")
+
+
+def featurize(P, engine):
+    model = P.rf_backbone if P.rf_maxEpochs == 0 else helpers.require(P.modelPath, "2_refineDNN.py")
+    skipped = images.SkippedImages()
+    paths = images.list_images(P.imgDir, skipped=skipped) if P.imgDir.is_dir() else []
+    labelled = [path for path in paths if len(path.relative_to(P.imgDir).parts) > 1]
+    for path in sorted(set(paths) - set(labelled)):
+        skipped.add(path, "not inside a label folder")
+    if not labelled:
+        raise helpers.UsageError(f"no images in {P.imgDir}/<label>/: put them there or run 0_downloadImages.py")
+    embedder = backbones.load_embedder(model)
+    print(f"Step 1: featurizing {len(labelled)} images under {P.imgDir} with {embedder[2]['model_id']} ...")
+    keys, matrix = features.featurize(labelled, P.imgDir, embedder, P.run_mbSize, P.run_nrWorkers, skipped)
+    if not keys:
+        raise helpers.UsageError(f"no readable image under {P.imgDir} ({skipped.summary()})")
+    store.write_image_store(engine, [images.image_key(p, P.imgDir) for p in labelled], keys, matrix,
+                            embedder[2]["model_id"])
+    skipped.save(P.skippedImagesPath)
+    print(f"        {len(labelled)} rows in ImageStore, {len(keys)} x {matrix.shape[1]} float32 vectors in features; "
+          f"{len(skipped)} file(s) skipped ({P.skippedImagesPath})")
+
+
+def main(args, P):
+    P.procDir.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = store.connect(args.db or f"sqlite:///{P.sqlDbPath}")
+    except ValueError as err:
+        raise helpers.UsageError(str(err)) from None
+    where = store.describe_url(engine.url)
+    print(f"Database: {where}")
+    for step in args.steps:
+        if step == 1:
+            featurize(P, engine)
+        elif step == 2:
+            if P.splitFilePath is not None and not P.splitFilePath.is_file():
+                raise helpers.UsageError(f"splitFile {P.splitFilePath} not found "
+                                         "(set splitFile=None for a random split)")
+            rows = fileio.read_tsv(P.splitFilePath) if P.splitFilePath is not None else None
+            splits, sets = store.write_splits(
+                engine, P.ratioTrainTest, P.ratioValFromTrain, P.imagesSplitBy, rows, P.randomSeed,
+                {s: getattr(P, f"{s}_maxQueryImgsPerSubdir") for s in pairs.SPLITS},
+                {s: getattr(P, f"{s}_maxNegImgsPerQueryImg") for s in pairs.SPLITS})
+            print("Step 2: " + ", ".join(f"{s} {sum(map(len, splits[s].values()))} images / {len(sets[s])} ranking sets"
+                                         for s in splits) + " -> training/evaluation/testing_images, query_images")
+        elif step == 3:
+            payload = store.train_classifier(engine, P.svm_classProbCValCandidates, P.randomSeed)
+            print(f"Step 3: class-probability classifier, C = {payload['ranker'].C:g} of {list(payload['C_table'])} "
+                  "by validation accuracy, " + ", ".join(f"{s} accuracy {100 * a:.1f}%"
+                                                         for s, a in payload["accuracy"].items()) + " -> model")
+        elif step == 4:
+            scores = store.write_scores(engine)
+            print(f"Step 4: {len(scores)} images x {len(scores.meta['classes'])} class probabilities -> scores")
+        elif step == 5:
+            store.evaluate_scores(engine, P.eval_topNs)
+            with engine.connect() as conn:
+                table = pd.read_sql(store.evaluation_results.select(), conn)
+            table = table.pivot(index=["split", "ranker"], columns="metric", values="value")
+            print("Step 5: ranking evaluation -> evaluation_results\n"
+                  + table[[f"top{n}" for n in P.eval_topNs] + ["mean_rank", "median_rank", "mrr", "n_queries"]]
+                  .to_string(float_format=lambda v: f"{v:.3f}"))
+        else:
+            found = store.rank_candidates(engine, P.TOP_K_CANDIDATES)
+            print(f"Step 6: top {P.TOP_K_CANDIDATES} candidates of {len(next(iter(found.values())))} test query "
+                  f"images for {', '.join(found)} -> ranking_results")
+    counts = store.count_rows(engine)
+    engine.dispose()
+    print(f"Done: steps {' '.join(map(str, args.steps))} on {where}; rows: "
+          + ", ".join(f"{name} {n}" for name, n in counts.items()) + ".")
+
+
+if __name__ == "__main__":
+    helpers.run(main, __doc__, add_arguments)

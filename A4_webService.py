@@ -1,0 +1,50 @@
+"""A4: serve similar-image search over HTTP: a web page, a JSON API and the reference images.
+
+Loads, once, the features of proc/<datasetName>/ (3_featurizeImages.py), the network that made them (the refined
+model.pt, or the pretrained rf_backbone) and the rankers of 4_trainSvm.py (without them only the fixed ones), then
+serves until interrupted:
+
+  GET  /                 page: drop or pick an image, see the top-k matches
+  POST /query            multipart image, k, ranker, attributes -> JSON matches and timings
+  GET  /images/<id>      a reference image (?thumb=1: a small JPEG)
+  GET  /health           what is loaded
+
+The default ranker is the one 5_evaluate.py chose on validation, else cosine. Knobs: svc_* in PARAMETERS.py.
+"""
+import os
+
+import torch
+import uvicorn
+
+import helpers
+from image_similarity.service import SimilarityService, create_app
+
+
+def add_arguments(parser):
+    parser.add_argument("--dataset", help="dataset name (default: datasetName of PARAMETERS.py)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                                                            "only; 0.0.0.0 = every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+
+
+def main(args, P):
+    if args.dataset:
+        P = helpers.load_parameters([*args.overrides, f"datasetName={args.dataset}"])
+    helpers.require(P.featuresPath, "3_featurizeImages.py")
+    if not 0 < args.port < 65536:
+        raise helpers.UsageError(f"--port must be in 1..65535, got {args.port}")
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))  # torch counts the host's cores, not ours
+    print(f"Loading {P.featuresPath} and its network ...")
+    service = SimilarityService.from_parameters(P)
+    for note in service.notes:
+        print(f"note: {note}")
+    print(f"Serving {len(service.keys)} references of {P.datasetName} ({service.model_id}); rankers "
+          f"{', '.join(service.rankers)} (default {service.default_ranker}); attributes "
+          f"{', '.join(service.attributes) or 'none'}; uploads up to {service.max_upload_bytes:,} bytes")
+    print(f"Open http://{args.host}:{args.port}/ (Ctrl+C stops)")
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
+    print(f"Done: served {P.datasetName} on {args.host}:{args.port}.")
+
+
+if __name__ == "__main__":
+    helpers.run(main, __doc__, add_arguments)

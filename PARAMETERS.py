@@ -1,0 +1,111 @@
+# Every knob of the pipeline, grouped by the script that reads it.
+# Override any of them for one run with:  python <script>.py --set NAME=VALUE [--set NAME=VALUE ...]
+# The derived block at the bottom rebuilds every path after the overrides are applied.
+
+datasetName = "fridgeObjects"           # Folder under data/; also names proc/<datasetName>/ and results/<datasetName>/
+workDir = None                          # Folder holding data/, proc/ and results/; None = this repository
+
+# Reproducibility (all scripts)
+randomSeed = 0                          # Seed for every shuffle, split and sample
+
+# Download (script: 0_downloadImages.py)
+dl_urlsFile = None                      # label<TAB>url list; None = resources/<datasetName>Urls.tsv
+dl_nrWorkers = 8                        # Concurrent downloads
+dl_timeoutSec = 10.0                    # Per-request timeout in seconds
+dl_maxRetries = 3                       # Retries on timeouts, connection errors and 5xx (never on 4xx); 0 = no retry
+dl_backoffSec = 0.5                     # Retry back-off factor in seconds: waits 0, 2x, 4x ... before retries; 0 = none
+dl_maxBytes = 20_000_000                # Largest accepted response body in bytes
+
+# Near-duplicate removal (script: 1_prepareData.py)
+dedup_enabled = True                    # Keep one image per group of near-duplicates; False = report only
+dedup_hashSize = 16                     # dhash size: 16 gives a 256-bit hash
+dedup_maxHammingDistance = 10           # Images whose hashes differ in at most this many bits are near-duplicates
+
+# Train, validation and test splits (script: 1_prepareData.py)
+imagesSplitBy = "filename"              # 'filename' or 'subdir': with 'subdir', whole sub-folders go to train or test
+ratioTrainTest = 0.75                   # Fraction of each label's images used for training (DNN and SVM)
+ratioValFromTrain = 0.2                 # Fraction of train carved out for validation (model selection, calibration); 0 = none
+splitFile = None                        # TSV of relative/path<TAB>train|test under data/<datasetName>/; None = random split
+includeLabels = None                    # Label folders to use, e.g. ["dotted", "striped", "leopard"]; None = all (steps 1 and 3)
+train_maxQueryImgsPerSubdir = 100       # Query images per label used to train the SVM
+train_maxNegImgsPerQueryImg = 100       # Negative images per training query image
+val_maxQueryImgsPerSubdir = 20          # Query images per label used for model selection
+val_maxNegImgsPerQueryImg = 100         # Negative images per validation query image
+test_maxQueryImgsPerSubdir = 20         # Query images per label used to evaluate
+test_maxNegImgsPerQueryImg = 100        # Negative images per test query image
+
+# DNN refinement (script: 2_refineDNN.py)
+rf_backbone = "efficientnet_lite0"      # Backbone registry name (image_similarity.backbones.list_backbones())
+rf_inputResolution = 224                # DNN input width and height in pixels (the resize is 256/224 of this)
+rf_dropoutRate = 0.5                    # Dropout before the classification head; 0 = none
+rf_mbSize = 32                          # Minibatch size (reduce if running out of memory)
+rf_maxEpochs = 8                        # Training epochs; 0 = no refinement: pretrained features only
+rf_maxTrainImages = None                # Most training images per epoch; None = all
+rf_lrPerMb = [0.01] * 4 + [0.001] * 4   # Learning rate per epoch (the last value repeats)
+rf_momentumPerMb = 0.9                  # SGD momentum
+rf_l2RegWeight = 0.0005                 # L2 weight decay
+rf_boFreezeWeights = False              # True = train only the head; False = refine the whole network
+rf_boBalanceTrainingSet = False         # True = oversample small labels so every label has as many images as the largest
+rf_nrWorkers = 2                        # DataLoader worker processes; 0 = load in the main process
+
+# Featurization (scripts: 3_featurizeImages.py, A2_featurizeImagesInDir.py)
+run_mbSize = 64                         # Images per forward pass
+run_nrWorkers = 2                       # DataLoader worker processes; 0 = load in the main process
+
+# Weighted L2 distance (script: 4_trainSvm.py)
+svm_CValCandidates = [0.001, 0.01, 0.1, 1.0, 10.0]  # SVM slack penalty C: the best on the validation split is kept
+svm_boL2Normalize = True                # L2-normalise embeddings before taking squared differences
+svm_hardNegMining_nrIterations = 0      # Hard-negative mining iterations; 0 = off
+svm_hardNegMining_nrAddPerIter = 5000   # Most hard negatives added per iteration
+svm_hardNegMining_maxNrRoundsPerIter = 100000  # Most different-label pairs scored per iteration
+svm_probabilityCalibrationNegPosRatio = 5.0    # Platt scaling weighs negatives to total this many times the positives
+svm_classProbCValCandidates = [0.1, 1.0, 10.0, 100.0]  # C of the class-probability logistic regression: best validation accuracy kept
+
+# Evaluation and retrieval (scripts: 5_evaluate.py, A1_imageRetrieval.py)
+eval_topNs = [1, 2, 4, 5, 8, 10, 15, 20, 28, 32]  # Top-N accuracies to report (the SQL variant's list)
+eval_boVisualizeResults = True          # Save per-query figures for the best ranker; False = skip
+eval_nrVisualizations = 12              # Most per-query figures saved
+TOP_K_CANDIDATES = 10                   # Candidates ranked for every query image in ranking_results.csv
+attributeModels = {}                    # Extra attributes (A1 --attributes, the service): {name: svm/classprob.pickle of a run on this network}; {} = none
+
+# Web service (script: A4_webService.py)
+svc_maxUploadBytes = 10_000_000         # Largest accepted image upload in bytes (larger: 413)
+svc_thumbnailPx = 160                   # Longest side of the thumbnails served by /images/<id>?thumb=1, in pixels
+
+###################
+# Derived paths (do not modify: they follow datasetName)
+###################
+from pathlib import Path  # noqa: E402
+
+repoDir = Path(__file__).resolve().parent
+rootDir = Path(workDir).resolve() if workDir else repoDir
+imgDir = rootDir / "data" / datasetName
+resourcesDir = repoDir / "resources"
+procDir = rootDir / "proc" / datasetName
+resultsDir = rootDir / "results" / datasetName
+
+imgUrlsPath = Path(dl_urlsFile) if dl_urlsFile else resourcesDir / f"{datasetName}Urls.tsv"
+splitFilePath = imgDir / splitFile if splitFile else None
+imgFilenamesPath = {split: procDir / f"imgFilenames{split.title()}.pickle" for split in ("train", "val", "test")}
+imgInfosPath = {split: procDir / f"imgInfos{split.title()}.pickle" for split in ("train", "val", "test")}
+pairsCsvPath = {split: procDir / f"pairs_{split}.csv" for split in ("train", "val", "test")}
+lutLabel2IdPath = procDir / "lutLabel2Id.pickle"
+lutId2LabelPath = procDir / "lutId2Label.pickle"
+splitCountsPath = resultsDir / "split_counts.csv"
+nearDuplicatesPath = resultsDir / "near_duplicates.csv"
+downloadFailuresPath = resultsDir / "download_failures.tsv"
+skippedImagesPath = resultsDir / "skipped_images.tsv"
+modelPath = procDir / "model.pt"
+refineCheckpointPath = procDir / "refine_checkpoint.pt"
+refineLogPath = resultsDir / "refine_log.csv"
+refineCurvesPath = resultsDir / "refine_curves.png"
+featuresPath = procDir / "features.npy"
+sqlDbPath = procDir / "image_similarity.sqlite"
+svmPath = procDir / "svm.pickle"
+classifierPath = procDir / "classprob.pickle"
+svmCurvePath = resultsDir / "svm_score_vs_probability.png"
+evaluationJsonPath = resultsDir / "evaluation.json"
+evaluationCsvPath = resultsDir / "evaluation.csv"
+topNPlotPath = resultsDir / "topN_accuracy.png"
+rankHistogramPath = resultsDir / "rank_histogram.png"
+rankingResultsPath = resultsDir / "ranking_results.csv"

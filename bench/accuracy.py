@@ -1,0 +1,110 @@
+"""Ranking accuracy of the default pipeline on a labelled folder, over several seeds, through the scripts themselves.
+
+For each seed it runs ``run_pipeline.py`` (steps 1-5) in a scratch workDir whose ``data/<name>`` links to DATA_DIR,
+then reads the test metrics of every ranker from ``evaluation.json``, which ranker was chosen on validation, and the
+training minutes of step 2. Prints a mean ± std table and writes ``bench/results/accuracy_<name>.json``.
+
+    .venv/bin/python bench/accuracy.py ../shared/datasets/fashionTexture11 --labels dotted,striped,leopard --seeds 0,1,2
+    .venv/bin/python bench/accuracy.py ../shared/datasets/fashionTexture11 --seeds 0,1,2 --name textures11
+    .venv/bin/python bench/accuracy.py data/fridgeObjects --seeds 0,1,2 --set rf_maxEpochs=0 --name fridge_frozen
+"""
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from image_similarity.fileio import save_json
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("top1", "top5", "mean_rank", "median_rank", "mrr")
+
+
+def run_seed(data_dir, name, labels, seed, overrides, scratch):
+    """Run steps 1-5 for one seed; return ({ranker: metrics}, best ranker on val, train minutes, wall minutes)."""
+    work = scratch / f"seed{seed}"
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    (work / "data" / name).symlink_to(Path(data_dir).resolve(), target_is_directory=True)
+    sets = [f"workDir={work}", f"datasetName={name}", f"randomSeed={seed}", *overrides]
+    if labels:
+        sets.append(f"includeLabels={labels!r}")
+    command = [sys.executable, str(REPO / "run_pipeline.py")] + [a for s in sets for a in ("--set", s)]
+    print(f"\n### seed {seed}: {' '.join(command[1:])}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    wall = (time.perf_counter() - start) / 60
+    results = work / "results" / name
+    metrics = json.loads((results / "evaluation.json").read_text())
+    with open(results / "evaluation.csv", newline="") as handle:
+        best = next(row["ranker"] for row in csv.DictReader(handle) if row["best_on_val"] == "1")
+    log = results / "refine_log.csv"
+    train_minutes = 0.0
+    if log.exists():
+        with open(log, newline="") as handle:
+            train_minutes = sum(float(row["seconds"]) for row in csv.DictReader(handle)) / 60
+    return metrics, best, train_minutes, wall
+
+
+def summarise(runs):
+    """Mean and std over seeds of each ranker's metrics, plus the val-chosen ranker's own row."""
+    rankers = list(runs[0]["metrics"])
+    table = {}
+    for ranker in rankers + ["best_on_val"]:
+        rows = [run["metrics"][run["best"] if ranker == "best_on_val" else ranker] for run in runs]
+        table[ranker] = {m: {"mean": float(np.mean([r[m] for r in rows])), "std": float(np.std([r[m] for r in rows]))}
+                         for m in METRICS}
+    return table
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_dir", type=Path, help="folder with one sub-folder per label")
+    parser.add_argument("--labels", default="", help="comma-separated label folders to use (default: all)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated random seeds (default: 0,1,2)")
+    parser.add_argument("--name", help="dataset name for the run and the JSON file (default: from the folder)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                        help="PARAMETERS.py override passed to every step (repeatable)")
+    args = parser.parse_args()
+    if not args.data_dir.is_dir():
+        sys.exit(f"error: {args.data_dir} is not a folder (the texture set lives in ../shared/datasets/)")
+    labels = [label for label in args.labels.split(",") if label]
+    name = args.name or (args.data_dir.resolve().name + (f"_{len(labels)}labels" if labels else ""))
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="accuracy_") as scratch:
+        for seed in seeds:
+            metrics, best, train_minutes, wall = run_seed(args.data_dir, name, labels, seed, args.overrides,
+                                                          Path(scratch))
+            runs.append({"seed": seed, "best": best, "train_minutes": train_minutes, "wall_minutes": wall,
+                         "metrics": metrics})
+    table = summarise(runs)
+
+    print(f"\n{name}: test metrics over seeds {seeds} (mean ± std)")
+    print(f"{'ranker':17}" + "".join(f"{m:>18}" for m in METRICS))
+    for ranker, values in table.items():
+        cells = [(f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}%" if m.startswith("top") else
+                  f"{v['mean']:.3f} ± {v['std']:.3f}") for m, v in values.items()]
+        print(f"{ranker:17}" + "".join(f"{c:>18}" for c in cells))
+    print("chosen on validation: " + ", ".join(f"seed {r['seed']}: {r['best']}" for r in runs))
+    print("training minutes per run: " + ", ".join(f"{r['train_minutes']:.1f}" for r in runs))
+
+    out = REPO / "bench" / "results" / f"accuracy_{name}.json"
+    command = " ".join(["bench/accuracy.py", str(args.data_dir), *(["--labels", args.labels] if labels else []),
+                        "--seeds", args.seeds, *(["--name", args.name] if args.name else []),
+                        *[a for s in args.overrides for a in ("--set", s)]])
+    save_json(out, {"command": command, "dataset": name, "labels": labels or "all", "seeds": seeds,
+                    "overrides": args.overrides, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                    "summary": table, "runs": runs})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

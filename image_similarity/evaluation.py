@@ -1,0 +1,154 @@
+"""Ranking metrics: where the positive lands among a query's references, and summaries of those ranks.
+
+Small pure functions over plain arrays (as imagededup's ``information_retrieval.py``), behind one
+:func:`evaluate` that returns ``{name: value}``. With exactly one positive per query, average precision equals the
+reciprocal rank, so mAP is the MRR and is not reported twice.
+"""
+import numpy as np
+
+__all__ = ["positive_rank", "top_k_accuracy", "mean_rank", "median_rank", "mean_reciprocal_rank", "evaluate",
+           "rank_ranking_sets", "top_k_candidates"]
+
+
+def _ranks(ranks):
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 1 or ranks.size == 0:
+        raise ValueError(f"ranks must be a non-empty 1-D array, got shape {ranks.shape}")
+    if not np.issubdtype(ranks.dtype, np.integer) or ranks.min() < 1:
+        raise ValueError("ranks must be integers >= 1 (1 = the positive came first)")
+    return ranks
+
+
+def positive_rank(distances, is_positive):
+    """1-based rank of the positive when the references are sorted by distance.
+
+    Ties are counted pessimistically: a negative at exactly the positive's distance is ranked before it, so a
+    ranker that gives every reference the same distance gets the worst rank, never a lucky first place.
+
+    Parameters
+    ----------
+    distances : ndarray of shape (n_references,), float
+        Lower is more similar.
+    is_positive : ndarray of shape (n_references,), bool
+        True for the positive(s); with several, the closest one counts.
+
+    Returns
+    -------
+    int
+        ``1 + number of negatives at a distance <= the positive's``.
+    """
+    distances = np.asarray(distances, dtype=np.float64)
+    is_positive = np.asarray(is_positive, dtype=bool)
+    if distances.shape != is_positive.shape or distances.ndim != 1:
+        raise ValueError(f"distances {distances.shape} and is_positive {is_positive.shape} must be equal 1-D shapes")
+    if not is_positive.any():
+        raise ValueError("is_positive has no True entry: no positive to rank")
+    if not np.isfinite(distances).all():
+        raise ValueError("distances contain NaN or infinity")
+    best_positive = distances[is_positive].min()
+    return int(1 + np.count_nonzero(distances[~is_positive] <= best_positive))
+
+
+def top_k_accuracy(ranks, k):
+    """Fraction of queries, in [0, 1], whose positive is ranked k or better."""
+    return float(np.mean(_ranks(ranks) <= k))
+
+
+def mean_rank(ranks):
+    """Mean 1-based rank of the positive (1 is perfect)."""
+    return float(np.mean(_ranks(ranks)))
+
+
+def median_rank(ranks):
+    """Median 1-based rank of the positive (numpy's median: the mean of the middle two for an even count)."""
+    return float(np.median(_ranks(ranks)))
+
+
+def mean_reciprocal_rank(ranks):
+    """Mean of 1 / rank, in (0, 1]; equal to mean average precision with one positive per query."""
+    return float(np.mean(1.0 / _ranks(ranks)))
+
+
+def evaluate(ranks, top_ns, metric="all"):
+    """Summaries of positive ranks.
+
+    Parameters
+    ----------
+    ranks : array-like of shape (n_queries,), int
+        1-based ranks from :func:`positive_rank`.
+    top_ns : iterable of int
+        The k of each reported ``top<k>`` accuracy.
+    metric : str
+        ``'all'``, or one name among ``top<k>`` (k in ``top_ns``), ``mean_rank``, ``median_rank``, ``mrr``,
+        ``n_queries``.
+
+    Returns
+    -------
+    dict
+        ``{'top1': fraction, ..., 'mean_rank', 'median_rank', 'mrr', 'n_queries'}`` (or only ``metric``).
+    """
+    ranks = _ranks(ranks)
+    results = {f"top{k}": top_k_accuracy(ranks, k) for k in top_ns}
+    results.update(mean_rank=mean_rank(ranks), median_rank=median_rank(ranks), mrr=mean_reciprocal_rank(ranks),
+                   n_queries=int(ranks.size))
+    if metric == "all":
+        return results
+    if metric not in results:
+        raise ValueError(f"metric must be 'all' or one of {', '.join(results)}, got {metric!r}")
+    return {metric: results[metric]}
+
+
+def rank_ranking_sets(ranker, features, ranking_sets):
+    """Rank of the positive for every ranking set.
+
+    Parameters
+    ----------
+    ranker : object with ``distances(queries, references)``
+    features : image_similarity.features.Features
+        Must hold every query and reference key (``features.rows(keys)``).
+    ranking_sets : list of image_similarity.pairs.RankingSet
+
+    Returns
+    -------
+    ndarray of shape (n_sets,), int64
+    """
+    ranks = np.empty(len(ranking_sets), dtype=np.int64)
+    for i, ranking_set in enumerate(ranking_sets):
+        distances = ranker.distances(features.rows([ranking_set.query]), features.rows(ranking_set.references))
+        ranks[i] = positive_rank(distances[0], ranking_set.is_positive)
+    return ranks
+
+
+def top_k_candidates(ranker, features, query_keys, candidate_keys, k, batch_size=256):
+    """The k candidates closest to each query, the query itself excluded.
+
+    Parameters
+    ----------
+    ranker : object with ``distances(queries, references)``
+    features : image_similarity.features.Features
+    query_keys, candidate_keys : list of str
+    k : int
+        Candidates kept per query (fewer when there are fewer candidates).
+    batch_size : int
+        Queries per ``distances`` call; bounds memory to ``batch_size * len(candidate_keys)`` float64.
+
+    Returns
+    -------
+    list of list of (str, float)
+        Per query, ``(candidate_key, distance)`` sorted by increasing distance (ties by candidate order).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    candidate_keys = list(candidate_keys)
+    references = features.rows(candidate_keys)
+    position = {key: i for i, key in enumerate(candidate_keys)}
+    results = []
+    for start in range(0, len(query_keys), batch_size):
+        batch = list(query_keys[start:start + batch_size])
+        distances = ranker.distances(features.rows(batch), references)
+        for row, query in zip(distances, batch):
+            if query in position:
+                row[position[query]] = np.inf
+            order = np.argsort(row, kind="stable")[:k]
+            results.append([(candidate_keys[j], float(row[j])) for j in order if np.isfinite(row[j])])
+    return results

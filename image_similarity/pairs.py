@@ -1,0 +1,200 @@
+"""Train, validation and test splits, and the ranking sets (query, one positive, many negatives) built from them.
+
+This is the tutorial's algorithm (``1_prepareData.py`` and ``getImagePairs`` in its ``helpers.py``). All randomness
+comes from one ``numpy.random.default_rng(seed)`` passed in by the caller, never from global seeding, and labels
+are always visited in sorted order, so the same seed and the same images give the same splits and sets.
+"""
+import logging
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import numpy as np
+
+__all__ = ["SPLITS", "label_of", "split_images", "RankingSet", "make_ranking_sets"]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def label_of(key):
+    """The label of an image key: its first path component ('can/can_1.jpg' -> 'can')."""
+    parts = PurePosixPath(key).parts
+    if len(parts) < 2:
+        raise ValueError(f"image key {key!r} has no label folder (expected 'label/file.jpg')")
+    return parts[0]
+
+
+def _split_unit(key, split_by):
+    """What moves between splits as one piece: the image, or with 'subdir' its sub-folder under the label."""
+    parts = PurePosixPath(key).parts
+    return "/".join(parts[:2]) if split_by == "subdir" and len(parts) > 2 else key
+
+
+def _units(keys, split_by):
+    """Keys grouped into split units, sorted, as a list of lists."""
+    units = {}
+    for key in sorted(keys):
+        units.setdefault(_split_unit(key, split_by), []).append(key)
+    return list(units.values())
+
+
+def _shuffled(items, rng):
+    return [items[i] for i in rng.permutation(len(items))]
+
+
+def _parse_split_file(rows, known_keys, excluded_keys):
+    """``{key: 'train'|'test'}`` from splitFile rows; every bad row is an error naming it."""
+    assignment = {}
+    for number, row in enumerate(rows, 1):
+        where = f"splitFile row {number} {chr(9).join(row)!r}"
+        if len(row) != 2:
+            raise ValueError(f"{where}: expected 2 tab-separated columns (relative/path, train|test), got {len(row)}")
+        key, split = row[0].strip().replace("\\", "/"), row[1].strip().lower()
+        if split not in ("train", "test"):
+            raise ValueError(f"{where}: split must be 'train' or 'test', got {row[1]!r}")
+        if key in excluded_keys:
+            logger.info("%s: %s was left out (unreadable or a removed near-duplicate)", where, key)
+            continue
+        if key not in known_keys:
+            raise ValueError(f"{where}: no image {key!r} under the image folder")
+        if assignment.setdefault(key, split) != split:
+            raise ValueError(f"{where}: {key} is listed as both train and test")
+    return assignment
+
+
+def split_images(keys_by_label, ratio_train, ratio_val, split_by="filename", split_file_rows=None, seed=0,
+                 excluded_keys=()):
+    """Split each label's images into train, validation and test.
+
+    Per label (in sorted order), the split units are shuffled and the first ``int(ratio_train * n)`` go to train,
+    the rest to test; units are single images with ``split_by='filename'``, or with ``'subdir'`` whole
+    sub-folders ``label/subdir/...`` (an image directly in ``label/`` is a unit of its own). Split-file rows
+    replace the random train/test choice. Then ``int(ratio_val * n_train_units)`` randomly chosen train units of
+    each label move to validation.
+
+    Parameters
+    ----------
+    keys_by_label : dict of str to list of str
+        Image keys ('label/file.jpg') per label.
+    ratio_train : float
+        Fraction of each label's units sent to train, in [0, 1].
+    ratio_val : float
+        Fraction of each label's train units moved to validation, in [0, 1); 0 = no validation images.
+    split_by : {'filename', 'subdir'}
+    split_file_rows : list of list of str, optional
+        ``[relative/path, 'train'|'test']`` rows (``fileio.read_tsv(P.splitFilePath)``). Images not listed are
+        left out with a warning; an unknown path, a bad value or a path listed twice with different splits is a
+        ValueError naming the row.
+    seed : int or numpy.random.Generator
+        Seed of ``numpy.random.default_rng``.
+    excluded_keys : collection of str
+        Images that exist but were dropped (unreadable, removed duplicates): split-file rows naming them are ignored.
+
+    Returns
+    -------
+    dict
+        ``{'train'|'val'|'test': {label: sorted list of keys}}``; every label appears in every split, possibly
+        with an empty list.
+    """
+    if split_by not in ("filename", "subdir"):
+        raise ValueError(f"imagesSplitBy must be 'filename' or 'subdir', got {split_by!r}")
+    if not 0.0 <= ratio_train <= 1.0:
+        raise ValueError(f"ratioTrainTest must be in [0, 1], got {ratio_train}")
+    if not 0.0 <= ratio_val < 1.0:
+        raise ValueError(f"ratioValFromTrain must be in [0, 1), got {ratio_val}")
+    rng = np.random.default_rng(seed)
+    assignment = None
+    if split_file_rows is not None:
+        known = {key for keys in keys_by_label.values() for key in keys}
+        assignment = _parse_split_file(split_file_rows, known, set(excluded_keys))
+        unlisted = sorted(known - set(assignment))
+        if unlisted:
+            logger.warning("%d image(s) not in the splitFile are left out: %s%s", len(unlisted),
+                           ", ".join(unlisted[:10]), " ..." if len(unlisted) > 10 else "")
+    splits = {split: {} for split in SPLITS}
+    for label in sorted(keys_by_label):
+        units = _units(keys_by_label[label], split_by)
+        if assignment is None:
+            units = _shuffled(units, rng)
+            n_train = int(ratio_train * len(units))
+            train, test = units[:n_train], units[n_train:]
+        else:
+            units = [[k for k in unit if k in assignment] for unit in units]
+            train = [[k for k in unit if assignment[k] == "train"] for unit in units]
+            test = [[k for k in unit if assignment[k] == "test"] for unit in units]
+            train, test = [u for u in train if u], [u for u in test if u]
+        train = _shuffled(train, rng)
+        n_val = int(ratio_val * len(train))
+        for split, chosen in (("val", train[:n_val]), ("train", train[n_val:]), ("test", test)):
+            splits[split][label] = sorted(key for unit in chosen for key in unit)
+    return splits
+
+
+@dataclass
+class RankingSet:
+    """One query image and the references it is ranked against: one positive (same label) and many negatives.
+
+    Attributes
+    ----------
+    query : str
+        Key of the query image.
+    positive : str
+        Key of an image with the query's label (never the query itself).
+    negatives : list of str
+        Keys of images with other labels, drawn with replacement.
+    references : list of str
+        The positive and the negatives, shuffled: ``1 + len(negatives)`` keys.
+    """
+
+    query: str
+    positive: str
+    negatives: list = field(default_factory=list)
+    references: list = field(default_factory=list)
+
+    @property
+    def is_positive(self):
+        """ndarray of shape (len(references),), bool: True where the reference is the positive."""
+        return np.array([ref == self.positive for ref in self.references], dtype=bool)
+
+
+def make_ranking_sets(keys_by_label, max_queries_per_label, max_negatives_per_query, rng):
+    """Ranking sets for one split, as in the tutorial's ``getImagePairs``.
+
+    Only labels with more than one image give queries. Per label (sorted), its images are shuffled and the first
+    ``max_queries_per_label`` become queries. Each query gets one positive drawn uniformly from its label's other
+    images, and ``max_negatives_per_query`` negatives drawn with replacement: a label other than the query's,
+    uniformly among the split's labels with at least one image, then an image of it, uniformly. The references
+    (positive + negatives) are then shuffled.
+
+    Parameters
+    ----------
+    keys_by_label : dict of str to list of str
+        One split, as returned by :func:`split_images`.
+    max_queries_per_label : int
+    max_negatives_per_query : int
+    rng : numpy.random.Generator or int
+        The random source (an int seeds ``numpy.random.default_rng``).
+
+    Returns
+    -------
+    list of RankingSet
+        ``sum(min(n_label, max_queries_per_label))`` sets over labels with two or more images.
+    """
+    rng = np.random.default_rng(rng)
+    labels = sorted(label for label, keys in keys_by_label.items() if keys)
+    sets = []
+    for label in sorted(label for label in labels if len(keys_by_label[label]) > 1):
+        other_labels = [other for other in labels if other != label]
+        if max_negatives_per_query > 0 and not other_labels:
+            raise ValueError(f"label {label!r} is the only label with images in this split: no negatives to draw")
+        keys = _shuffled(sorted(keys_by_label[label]), rng)
+        for query in keys[:max_queries_per_label]:
+            candidates = [key for key in keys if key != query]
+            positive = candidates[rng.integers(len(candidates))]
+            negatives = []
+            for _ in range(max_negatives_per_query):
+                other = keys_by_label[other_labels[rng.integers(len(other_labels))]]
+                negatives.append(other[rng.integers(len(other))])
+            sets.append(RankingSet(query, positive, negatives, _shuffled([positive, *negatives], rng)))
+    return sets

@@ -1,0 +1,173 @@
+"""Figures, always saved as PNG files of a fixed pixel size (matplotlib's Agg backend, never shown).
+
+Each function builds one figure with ``matplotlib.figure.Figure`` (no pyplot state), saves it atomically through
+:mod:`image_similarity.fileio` and returns the path.
+"""
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .fileio import atomic_path
+
+__all__ = ["DPI", "plot_top_n_curves", "plot_rank_histogram", "plot_query_result", "plot_retrieval_grid",
+           "plot_score_vs_probability", "plot_refine_curves"]
+
+DPI = 100  # figure inches * DPI = PNG pixels (no tight bounding box, so sizes are exact)
+
+
+def _save(fig, path):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, facecolor=fig.get_facecolor())
+    return path
+
+
+def plot_top_n_curves(results, top_ns, path, title="Top-N accuracy"):
+    """One line per ranker: the fraction of queries whose positive is within the top N, against N.
+
+    Parameters
+    ----------
+    results : dict of str to dict
+        ``{ranker: {'top1': fraction, ...}}`` as written to evaluation.json.
+    top_ns : list of int
+    path : str or Path
+        PNG written, 900 x 600 pixels.
+    """
+    fig = Figure(figsize=(9, 6))
+    ax = fig.subplots()
+    for name, metrics in results.items():
+        ax.plot(top_ns, [100.0 * metrics[f"top{n}"] for n in top_ns], marker="o", label=name)
+    ax.set(xlabel="N", ylabel="queries with the positive in the top N (%)", title=title, ylim=(0, 102))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_rank_histogram(ranks, path, title="Rank of the positive"):
+    """How many queries put the positive at rank 1, 2, 3-4, 5-8, ... (doubling buckets), bars grouped by ranker.
+
+    Parameters
+    ----------
+    ranks : dict of str to ndarray of int
+        ``{ranker: 1-based ranks (n_queries,)}``.
+    path : str or Path
+        PNG written, 900 x 600 pixels.
+    """
+    highest = max(int(np.max(r)) for r in ranks.values())
+    edges = [1, 2]
+    while edges[-1] <= highest:
+        edges.append(2 * edges[-1] - 1)  # 1, 2, 3, 5, 9, 17, ...: buckets [1], [2], [3, 4], [5, 8], ...
+    names = [str(a) if b - a == 1 else f"{a}-{b - 1}" for a, b in zip(edges[:-1], edges[1:])]
+    fig = Figure(figsize=(9, 6))
+    ax = fig.subplots()
+    width = 0.8 / len(ranks)
+    for n, (name, r) in enumerate(ranks.items()):
+        counts, _ = np.histogram(r, bins=edges)
+        ax.bar(np.arange(len(names)) + (n - (len(ranks) - 1) / 2) * width, counts, width, label=name)
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set(xlabel="rank of the positive (1 = first)", ylabel="queries", title=title)
+    ax.legend(loc="upper right")
+    return _save(fig, path)
+
+
+def plot_query_result(query, best, positive, best_distance, positive_distance, correct, path, title=""):
+    """The tutorial's per-query figure: query, closest reference, true positive; green frame when they agree.
+
+    Parameters
+    ----------
+    query, best, positive : PIL.Image.Image or None
+        None draws an empty panel (an unreadable file).
+    best_distance, positive_distance : float
+    correct : bool
+        Whether the closest reference is the positive; the figure background is green if so, red otherwise.
+    path : str or Path
+        PNG written, 900 x 360 pixels.
+    title : str
+        Shown under "query" (the query's key).
+    """
+    fig = Figure(figsize=(9, 3.6), facecolor="green" if correct else "red")
+    titles = (f"query\n{title}" if title else "query", f"closest match\n(dist={best_distance:.3f})",
+              f"correct match\n(dist={positive_distance:.3f})")
+    for ax, img, text in zip(fig.subplots(1, 3), (query, best, positive), titles):
+        if img is not None:
+            ax.imshow(img)
+        ax.set_title(text, color="white")
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def plot_retrieval_grid(query, matches, path, columns=5, title="query"):
+    """The query and its closest references in a grid, each captioned with its label and distance.
+
+    Parameters
+    ----------
+    query : PIL.Image.Image
+    matches : list of (PIL.Image.Image or None, str, float)
+        ``(image, label, distance)`` in rank order.
+    path : str or Path
+        PNG written, ``columns * 2`` inches wide (200 px per column), 2.2 inches (220 px) per row.
+    """
+    n_rows = 1 + int(np.ceil(len(matches) / columns))
+    fig = Figure(figsize=(2 * columns, 2.2 * n_rows))
+    axes = np.asarray(fig.subplots(n_rows, columns)).reshape(n_rows, columns)
+    for ax in axes.ravel():
+        ax.axis("off")
+    axes[0, 0].imshow(query)
+    axes[0, 0].set_title(title, fontsize=9)
+    for n, (img, label, distance) in enumerate(matches):
+        ax = axes[1 + n // columns, n % columns]
+        if img is not None:
+            ax.imshow(img)
+        ax.set_title(f"{n + 1}. {label}\n{distance:.3f}", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_score_vs_probability(calibrated, scores, same_label, path):
+    """The Platt sigmoid (SVM score -> calibrated probability) with the validation pairs as points.
+
+    Parameters
+    ----------
+    calibrated : rankers.CalibratedRanker
+        Fitted; provides ``score_to_probability``.
+    scores : ndarray of shape (n_pairs,), float
+        SVM scores of the validation pairs.
+    same_label : ndarray of shape (n_pairs,), bool
+    path : str or Path
+        PNG written, 900 x 600 pixels.
+    """
+    scores, same_label = np.asarray(scores, np.float64), np.asarray(same_label, bool)
+    fig = Figure(figsize=(9, 6))
+    ax = fig.subplots()
+    low, high = float(scores.min()) - 0.5, float(scores.max()) + 0.5
+    grid = np.linspace(low, high, 200)
+    ax.plot(grid, calibrated.score_to_probability(grid), color="black", label="calibrated probability")
+    jitter = np.random.default_rng(0).uniform(-0.02, 0.02, scores.size)
+    for mask, color, name in ((~same_label, "tab:red", "different label"), (same_label, "tab:green", "same label")):
+        ax.scatter(scores[mask], same_label[mask] + jitter[mask], s=8, alpha=0.4, color=color,
+                   label=f"validation pairs: {name} ({int(mask.sum())})")
+    ax.set(xlabel="SVM score (higher = more similar)", ylabel="P(same label)", ylim=(-0.06, 1.06),
+           title="Weighted L2 SVM: score vs calibrated probability")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center right")
+    return _save(fig, path)
+
+
+def plot_refine_curves(log_rows, path):
+    """Training and validation loss (left) and error (right) per epoch, saved as a 1000 x 400 pixel PNG.
+
+    Parameters
+    ----------
+    log_rows : list of dict
+        ``refine.RefineResult.log_rows``: one dict per epoch with train/val loss and err.
+    path : str or Path
+        PNG written atomically (Agg, never shown).
+    """
+    epochs = [row["epoch"] for row in log_rows]
+    fig = Figure(figsize=(10, 4))
+    for ax, metric, label in zip(fig.subplots(1, 2), ("loss", "err"), ("cross-entropy loss", "error rate")):
+        for split, style in (("train", "o-"), ("val", "s--")):
+            ax.plot(epochs, [row[f"{split}_{metric}"] for row in log_rows], style, label=split)
+        ax.set(xlabel="epoch", ylabel=label, title=f"{label} per epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)

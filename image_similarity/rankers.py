@@ -1,0 +1,486 @@
+"""Rankers: distances between image embeddings, fixed (L1, L2, cosine) or learned (weighted L2, class probabilities).
+
+Every ranker follows the scikit-learn estimator contract: ``__init__`` only stores hyperparameters, ``fit`` learns
+and returns ``self``, a learned ranker used before ``fit`` raises ``NotFittedError``. Every ranker has
+``distances(queries, references)``: ``queries`` (n_q, D) float32, ``references`` (n_r, D), result (n_q, n_r)
+float64, lower is more similar, computed for all pairs in one vectorised call.
+
+The learned weighted L2 is the tutorial's: a linear SVM on the element-wise squared difference of two
+L2-normalised embeddings learns which dimensions matter for "same label"; its decision score is a similarity,
+so the distance is the negative score. Platt scaling (``CalibratedClassifierCV``) on the validation pairs turns
+the score into a probability of "same label".
+"""
+import copy
+import logging
+import warnings
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.frozen import FrozenEstimator
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, balanced_accuracy_score
+from sklearn.metrics.pairwise import cosine_distances, euclidean_distances, manhattan_distances
+from sklearn.preprocessing import normalize
+from sklearn.svm import LinearSVC
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
+
+from .evaluation import mean_rank, rank_ranking_sets
+from .fileio import load_pickle, save_pickle
+
+__all__ = ["RandomRanker", "L1Ranker", "L2Ranker", "CosineRanker", "WeightedL2Ranker", "CalibratedRanker",
+           "ClassProbRanker", "pair_differences", "ranking_set_pairs", "negative_sample_weights", "select_C",
+           "mine_hard_negatives", "select_classprob_C", "pair_accuracies", "save_payload", "load_payload",
+           "build_rankers", "RANKER_NAMES"]
+
+logger = logging.getLogger(__name__)
+
+RANKER_NAMES = ("random", "L1", "L2", "cosine", "weightedl2", "weightedl2prob", "classprob_L2", "classprob_cosine")
+
+
+def _check_pair(queries, references):
+    """Validate two embedding matrices of equal width; returned as float64 (n_q, D), (n_r, D)."""
+    queries = check_array(queries, dtype=np.float64, ensure_min_samples=0)
+    references = check_array(references, dtype=np.float64, ensure_min_samples=0)
+    if queries.shape[1] != references.shape[1]:
+        raise ValueError(f"queries have {queries.shape[1]} dims but references have {references.shape[1]}")
+    return queries, references
+
+
+class _FixedRanker(BaseEstimator):
+    """A distance with nothing to learn: ``fit`` does nothing, ``distances`` applies :meth:`_formula`."""
+
+    def fit(self, X=None, y=None):
+        """Nothing to learn; returns self so every ranker can be driven the same way."""
+        return self
+
+    def __sklearn_is_fitted__(self):
+        return True
+
+    def distances(self, queries, references):
+        """Distances of every query to every reference.
+
+        Parameters
+        ----------
+        queries : ndarray of shape (n_q, D), float32
+        references : ndarray of shape (n_r, D), float32
+
+        Returns
+        -------
+        ndarray of shape (n_q, n_r), float64
+            Lower is more similar; computed on L2-normalised rows.
+        """
+        queries, references = _check_pair(queries, references)
+        return self._formula(normalize(queries), normalize(references))
+
+
+class L1Ranker(_FixedRanker):
+    """Manhattan distance between L2-normalised embeddings."""
+
+    def _formula(self, q, r):
+        return manhattan_distances(q, r)
+
+
+class L2Ranker(_FixedRanker):
+    """Euclidean distance between L2-normalised embeddings."""
+
+    def _formula(self, q, r):
+        return euclidean_distances(q, r)
+
+
+class CosineRanker(_FixedRanker):
+    """One minus the cosine similarity, in [0, 2]."""
+
+    def _formula(self, q, r):
+        return cosine_distances(q, r)
+
+
+class RandomRanker(BaseEstimator):
+    """The chance baseline: uniform random distances in [0, 1).
+
+    Parameters
+    ----------
+    random_state : int, RandomState or None
+        Seeds the generator that ``fit`` creates; every ``distances`` call draws new numbers from it.
+    """
+
+    def __init__(self, random_state=None):
+        self.random_state = random_state
+
+    def fit(self, X=None, y=None):
+        """Create the random generator from ``random_state``; returns self."""
+        self.random_state_ = check_random_state(self.random_state)
+        return self
+
+    def distances(self, queries, references):
+        """ndarray of shape (n_q, n_r), float64, uniform in [0, 1); the embeddings only give the shape."""
+        check_is_fitted(self)
+        queries, references = _check_pair(queries, references)
+        return self.random_state_.random_sample((len(queries), len(references)))
+
+
+def pair_differences(a, b, l2_normalize=True):
+    """Element-wise squared differences of paired embeddings: the weighted-L2 SVM's input.
+
+    Parameters
+    ----------
+    a, b : ndarray of shape (n_pairs, D), float
+    l2_normalize : bool
+        Normalise each row to unit L2 norm first.
+
+    Returns
+    -------
+    ndarray of shape (n_pairs, D), float32
+    """
+    a, b = _check_pair(a, b)
+    if len(a) != len(b):
+        raise ValueError(f"a has {len(a)} rows but b has {len(b)}: pairs need equal counts")
+    if l2_normalize and len(a):
+        a, b = normalize(a), normalize(b)
+    return ((a - b) ** 2).astype(np.float32)
+
+
+def ranking_set_pairs(features, ranking_sets, l2_normalize=True):
+    """The (query, reference) pairs of ranking sets as SVM training data.
+
+    Returns
+    -------
+    pair_diffs : ndarray of shape (n_pairs, D), float32
+        :func:`pair_differences` of each query with each of its references.
+    same_label : ndarray of shape (n_pairs,), bool
+        True for the (query, positive) pairs.
+    """
+    queries = [s.query for s in ranking_sets for _ in s.references]
+    references = [ref for s in ranking_sets for ref in s.references]
+    same = np.concatenate([s.is_positive for s in ranking_sets]) if ranking_sets else np.zeros(0, bool)
+    return pair_differences(features.rows(queries), features.rows(references), l2_normalize), same
+
+
+def negative_sample_weights(same_label, neg_pos_ratio):
+    """Sample weights making the negatives weigh ``neg_pos_ratio`` times the positives in total.
+
+    Returns
+    -------
+    ndarray of shape (n_pairs,), float64
+        1 for each positive; ``neg_pos_ratio * n_pos / n_neg`` for each negative.
+    """
+    same_label = np.asarray(same_label, dtype=bool)
+    n_pos, n_neg = int(same_label.sum()), int((~same_label).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"need positives and negatives to weigh, got {n_pos} and {n_neg}")
+    return np.where(same_label, 1.0, neg_pos_ratio * n_pos / n_neg)
+
+
+class WeightedL2Ranker(BaseEstimator):
+    """Weighted squared L2 distance learned by a linear SVM on pair differences.
+
+    Parameters
+    ----------
+    C : float
+        The SVM's slack penalty (``LinearSVC(C, class_weight='balanced')``).
+    l2_normalize : bool
+        Whether the training pair differences were taken on L2-normalised embeddings; ``distances`` does the same.
+    random_state : int, RandomState or None
+        Passed to ``LinearSVC``.
+
+    Attributes
+    ----------
+    svm_ : LinearSVC
+    coef_ : ndarray of shape (D,), float64
+        One weight per dimension (negative where a large difference means "different label").
+    intercept_ : float
+    classes_ : ndarray ``[False, True]``
+        "Same label" is the positive class.
+    """
+
+    def __init__(self, C=1.0, l2_normalize=True, random_state=None):
+        self.C = C
+        self.l2_normalize = l2_normalize
+        self.random_state = random_state
+
+    def fit(self, pair_diffs, same_label):
+        """Fit the SVM on pair differences (n_pairs, D) float32 and labels (n_pairs,) bool; returns self."""
+        X, y = check_X_y(pair_diffs, same_label, dtype=np.float64)
+        y = y.astype(bool)
+        if y.all() or not y.any():
+            raise ValueError("same_label must hold both same-label (True) and different-label (False) pairs")
+        self.svm_ = LinearSVC(C=self.C, class_weight="balanced", random_state=self.random_state).fit(X, y)
+        self.coef_ = self.svm_.coef_[0].astype(np.float64)
+        self.intercept_ = float(self.svm_.intercept_[0])
+        self.classes_ = self.svm_.classes_
+        return self
+
+    def decision_function(self, pair_diffs):
+        """SVM score of each pair, (n_pairs,) float64: higher means more likely the same label."""
+        check_is_fitted(self)
+        return self.svm_.decision_function(check_array(pair_diffs, dtype=np.float64))
+
+    def scores(self, queries, references):
+        """The SVM score of every (query, reference) pair, (n_q, n_r) float64, without building the differences.
+
+        Uses ``sum_d w_d (q_d - r_d)^2 = (q^2) w + (r^2) w - 2 (q * w) r^T``.
+        """
+        check_is_fitted(self)
+        q, r = _check_pair(queries, references)
+        if q.shape[1] != self.coef_.size:
+            raise ValueError(f"the SVM was fitted on {self.coef_.size}-dim embeddings, got {q.shape[1]} dims")
+        if self.l2_normalize:
+            q, r = normalize(q), normalize(r)
+        w = self.coef_
+        return ((q ** 2) @ w)[:, None] + ((r ** 2) @ w)[None, :] - 2.0 * (q * w) @ r.T + self.intercept_
+
+    def distances(self, queries, references):
+        """Negative SVM score, (n_q, n_r) float64: lower is more similar."""
+        return -self.scores(queries, references)
+
+
+class CalibratedRanker(BaseEstimator):
+    """Platt scaling of a fitted :class:`WeightedL2Ranker`: distance = 1 - P(same label).
+
+    Parameters
+    ----------
+    ranker : WeightedL2Ranker
+        Already fitted; it is frozen, not refitted.
+    neg_pos_ratio : float
+        The negatives are weighted to total this many times the positives (see :func:`negative_sample_weights`).
+
+    Attributes
+    ----------
+    calibrator_ : CalibratedClassifierCV
+        ``method='sigmoid'`` around ``FrozenEstimator(ranker.svm_)``.
+    classes_ : ndarray ``[False, True]``
+    """
+
+    def __init__(self, ranker=None, neg_pos_ratio=5.0):
+        self.ranker = ranker
+        self.neg_pos_ratio = neg_pos_ratio
+
+    def fit(self, pair_diffs, same_label):
+        """Fit the sigmoid on (validation) pair differences (n_pairs, D) and labels (n_pairs,) bool; returns self."""
+        check_is_fitted(self.ranker)
+        X, y = check_X_y(pair_diffs, same_label, dtype=np.float64)
+        y = y.astype(bool)
+        self.calibrator_ = CalibratedClassifierCV(FrozenEstimator(self.ranker.svm_), method="sigmoid")
+        with warnings.catch_warnings():
+            # The frozen SVM is deliberately not refitted, so the weights only reach the sigmoid: what we want.
+            warnings.filterwarnings("ignore", message="Since FrozenEstimator does not appear to accept sample_weight")
+            self.calibrator_.fit(X, y, sample_weight=negative_sample_weights(y, self.neg_pos_ratio))
+        self.classes_ = self.calibrator_.classes_
+        return self
+
+    def score_to_probability(self, scores):
+        """P(same label) for SVM scores of any shape, float64 in [0, 1], increasing in the score."""
+        check_is_fitted(self)
+        scores = np.asarray(scores, dtype=np.float64)
+        sigmoid = self.calibrator_.calibrated_classifiers_[0].calibrators[0]
+        return sigmoid.predict(scores.ravel()).reshape(scores.shape)
+
+    def probabilities(self, queries, references):
+        """P(same label) of every (query, reference) pair, (n_q, n_r) float64."""
+        check_is_fitted(self)
+        return self.score_to_probability(self.ranker.scores(queries, references))
+
+    def distances(self, queries, references):
+        """1 - P(same label), (n_q, n_r) float64 in [0, 1]."""
+        return 1.0 - self.probabilities(queries, references)
+
+
+def select_C(train_diffs, train_same, features, val_sets, candidates, l2_normalize=True, random_state=None):
+    """Fit one :class:`WeightedL2Ranker` per C and keep the one with the lowest mean positive rank on ``val_sets``.
+
+    The mean rank on the validation ranking sets is what 5_evaluate.py reports (with top-N accuracies), and it is
+    smoother than top-1 on a few hundred queries. Ties keep the smaller (more regularised) C.
+
+    Returns
+    -------
+    best : WeightedL2Ranker
+        Fitted with the chosen C.
+    table : dict of float to float
+        ``{C: validation mean rank}``.
+    """
+    if not val_sets:
+        raise ValueError("no validation ranking sets to choose C on (is ratioValFromTrain 0?)")
+    table, best = {}, None
+    for C in sorted(candidates):
+        ranker = WeightedL2Ranker(C=C, l2_normalize=l2_normalize, random_state=random_state)
+        ranker.fit(train_diffs, train_same)
+        table[C] = mean_rank(rank_ranking_sets(ranker, features, val_sets))
+        logger.debug("C=%g: validation mean rank %.3f", C, table[C])
+        if best is None or table[C] < table[best.C]:
+            best = ranker
+    return best, table
+
+
+def mine_hard_negatives(ranker, embeddings, labels, n_add, max_pairs, random_state=None):
+    """Different-label pairs the current SVM finds hardest, to add to its training set.
+
+    Samples up to ``max_pairs`` distinct random pairs of images with different labels, scores them, and keeps up to
+    ``n_add`` of those with the highest scores among the ones inside the SVM's margin (score > -1: misclassified
+    as "same label", or not confidently separated). Pairs outside the margin would not change a hinge-loss SVM.
+
+    Parameters
+    ----------
+    ranker : WeightedL2Ranker, fitted
+    embeddings : ndarray of shape (n_images, D), float32
+        The training images' embeddings.
+    labels : array-like of shape (n_images,)
+    n_add, max_pairs : int
+    random_state : int, RandomState or None
+
+    Returns
+    -------
+    ndarray of shape (n_added, D), float32
+        Pair differences of the mined negatives, hardest first (n_added <= n_add).
+    """
+    check_is_fitted(ranker)
+    embeddings = check_array(embeddings, dtype=np.float32)
+    labels = np.asarray(labels)
+    n = len(embeddings)
+    rng = check_random_state(random_state)
+    i, j = rng.randint(n, size=max_pairs), rng.randint(n, size=max_pairs)
+    codes = np.unique(np.minimum(i, j) * n + np.maximum(i, j))
+    i, j = codes // n, codes % n
+    keep = labels[i] != labels[j]
+    i, j = i[keep], j[keep]
+    diffs = pair_differences(embeddings[i], embeddings[j], ranker.l2_normalize)
+    if len(diffs) == 0:
+        return diffs
+    scores = ranker.decision_function(diffs)
+    hard = np.flatnonzero(scores > -1.0)
+    hard = hard[np.argsort(-scores[hard], kind="stable")][:n_add]
+    logger.info("hard negatives: %d of %d sampled different-label pairs are inside the margin, %d added",
+                int((scores > -1.0).sum()), len(scores), len(hard))
+    return diffs[hard]
+
+
+def pair_accuracies(ranker, pair_diffs, same_label):
+    """Pair classification accuracy of a weighted-L2 SVM: plain and class-balanced (the tutorial's 'accuracy').
+
+    Returns
+    -------
+    dict
+        ``{'accuracy': fraction, 'balanced_accuracy': fraction, 'n_pairs': int}``.
+    """
+    predicted = ranker.decision_function(pair_diffs) > 0
+    return {"accuracy": float(accuracy_score(same_label, predicted)),
+            "balanced_accuracy": float(balanced_accuracy_score(same_label, predicted)),
+            "n_pairs": int(len(same_label))}
+
+
+class ClassProbRanker(BaseEstimator):
+    """Distance between class-probability vectors from a logistic regression on the embeddings.
+
+    Parameters
+    ----------
+    metric : {'l2', 'cosine'}
+        Distance between the probability vectors.
+    C : float
+        Inverse regularisation strength of ``LogisticRegression``.
+    random_state : int, RandomState or None
+
+    Attributes
+    ----------
+    classifier_ : LogisticRegression
+        Fitted on L2-normalised embeddings.
+    classes_ : ndarray of str
+    """
+
+    def __init__(self, metric="l2", C=10.0, random_state=None):
+        self.metric = metric
+        self.C = C
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        """Fit the classifier on embeddings (n_images, D) float32 and their labels (n_images,); returns self."""
+        X, y = check_X_y(X, y, dtype=np.float64)
+        self.classifier_ = LogisticRegression(C=self.C, max_iter=2000, random_state=self.random_state)
+        self.classifier_.fit(normalize(X), y)
+        self.classes_ = self.classifier_.classes_
+        return self
+
+    def predict_proba(self, X):
+        """Class probabilities, (n_images, n_classes) float64, columns in ``classes_`` order."""
+        check_is_fitted(self)
+        return self.classifier_.predict_proba(normalize(check_array(X, dtype=np.float64)))
+
+    def score(self, X, y):
+        """Classification accuracy, in [0, 1] (sklearn's meaning: higher is better)."""
+        check_is_fitted(self)
+        return float(accuracy_score(y, self.classes_[self.predict_proba(X).argmax(1)]))
+
+    def distances(self, queries, references):
+        """L2 or cosine distance between the probability vectors, (n_q, n_r) float64."""
+        check_is_fitted(self)
+        if self.metric not in ("l2", "cosine"):
+            raise ValueError(f"metric must be 'l2' or 'cosine', got {self.metric!r}")
+        p, q = self.predict_proba(queries), self.predict_proba(references)
+        return euclidean_distances(p, q) if self.metric == "l2" else cosine_distances(p, q)
+
+
+def select_classprob_C(X_train, y_train, X_val, y_val, candidates, random_state=None):
+    """Fit one :class:`ClassProbRanker` per C; keep the best validation accuracy (ties: smaller C).
+
+    Returns
+    -------
+    best : ClassProbRanker
+    table : dict of float to float
+        ``{C: validation accuracy}``.
+    """
+    table, best = {}, None
+    for C in sorted(candidates):
+        ranker = ClassProbRanker(C=C, random_state=random_state).fit(X_train, y_train)
+        table[C] = ranker.score(X_val, y_val)
+        if best is None or table[C] > table[best.C]:
+            best = ranker
+    return best, table
+
+
+def save_payload(path, model_id, **contents):
+    """Pickle fitted rankers with the ``model_id`` of the features they were trained on (atomic write)."""
+    return save_pickle(path, {"model_id": model_id, **contents})
+
+
+def load_payload(path, model_id):
+    """Read a :func:`save_payload` pickle and refuse it when it was trained on another model's features.
+
+    Raises
+    ------
+    ValueError
+        Naming both model ids, when ``payload['model_id'] != model_id``.
+    """
+    payload = load_pickle(path)
+    if not isinstance(payload, dict) or "model_id" not in payload:
+        raise ValueError(f"{path}: not a ranker payload written by 4_trainSvm.py")
+    if payload["model_id"] != model_id:
+        raise ValueError(f"{path} was trained on features of {payload['model_id']} but the features now come from "
+                         f"{model_id}: run 4_trainSvm.py again")
+    return payload
+
+
+def build_rankers(svm_payload=None, classprob_payload=None, random_state=None):
+    """Every available ranker, in report order (see ``RANKER_NAMES``), ready for ``distances``.
+
+    Parameters
+    ----------
+    svm_payload : dict, optional
+        What 4_trainSvm.py saves at ``P.svmPath``: ``{'ranker': WeightedL2Ranker, 'calibrated': CalibratedRanker,
+        ...}``; without it, no weightedl2 rankers.
+    classprob_payload : dict, optional
+        What 4_trainSvm.py saves at ``P.classifierPath``: ``{'ranker': ClassProbRanker, ...}``.
+    random_state : int or None
+        Seeds the random baseline.
+
+    Returns
+    -------
+    dict of str to ranker
+    """
+    rankers = {"random": RandomRanker(random_state).fit(), "L1": L1Ranker(), "L2": L2Ranker(),
+               "cosine": CosineRanker()}
+    if svm_payload is not None:
+        rankers["weightedl2"] = svm_payload["ranker"]
+        rankers["weightedl2prob"] = svm_payload["calibrated"]
+    if classprob_payload is not None:
+        for name, metric in (("classprob_L2", "l2"), ("classprob_cosine", "cosine")):
+            rankers[name] = copy.deepcopy(classprob_payload["ranker"]).set_params(metric=metric)
+    return rankers

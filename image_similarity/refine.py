@@ -1,0 +1,555 @@
+"""Refine (fine-tune) a pretrained backbone as an image classifier: the tutorial's step 2.
+
+The backbone plus a dropout + linear head (:class:`backbones.ImageClassifier`) is trained with SGD and momentum on
+the training split, with the backbone's training augmentation. After every epoch it is evaluated on the validation
+split and the epoch with the best validation accuracy (ties: the lower validation loss) is kept. The test split is
+never seen here.
+
+After every epoch a resume checkpoint (weights, optimizer, best-so-far weights, log rows and every random state) is
+written atomically, so an interrupted run continues with ``fine_tune(..., resume=True)``. On CPU with
+``n_workers=0``, the same seed and the same torch thread count (float sums may be split differently across another
+number of threads), a resumed run ends with exactly the weights of an uninterrupted one: each epoch's sample order
+and DataLoader seed are derived from ``(seed, epoch)`` and the global RNG states (dropout, augmentation) are saved
+and restored.
+
+Speed: inputs and weights use the channels-last memory format (faster convolutions on CPU and GPU), CPU runs use
+every available core, images are decoded in DataLoader worker processes, and on CUDA the forward pass runs under
+mixed precision (``torch.autocast`` + ``GradScaler``) from pinned memory.
+"""
+import hashlib
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import backbones
+from .fileio import atomic_path, remove_stale_temporaries
+from .images import SkippedImages, load_image
+
+__all__ = ["RefineConfig", "RefineResult", "LOG_COLUMNS", "ImageListDataset", "collate_skipping_bad",
+           "select_device", "configure_threads", "lr_for_epoch", "epoch_indices", "make_loader", "train_one_epoch",
+           "evaluate", "load_resume_checkpoint", "fine_tune"]
+
+logger = logging.getLogger(__name__)
+
+LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_err", "val_loss", "val_err", "seconds")
+RESUME_FORMAT = "image_similarity.refine_resume/1"
+# Settings that may differ between an interrupted run and its resumption: more epochs extend a finished run.
+RESUMABLE_CHANGES = ("max_epochs", "n_workers")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Hyperparameters of one refinement run (the ``rf_*`` block of PARAMETERS.py).
+
+    Attributes
+    ----------
+    backbone : str
+        Registry name (:func:`backbones.list_backbones`).
+    input_resolution : int
+        Network input width and height in pixels.
+    dropout : float
+        Dropout probability before the linear head, in [0, 1).
+    batch_size : int
+        Images per minibatch.
+    max_epochs : int
+        Training epochs (>= 1; a run with 0 epochs is the caller's "no refinement" case).
+    lr_per_epoch : tuple of float
+        Learning rate of epoch ``i`` (0-based) is ``lr_per_epoch[min(i, len - 1)]``: the last value repeats.
+    momentum : float
+        SGD momentum.
+    weight_decay : float
+        L2 weight decay on the trained parameters.
+    freeze_backbone : bool
+        Train only the head: backbone weights and batch-norm statistics stay as loaded.
+    balance : bool
+        Oversample smaller labels (by repeating their images) to the size of the largest, re-drawn every epoch.
+    max_train_images : int or None
+        Most training images per epoch (a fresh random subset each epoch); None = all.
+    n_workers : int
+        DataLoader worker processes; 0 = load in the main process.
+    seed : int
+        Seed of the head's initialisation, the sample order, dropout and augmentation.
+    """
+
+    backbone: str = "efficientnet_lite0"
+    input_resolution: int = 224
+    dropout: float = 0.5
+    batch_size: int = 32
+    max_epochs: int = 8
+    lr_per_epoch: tuple = (0.01,)
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    freeze_backbone: bool = False
+    balance: bool = False
+    max_train_images: Optional[int] = None
+    n_workers: int = 2
+    seed: int = 0
+
+    # PARAMETERS.py names, so messages name the knob the user sets.
+    PARAMETER_NAMES = {"backbone": "rf_backbone", "input_resolution": "rf_inputResolution",
+                       "dropout": "rf_dropoutRate", "batch_size": "rf_mbSize", "max_epochs": "rf_maxEpochs",
+                       "lr_per_epoch": "rf_lrPerMb", "momentum": "rf_momentumPerMb", "weight_decay": "rf_l2RegWeight",
+                       "freeze_backbone": "rf_boFreezeWeights", "balance": "rf_boBalanceTrainingSet",
+                       "max_train_images": "rf_maxTrainImages", "n_workers": "rf_nrWorkers", "seed": "randomSeed"}
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr_per_epoch", tuple(float(lr) for lr in (
+            self.lr_per_epoch if isinstance(self.lr_per_epoch, (list, tuple)) else [self.lr_per_epoch])))
+        backbones.get_backbone(self.backbone)
+        checks = [("input_resolution", self.input_resolution >= 16, ">= 16 pixels"),
+                  ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
+                  ("batch_size", self.batch_size >= 1, ">= 1"),
+                  ("max_epochs", self.max_epochs >= 1, ">= 1"),
+                  ("lr_per_epoch", len(self.lr_per_epoch) > 0 and all(lr > 0 for lr in self.lr_per_epoch),
+                   "a non-empty list of positive learning rates"),
+                  ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
+                  ("weight_decay", self.weight_decay >= 0.0, ">= 0"),
+                  ("max_train_images", self.max_train_images is None or self.max_train_images >= 1, "None or >= 1"),
+                  ("n_workers", self.n_workers >= 0, ">= 0")]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{self.PARAMETER_NAMES[name]} ({name}) = {getattr(self, name)!r}: must be {allowed}")
+
+    @classmethod
+    def from_parameters(cls, P):
+        """Read the ``rf_*`` knobs (and ``randomSeed``) from a PARAMETERS module."""
+        return cls(**{name: getattr(P, knob) for name, knob in cls.PARAMETER_NAMES.items()})
+
+    def as_dict(self):
+        """Plain values (str, numbers, lists), e.g. for a checkpoint's ``meta``."""
+        values = asdict(self)
+        values["lr_per_epoch"] = list(values["lr_per_epoch"])
+        return values
+
+
+@dataclass
+class RefineResult:
+    """What :func:`fine_tune` returns.
+
+    Attributes
+    ----------
+    model : backbones.ImageClassifier
+        The best epoch's weights, on CPU, contiguous memory format, eval mode.
+    best_epoch : int
+        1-based epoch whose weights ``model`` holds.
+    best_val_accuracy, best_val_loss : float
+        Validation accuracy (fraction in [0, 1]) and mean cross-entropy of that epoch; NaN without validation images.
+    log_rows : list of dict
+        One per epoch (including epochs run before a resume), keys :data:`LOG_COLUMNS`; losses are mean
+        cross-entropy per image, errors are fractions in [0, 1], ``seconds`` is wall time.
+    n_train, n_val : int
+        Training images per epoch (after balancing and ``max_train_images``) and validation images.
+    resumed_after_epoch : int
+        Epochs taken from the resume checkpoint (0 for a fresh run).
+    seconds : float
+        Wall time of this call.
+    """
+
+    model: nn.Module
+    best_epoch: int
+    best_val_accuracy: float
+    best_val_loss: float
+    log_rows: list
+    n_train: int
+    n_val: int
+    resumed_after_epoch: int
+    seconds: float
+
+
+# ---------------------------------------------------------------- data
+
+class ImageListDataset(Dataset):
+    """Labelled images read through :func:`images.load_image`.
+
+    Parameters
+    ----------
+    img_dir : str or Path
+        Folder the keys are relative to.
+    items : sequence of (str, int)
+        ``(key, label_id)`` pairs, key like ``"label/file.jpg"``.
+    transform : callable
+        PIL RGB image -> float32 tensor of shape (3, r, r).
+
+    Items are ``(tensor, label_id, None)``, or ``(None, label_id, (path, reason))`` for an unreadable image, so the
+    record of bad files reaches the main process even from worker processes.
+    """
+
+    def __init__(self, img_dir, items, transform):
+        self.img_dir = Path(img_dir)
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        key, label = self.items[index]
+        record = SkippedImages()
+        img = load_image(self.img_dir / key, record)
+        if img is None:
+            return None, label, next(iter(record))
+        return self.transform(img), label, None
+
+
+def collate_skipping_bad(batch):
+    """Stack the readable items of a batch and list the unreadable ones.
+
+    Returns
+    -------
+    images : float32 tensor of shape (n_good, 3, r, r); shape (0,) when every image was bad
+    labels : int64 tensor of shape (n_good,)
+    bad : list of (path, reason)
+    """
+    good = [(x, y) for x, y, _ in batch if x is not None]
+    bad = [b for x, _, b in batch if x is None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good], dtype=torch.long), bad
+
+
+def epoch_indices(labels, epoch, seed, balance=False, max_images=None):
+    """The training sample order of one epoch, a function of ``(seed, epoch)`` only.
+
+    Parameters
+    ----------
+    labels : sequence of int
+        Label id of every training item.
+    epoch : int
+        0-based epoch.
+    balance : bool
+        Repeat the items of every smaller label until it has as many as the largest (the remainder is a random
+        subset, drawn anew each epoch).
+    max_images : int or None
+        Keep only the first ``max_images`` of the shuffled order.
+
+    Returns
+    -------
+    list of int
+        Indices into ``labels``, shuffled.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    labels = np.asarray(labels)
+    if balance and len(labels):
+        groups = [np.flatnonzero(labels == label) for label in np.unique(labels)]
+        target = max(len(group) for group in groups)
+        parts = []
+        for group in groups:
+            repeats, extra = divmod(target, len(group))
+            parts += [np.tile(group, repeats), rng.choice(group, extra, replace=False)]
+        indices = np.concatenate(parts)
+    else:
+        indices = np.arange(len(labels))
+    indices = rng.permutation(indices)
+    return indices[:max_images].tolist() if max_images is not None else indices.tolist()
+
+
+def make_loader(dataset, indices, batch_size, n_workers, device, seed=0, training=False):
+    """A DataLoader over ``dataset[indices]`` in that order, batches from :func:`collate_skipping_bad`.
+
+    ``seed`` seeds the worker processes (their augmentation randomness). With ``training``, a last batch of a single
+    image is dropped: batch norm cannot train on one image whose final feature map is 1x1.
+    """
+    indices = list(indices)
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=n_workers,
+                      collate_fn=collate_skipping_bad, pin_memory=device.type == "cuda",
+                      drop_last=training and len(indices) % batch_size == 1 and len(indices) > 1,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- device
+
+def select_device(device=None):
+    """``torch.device(device)``, or CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def configure_threads(device):
+    """On CPU, let torch use every core this process may run on (unless OMP_NUM_THREADS says otherwise).
+
+    Returns the intra-op thread count.
+    """
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        n_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, n_cores or 1))
+    return torch.get_num_threads()
+
+
+# ---------------------------------------------------------------- one epoch
+
+def lr_for_epoch(lr_per_epoch, epoch):
+    """Learning rate of 0-based ``epoch``: the schedule's last value repeats."""
+    return float(lr_per_epoch[min(epoch, len(lr_per_epoch) - 1)])
+
+
+def _set_train_mode(model, freeze_backbone):
+    model.train()
+    if freeze_backbone:
+        model.backbone.eval()  # frozen batch-norm statistics too, not only frozen weights
+
+
+def _device_batches(batches, device, memory_format, skipped):
+    """Yield ``(images, labels)`` on ``device`` from collated batches, recording bad images, skipping empty batches."""
+    for images, labels, bad in batches:
+        for path, reason in bad:
+            if skipped is not None:
+                skipped.add(path, reason)
+        if len(labels):
+            yield (images.to(device, memory_format=memory_format, non_blocking=True),
+                   labels.to(device, non_blocking=True))
+
+
+def train_one_epoch(model, loader, optimizer, scaler, device, freeze_backbone=False,
+                    memory_format=torch.channels_last, skipped=None, desc="train", progress=True):
+    """One pass of SGD over ``loader``.
+
+    Parameters
+    ----------
+    model : backbones.ImageClassifier
+        Already on ``device`` in ``memory_format``.
+    scaler : torch.amp.GradScaler
+        Enabled for CUDA mixed precision; disabled on CPU (full float32).
+    memory_format : torch.memory_format
+        Layout of the input batches.
+    skipped : SkippedImages, optional
+        Receives the unreadable images.
+
+    Returns
+    -------
+    (float, float, int)
+        Mean cross-entropy per image, error rate in [0, 1], images trained on.
+    """
+    _set_train_mode(model, freeze_backbone)
+    criterion = nn.CrossEntropyLoss()
+    use_amp = device.type == "cuda"
+    total_loss, n_wrong, n_seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True)
+    for images, labels in _device_batches(bar, device, memory_format, skipped):
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            logits = model(images)
+            loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        n = len(labels)
+        total_loss += loss.item() * n
+        n_wrong += (logits.argmax(1) != labels).sum().item()
+        n_seen += n
+        bar.set_postfix(loss=f"{total_loss / n_seen:.3f}", acc=f"{1 - n_wrong / n_seen:.3f}")
+    if not n_seen:
+        return math.nan, math.nan, 0
+    return total_loss / n_seen, n_wrong / n_seen, n_seen
+
+
+def evaluate(model, loader, device, memory_format=torch.channels_last, skipped=None, desc="val", progress=True):
+    """Mean cross-entropy per image, error rate in [0, 1] and image count of ``model`` over ``loader``.
+
+    NaN loss and error when the loader has no readable image.
+    """
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    total_loss, n_wrong, n_seen = 0.0, 0, 0
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress, dynamic_ncols=True)
+        for images, labels in _device_batches(bar, device, memory_format, skipped):
+            logits = model(images)
+            total_loss += criterion(logits.float(), labels).item()
+            n_wrong += (logits.argmax(1) != labels).sum().item()
+            n_seen += len(labels)
+    if not n_seen:
+        return math.nan, math.nan, 0
+    return total_loss / n_seen, n_wrong / n_seen, n_seen
+
+
+# ---------------------------------------------------------------- resume checkpoints
+
+def _rng_states():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # numpy's state as plain values and a tensor, so the checkpoint loads with weights_only=True
+            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+            "python": random.getstate()}
+
+
+def _restore_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(states["python"])
+
+
+def _data_signature(classes, train_items, val_items):
+    """SHA-256 of the classes and the split's keys: a resume must see the same data."""
+    digest = hashlib.sha256()
+    for part in (classes, train_items, val_items):
+        digest.update(repr(list(part)).encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _cpu_copy(state_dict):
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+
+
+def load_resume_checkpoint(path, config, signature):
+    """The state saved by an earlier run of the same configuration on the same data.
+
+    Raises
+    ------
+    ValueError
+        When ``path`` is not a resume checkpoint, or was made with other settings or other images (names them).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/... for broken files
+        raise ValueError(f"{path}: not a readable resume checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise ValueError(f"{path}: not a refinement resume checkpoint (no {RESUME_FORMAT!r} format tag)")
+    now, then = config.as_dict(), state["config"]
+    changed = [f"{RefineConfig.PARAMETER_NAMES[k]} {then.get(k)!r} -> {now[k]!r}" for k in now
+               if k not in RESUMABLE_CHANGES and then.get(k) != now[k]]
+    if changed:
+        raise ValueError(f"{path} was made with other settings ({'; '.join(changed)}): run without --resume to "
+                         "start over")
+    if state["data_signature"] != signature:
+        raise ValueError(f"{path} was made on other images or labels: run without --resume to start over")
+    return state
+
+
+def _is_better(row, best):
+    """Higher validation accuracy wins, then lower validation loss; without validation the latest epoch wins."""
+    if best is None or math.isnan(row["val_err"]):
+        return True
+    return (row["val_err"], row["val_loss"]) < (best["val_err"], best["val_loss"])
+
+
+# ---------------------------------------------------------------- the run
+
+def fine_tune(config, train_items, val_items, img_dir, classes, device=None, checkpoint_path=None, resume=False,
+              skipped=None, progress=True):
+    """Train :class:`backbones.ImageClassifier` on ``train_items`` and keep the best epoch on ``val_items``.
+
+    Parameters
+    ----------
+    config : RefineConfig
+    train_items, val_items : sequence of (str, int)
+        ``(key, label_id)`` with key relative to ``img_dir``; label ids index ``classes``. ``val_items`` may be
+        empty: then the last epoch is kept.
+    img_dir : str or Path
+    classes : sequence of str
+        Label names in label-id order.
+    device : torch.device or str, optional
+        Default: CUDA when available, else CPU.
+    checkpoint_path : str or Path, optional
+        Resume checkpoint written atomically after every epoch; None = none.
+    resume : bool
+        Continue from ``checkpoint_path`` when it exists (same settings and data required; ``max_epochs`` may grow).
+        Otherwise any existing checkpoint is overwritten after the first epoch.
+    skipped : SkippedImages, optional
+        Receives the unreadable images.
+
+    Returns
+    -------
+    RefineResult
+    """
+    start_time = time.perf_counter()
+    device = select_device(device)
+    if not train_items:
+        raise ValueError("no training images: the train split is empty")
+    n_classes = len(classes)
+    if n_classes < 2:
+        raise ValueError(f"refinement needs at least 2 labels, got {n_classes}: {list(classes)}")
+    bad_ids = sorted({y for _, y in [*train_items, *val_items] if not 0 <= y < n_classes})
+    if bad_ids:
+        raise ValueError(f"label ids {bad_ids} are outside 0..{n_classes - 1} ({n_classes} classes)")
+    signature = _data_signature(classes, train_items, val_items)
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+    state = None
+    if checkpoint_path:
+        remove_stale_temporaries(checkpoint_path)
+        if resume and checkpoint_path.exists():
+            state = load_resume_checkpoint(checkpoint_path, config, signature)
+
+    # Global seeding: dropout and torchvision's augmentation draw from the global torch RNG.
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    random.seed(config.seed)
+    spec = backbones.get_backbone(config.backbone)
+    backbone = backbones.create_model(config.backbone, pretrained=state is None)
+    model = backbones.ImageClassifier(backbone, n_classes, config.dropout)
+    if config.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr_per_epoch[0],
+                                momentum=config.momentum, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    start_epoch, log_rows, best = 0, [], None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, log_rows, best = state["epoch"], list(state["log_rows"]), state["best"]
+        _restore_rng_states(state["rng"])
+        logger.info("resuming %s after epoch %d of %d", checkpoint_path, start_epoch, config.max_epochs)
+
+    train_set = ImageListDataset(img_dir, train_items, backbones.train_transform(spec, config.input_resolution))
+    val_set = ImageListDataset(img_dir, val_items, backbones.eval_transform(spec, config.input_resolution))
+    val_loader = make_loader(val_set, range(len(val_set)), config.batch_size, config.n_workers, device)
+    labels = [y for _, y in train_items]
+    n_train = len(epoch_indices(labels, 0, config.seed, config.balance, config.max_train_images))
+    for epoch in range(start_epoch, config.max_epochs):
+        epoch_start = time.perf_counter()
+        lr = lr_for_epoch(config.lr_per_epoch, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = epoch_indices(labels, epoch, config.seed, config.balance, config.max_train_images)
+        loader = make_loader(train_set, indices, config.batch_size, config.n_workers, device,
+                             seed=config.seed * 1_000_003 + epoch, training=True)
+        tag = f"epoch {epoch + 1}/{config.max_epochs}"
+        train_loss, train_err, _ = train_one_epoch(model, loader, optimizer, scaler, device, config.freeze_backbone,
+                                                   skipped=skipped, desc=f"{tag} train", progress=progress)
+        val_loss, val_err, _ = evaluate(model, val_loader, device, skipped=skipped, desc=f"{tag} val",
+                                        progress=progress)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_err": train_err,
+               "val_loss": val_loss, "val_err": val_err, "seconds": time.perf_counter() - epoch_start}
+        log_rows.append(row)
+        logger.info("%s: lr %g, train loss %.4f err %.3f, val loss %.4f err %.3f, %.1f s", tag, lr, train_loss,
+                    train_err, val_loss, val_err, row["seconds"])
+        if _is_better(row, best):
+            best = {"epoch": epoch + 1, "val_err": val_err, "val_loss": val_loss,
+                    "state_dict": _cpu_copy(model.state_dict())}
+        if checkpoint_path:
+            payload = {"format": RESUME_FORMAT, "epoch": epoch + 1, "config": config.as_dict(),
+                       "data_signature": signature, "model": model.state_dict(),
+                       "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "best": best,
+                       "log_rows": log_rows, "rng": _rng_states()}
+            with atomic_path(checkpoint_path) as tmp:
+                torch.save(payload, tmp)
+
+    if not val_items:
+        logger.warning("no validation images: keeping the last epoch's weights")
+    model.load_state_dict(best["state_dict"])
+    model.to("cpu", memory_format=torch.contiguous_format).eval()
+    return RefineResult(model=model, best_epoch=best["epoch"], best_val_accuracy=1.0 - best["val_err"],
+                        best_val_loss=best["val_loss"], log_rows=log_rows, n_train=n_train, n_val=len(val_items),
+                        resumed_after_epoch=state["epoch"] if state else 0,
+                        seconds=time.perf_counter() - start_time)
+

@@ -1,0 +1,429 @@
+"""The web service: upload an image, get the most similar reference images back (FastAPI).
+
+Everything is loaded once, at start, from a pipeline run's outputs (:meth:`SimilarityService.from_parameters`):
+the network that made the stored features (refined checkpoint or pretrained backbone, checked by ``model_id``), the
+features, the rankers of 4_trainSvm.py, and the attribute models. :func:`create_app` wraps a service in a FastAPI
+app with these endpoints:
+
+``GET /health``
+    ``{"status": "ok", "n_references", "model_id", "rankers", "default_ranker", "attributes", "max_upload_bytes",
+    "notes"}``.
+``POST /query``
+    Multipart: ``image`` (the file), ``k`` (1..100, default 5), ``ranker`` (default: the best on validation),
+    ``attributes`` (optional, comma-separated attribute names: rank by their combined match probability). Returns
+    ``{"ranker", "results": [{"id", "key", "label", "distance", "probability"?}], "timings_ms": {"decode", "wait",
+    "network", "search"}}``, nearest first.
+``GET /images/{id}``
+    The reference image of that id (its row in the features), or a JPEG thumbnail with ``?thumb=1``. Ids are
+    opaque: unknown ids, and anything resolving outside the image folder, are 404.
+``GET /``
+    A small page: drop or pick an image, see the top-k matches with labels and scores; choose k, the ranker, or
+    attributes to combine.
+
+Uploads over the size limit are refused with 413 (the declared Content-Length and the bytes actually received are
+both checked); bodies that are not a decodable image (text, truncated, decompression bomb) get 415 or 422 naming the
+reason.
+"""
+import csv
+import html
+import io
+import logging
+import os
+import threading
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from anyio import CapacityLimiter, to_thread
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from starlette.datastructures import UploadFile
+
+from . import attributes as attribute_models
+from . import backbones, rankers
+from .features import load_features
+from .images import ImageReadError, read_image
+from .pairs import label_of
+
+__all__ = ["SimilarityService", "create_app", "recommended_ranker", "MAX_K", "FORM_OVERHEAD_BYTES"]
+
+logger = logging.getLogger(__name__)
+
+MAX_K = 100
+FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, headers and the small fields around the image
+
+
+def recommended_ranker(evaluation_csv, available, default="cosine"):
+    """The ranker 5_evaluate.py marked ``best_on_val`` in ``evaluation_csv``, if available, else ``default``.
+
+    Parameters
+    ----------
+    evaluation_csv : str or Path
+        ``P.evaluationCsvPath``; may be missing.
+    available : iterable of str
+        Ranker names that can be used now.
+    default : str
+
+    Returns
+    -------
+    str
+    """
+    path = Path(evaluation_csv)
+    if path.is_file():
+        with open(path, encoding="utf-8", newline="") as handle:
+            best = next((row["ranker"] for row in csv.DictReader(handle) if row.get("best_on_val") == "1"), None)
+        if best in set(available):
+            return best
+        if best is not None:
+            logger.warning("%s recommends %s, which is not available: using %s", path, best, default)
+    return default
+
+
+class SimilarityService:
+    """One loaded pipeline run, answering image queries; thread-safe.
+
+    Parameters
+    ----------
+    embedder : tuple
+        ``(net, transform, info)`` of ``backbones.load_embedder``; ``info['model_id']`` must be the features'.
+    features : features.Features
+        The references: ``keys`` and a float32 (N, D) matrix.
+    ranker_map : dict of str to ranker
+        ``rankers.build_rankers(...)``.
+    image_dir : str or Path
+        The folder the keys are relative to (``P.imgDir``).
+    default_ranker : str
+        A key of ``ranker_map``.
+    attribute_map : dict of str to attributes.AttributeModel, optional
+        Attributes a query may combine by name.
+    max_upload_bytes : int
+        Largest accepted image upload, in bytes.
+    thumb_px : int
+        Longest side of thumbnails, in pixels.
+    notes : list of str, optional
+        What is missing (reported by ``/health``).
+    """
+
+    def __init__(self, embedder, features, ranker_map, image_dir, default_ranker="cosine", attribute_map=None,
+                 max_upload_bytes=10_000_000, thumb_px=160, notes=()):
+        self.net, self.transform, self.info = embedder
+        if self.info["model_id"] != features.meta["model_id"]:
+            raise ValueError(f"the network is {self.info['model_id']} but the features come from "
+                             f"{features.meta['model_id']}")
+        if default_ranker not in ranker_map:
+            raise ValueError(f"default ranker {default_ranker!r} is not one of {list(ranker_map)}")
+        self.keys = list(features.keys)
+        self.matrix = np.ascontiguousarray(features.matrix, dtype=np.float32)
+        self.model_id = features.meta["model_id"]
+        self.rankers = dict(ranker_map)
+        self.default_ranker = default_ranker
+        self.attributes = dict(attribute_map or {})
+        for name, attribute in self.attributes.items():
+            if attribute.model_id not in (None, self.model_id):
+                raise ValueError(f"attribute {name!r} was trained on {attribute.model_id}, not {self.model_id}")
+        self.image_dir = Path(image_dir).resolve()
+        self.max_upload_bytes = int(max_upload_bytes)
+        self.thumb_px = int(thumb_px)
+        self.notes = list(notes)
+        self._net_lock = threading.Lock()  # one forward pass at a time: parallel ones only fight over the cores
+        self.thumbnail = lru_cache(maxsize=4096)(self._thumbnail)
+
+    @classmethod
+    def from_parameters(cls, P):
+        """Load a pipeline run's outputs as configured in PARAMETERS (``P``).
+
+        Uses ``P.featuresPath``; the network named by the features' ``model_id`` (``P.rf_backbone`` pretrained, or
+        ``P.modelPath``); ``P.svmPath`` and ``P.classifierPath`` when present (else only the fixed rankers, said in
+        ``notes``); ``P.evaluationCsvPath`` for the default ranker; ``P.attributeModels`` for extra attributes.
+
+        Raises
+        ------
+        FileNotFoundError
+            When the features, or the checkpoint they came from, are missing.
+        ValueError
+            When a file belongs to another network.
+        """
+        features = load_features(P.featuresPath, mmap=False)
+        model_id = features.meta["model_id"]
+        if model_id == backbones.model_id(P.rf_backbone):
+            model = P.rf_backbone
+        elif Path(P.modelPath).is_file():
+            model = P.modelPath
+        else:
+            raise FileNotFoundError(f"{P.featuresPath} holds features of {model_id} but {P.modelPath} is missing")
+        embedder = backbones.load_embedder(model)
+        if embedder[2]["model_id"] != model_id:
+            raise ValueError(f"{P.featuresPath} holds features of {model_id} but {model} is "
+                             f"{embedder[2]['model_id']}: run 3_featurizeImages.py again")
+        notes, payloads = [], []
+        for path in (P.svmPath, P.classifierPath):
+            if Path(path).is_file():
+                payloads.append(rankers.load_payload(path, model_id))
+            else:
+                payloads.append(None)
+                notes.append(f"{path} not found: its rankers are unavailable (run 4_trainSvm.py)")
+        ranker_map = rankers.build_rankers(*payloads, random_state=P.randomSeed)
+        attribute_map = attribute_models.configured_attributes(P.datasetName, P.svmPath, P.featuresPath,
+                                                               P.attributeModels)
+        default = recommended_ranker(P.evaluationCsvPath, ranker_map)
+        for note in notes:
+            logger.warning(note)
+        return cls(embedder, features, ranker_map, P.imgDir, default, attribute_map, P.svc_maxUploadBytes,
+                   P.svc_thumbnailPx, notes)
+
+    def health(self):
+        """The ``/health`` document: a dict of plain JSON values."""
+        return {"status": "ok", "n_references": len(self.keys), "model_id": self.model_id,
+                "rankers": list(self.rankers), "default_ranker": self.default_ranker,
+                "probability_rankers": [n for n, r in self.rankers.items() if hasattr(r, "probabilities")],
+                "attributes": list(self.attributes), "max_upload_bytes": self.max_upload_bytes, "notes": self.notes}
+
+    def query(self, data, k=5, ranker=None, attribute_names=()):
+        """The ``k`` references nearest to an encoded image.
+
+        Parameters
+        ----------
+        data : bytes
+            The image file's bytes (any format ``images.read_image`` decodes).
+        k : int
+            Matches returned, 1..``MAX_K`` (at most the number of references).
+        ranker : str, optional
+            A ranker name; default ``default_ranker``. Ignored when ``attribute_names`` are given.
+        attribute_names : sequence of str
+            Attributes to combine (``attributes.combine``, equal weights): matches are ranked by 1 - combined
+            P(match).
+
+        Returns
+        -------
+        dict
+            ``ranker`` (str), ``results`` (list of ``{"id": int, "key", "label", "distance": float,
+            "probability": float}``, the probability only for calibrated rankers and attributes), ``timings_ms``
+            (float milliseconds: ``decode`` the upload and resize it, ``wait`` for the network while it serves other
+            queries, run the ``network``, ``search`` the references).
+
+        Raises
+        ------
+        ValueError
+            For a bad ``k``, ranker or attribute name.
+        ImageReadError
+            When ``data`` is not a usable image.
+        """
+        if not 1 <= k <= MAX_K:
+            raise ValueError(f"k must be in 1..{MAX_K}, got {k}")
+        unknown = [name for name in attribute_names if name not in self.attributes]
+        if unknown:
+            raise ValueError(f"unknown attribute(s) {unknown}: configured are {list(self.attributes)}")
+        if attribute_names:
+            scorer = attribute_models.combine([self.attributes[name] for name in attribute_names])
+            name = "attributes:" + "+".join(attribute_names)
+        else:
+            name = ranker or self.default_ranker
+            if name not in self.rankers:
+                raise ValueError(f"unknown ranker {name!r}: available are {list(self.rankers)}")
+            scorer = self.rankers[name]
+        start = time.perf_counter()
+        image = read_image(io.BytesIO(data))
+        batch = self.transform(image).unsqueeze(0)
+        decoded = time.perf_counter()
+        with self._net_lock, torch.inference_mode():
+            locked = time.perf_counter()
+            vector = self.net(batch).float().numpy()
+            embedded = time.perf_counter()
+        distances = scorer.distances(vector, self.matrix)[0]
+        k = min(k, len(distances))
+        top = np.argpartition(distances, k - 1)[:k] if k < len(distances) else np.arange(len(distances))
+        top = top[np.lexsort((top, distances[top]))]
+        with_probability = hasattr(scorer, "probabilities")
+        results = [{"id": int(i), "key": self.keys[i], "label": label_of(self.keys[i]),
+                    "distance": float(distances[i]),
+                    **({"probability": float(1.0 - distances[i])} if with_probability else {})} for i in top]
+        searched = time.perf_counter()
+        timings = {"decode": decoded - start, "wait": locked - decoded, "network": embedded - locked,
+                   "search": searched - embedded}
+        return {"ranker": name, "results": results, "timings_ms": {k: round(v * 1e3, 3) for k, v in timings.items()}}
+
+    def image_path(self, image_id):
+        """The file of reference ``image_id`` (a row number as text), or KeyError when there is none."""
+        if not image_id.isdecimal() or int(image_id) >= len(self.keys):
+            raise KeyError(image_id)
+        path = (self.image_dir / self.keys[int(image_id)]).resolve()
+        if not path.is_relative_to(self.image_dir) or not path.is_file():
+            raise KeyError(image_id)
+        return path
+
+    def _thumbnail(self, image_id):
+        """JPEG bytes of reference ``image_id``, longest side ``thumb_px``; KeyError or ImageReadError."""
+        image = read_image(self.image_path(image_id))
+        image.thumbnail((self.thumb_px, self.thumb_px))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        return buffer.getvalue()
+
+
+def _limited(receive, limit):
+    """Wrap an ASGI ``receive`` so a body longer than ``limit`` bytes stops with 413 as soon as it is seen."""
+    received = 0
+
+    async def limited_receive():
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise HTTPException(413, f"upload over the {limit:,}-byte limit")
+        return message
+
+    return limited_receive
+
+
+def create_app(source):
+    """The FastAPI app serving one :class:`SimilarityService`.
+
+    Parameters
+    ----------
+    source : SimilarityService or module
+        A service, or the PARAMETERS module to load one from (:meth:`SimilarityService.from_parameters`).
+
+    Returns
+    -------
+    fastapi.FastAPI
+        With the service as ``app.state.service``.
+    """
+    service = source if isinstance(source, SimilarityService) else SimilarityService.from_parameters(source)
+    app = FastAPI(title="Image similarity", version="1")
+    app.state.service = service
+    body_limit = service.max_upload_bytes + FORM_OVERHEAD_BYTES
+    # Queries decode and search in at most one thread per core: more would only hold more decoded images at once.
+    workers = {"limiter": None, "n": len(os.sched_getaffinity(0))}
+
+    def limiter():
+        if workers["limiter"] is None:  # created in the event loop, on first use
+            workers["limiter"] = CapacityLimiter(workers["n"])
+        return workers["limiter"]
+
+    @app.get("/health")
+    def health():
+        return service.health()
+
+    @app.post("/query")
+    async def query(request: Request):
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdecimal() and int(declared) > body_limit:
+            raise HTTPException(413, f"upload of {int(declared):,} bytes is over the "
+                                     f"{service.max_upload_bytes:,}-byte limit")
+        limited = Request(request.scope, _limited(request.receive, body_limit))
+        async with limited.form(max_files=1, max_fields=8, max_part_size=64 * 1024) as form:
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise HTTPException(400, "no image: send the file as the multipart field 'image'")
+            data = await upload.read(service.max_upload_bytes + 1)
+            filename = upload.filename or "upload"
+            fields = {name: form.get(name) for name in ("k", "ranker", "attributes")}
+        if len(data) > service.max_upload_bytes:
+            raise HTTPException(413, f"{filename} is over the {service.max_upload_bytes:,}-byte limit")
+        k_text = fields["k"] if fields["k"] not in (None, "") else "5"
+        if not str(k_text).isdecimal():
+            raise HTTPException(422, f"k must be an integer in 1..{MAX_K}, got {k_text!r}")
+        names = [n.strip() for n in (fields["attributes"] or "").split(",") if n.strip()]
+        try:
+            return await to_thread.run_sync(service.query, data, int(k_text), fields["ranker"] or None, names,
+                                            limiter=limiter())
+        except ImageReadError as err:
+            status = 415 if err.reason.startswith("not an image") else 422
+            raise HTTPException(status, f"{filename}: {err.reason}") from None
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from None
+
+    @app.get("/images/{image_id}")
+    async def image(image_id: str, thumb: bool = Query(False)):
+        try:
+            if thumb:
+                thumbnail = await to_thread.run_sync(service.thumbnail, image_id, limiter=limiter())
+                return Response(thumbnail, media_type="image/jpeg",
+                                headers={"Cache-Control": "max-age=3600"})
+            return FileResponse(service.image_path(image_id))
+        except KeyError:
+            raise HTTPException(404, f"no image with id {image_id!r}") from None
+        except ImageReadError as err:
+            raise HTTPException(500, f"reference image {image_id} is unreadable: {err.reason}") from None
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return PAGE.replace("{{title}}", html.escape(f"Image similarity: {len(service.keys)} references"))
+
+    return app
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{title}}</title>
+<style>
+body{font-family:sans-serif;margin:1.5em;max-width:70em}
+#drop{border:2px dashed #888;border-radius:8px;padding:1.5em;text-align:center;cursor:pointer}
+#drop.over{background:#eef}
+#query img{max-height:10em;margin-top:.5em}
+#results{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:.8em;margin-top:1em}
+.match{margin:0;border:1px solid #ccc;border-radius:6px;padding:5px;text-align:center}
+.match img{max-width:160px;max-height:160px}
+.match figcaption{font-size:.85em}
+#status.error{color:#b00}
+</style></head>
+<body>
+<h1>{{title}}</h1>
+<p><label>matches <select id="k"></select></label>
+<label>ranker <select id="ranker"></select></label>
+<span id="attributes"></span></p>
+<div id="drop">Drop an image here, or <input type="file" id="file" accept="image/*"></div>
+<p id="status"></p><div id="query"></div>
+<div id="results"></div>
+<script>
+const $ = id => document.getElementById(id);
+for (const n of [1, 3, 5, 10, 20, 50]) $("k").add(new Option(n, n, n === 5, n === 5));
+fetch("/health").then(r => r.json()).then(h => {
+  for (const name of h.rankers) $("ranker").add(new Option(name, name, false, name === h.default_ranker));
+  if (h.attributes.length) $("attributes").append("or combine attributes:");
+  for (const name of h.attributes) {
+    const box = Object.assign(document.createElement("input"), {type: "checkbox", value: name, id: "attr-" + name});
+    const label = Object.assign(document.createElement("label"), {htmlFor: box.id, textContent: name});
+    $("attributes").append(" ", box, label);
+  }
+});
+function show(status, error) { $("status").textContent = status; $("status").className = error ? "error" : ""; }
+async function search(file) {
+  $("results").replaceChildren();
+  $("query").replaceChildren(Object.assign(document.createElement("img"), {src: URL.createObjectURL(file)}));
+  show("searching ...");
+  const form = new FormData();
+  form.append("image", file); form.append("k", $("k").value); form.append("ranker", $("ranker").value);
+  const picked = [...document.querySelectorAll("#attributes input:checked")].map(box => box.value);
+  if (picked.length) form.append("attributes", picked.join(","));
+  const response = await fetch("/query", {method: "POST", body: form});
+  const body = await response.json();
+  if (!response.ok) { show("Error " + response.status + ": " + body.detail, true); return; }
+  const t = body.timings_ms;
+  show(body.results.length + " matches (" + body.ranker + "): decode " + t.decode.toFixed(1) + " ms, network " +
+       t.network.toFixed(1) + " ms, search " + t.search.toFixed(1) + " ms" +
+       (t.wait > 1 ? " (waited " + t.wait.toFixed(0) + " ms)" : ""));
+  body.results.forEach((m, i) => {
+    const fig = document.createElement("figure"); fig.className = "match";
+    const img = Object.assign(document.createElement("img"), {src: "/images/" + m.id + "?thumb=1", alt: m.key});
+    const link = Object.assign(document.createElement("a"), {href: "/images/" + m.id, target: "_blank"});
+    link.append(img);
+    const caption = document.createElement("figcaption");
+    caption.textContent = (i + 1) + ". " + m.label + " - distance " + m.distance.toFixed(4) +
+      (m.probability === undefined ? "" : ", P(match) " + m.probability.toFixed(3));
+    fig.append(link, caption); $("results").append(fig);
+  });
+}
+$("file").addEventListener("change", e => { if (e.target.files.length) search(e.target.files[0]); });
+const drop = $("drop");
+drop.addEventListener("dragover", e => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", e => {
+  e.preventDefault(); drop.classList.remove("over");
+  if (e.dataTransfer.files.length) search(e.dataTransfer.files[0]);
+});
+</script>
+</body></html>
+"""

@@ -1,0 +1,466 @@
+"""A Turi-Create-like similarity model: embed a set of reference images once, then query it, add to it, save it.
+
+Example::
+
+    import image_similarity
+    model = image_similarity.create("data/fridgeObjects", label="folder")
+    print(model.query("data/fridgeObjects/can/can_1.jpg", k=3))
+    model.save("my_model")
+    same = image_similarity.load("my_model")
+
+The embeddings come from :mod:`.features` (a registry backbone or a refined checkpoint through
+``backbones.load_embedder``), the search from :class:`.index.NearestNeighborIndex` (exact below its ANN threshold,
+approximate above). Distances are cosine distances ``1 - cos`` in ``[0, 2]``, lower is more similar.
+"""
+import logging
+import os
+import shutil
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from . import backbones
+from .features import ImageFileDataset, featurize, load_features, save_features
+from .fileio import atomic_path, load_json, save_json
+from .images import ImageReadError, SkippedImages, list_images
+from .index import NearestNeighborIndex
+from .pairs import label_of
+
+__all__ = ["SimilarityModel", "create", "load", "MODEL_FORMAT"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_FORMAT = "image_similarity.similarity_model/1"
+MANIFEST, FEATURES, INDEX, CHECKPOINT = "model.json", "features.npy", "index.faiss", "model.pt"
+QUERY_COLUMNS = ["query", "reference", "distance", "rank"]
+GRAPH_COLUMNS = ["from", "to", "distance", "rank"]
+INFO_KEYS = ("model_id", "backbone", "dim", "input_resolution")
+
+
+def _is_file_source(item):
+    return isinstance(item, (str, os.PathLike))
+
+
+def _as_list(images):
+    """``(items, single)``: one image (path, PIL image, (H, W[, C]) array) becomes a one-item list."""
+    if _is_file_source(images) or isinstance(images, Image.Image):
+        return [images], True
+    if isinstance(images, np.ndarray):
+        return (list(images), False) if images.ndim == 4 else ([images], True)
+    return list(images), False
+
+
+def _frame(names, ref_keys, distances, indices, columns, max_per_row=None):
+    """One row per found neighbour (index >= 0), ranks 1.. per query, at most ``max_per_row`` per query."""
+    found = indices >= 0
+    rank = np.cumsum(found, axis=1)
+    if max_per_row is not None:
+        found &= rank <= max_per_row
+    rows, cols = np.nonzero(found)
+    keys = np.asarray(ref_keys, dtype=object)
+    return pd.DataFrame({columns[0]: np.asarray(names, dtype=object)[rows], columns[1]: keys[indices[rows, cols]],
+                         columns[2]: distances[rows, cols].astype(np.float64), columns[3]: rank[rows, cols]},
+                        columns=columns)
+
+
+class SimilarityModel:
+    """Reference images embedded once, searchable by image, with optional labels.
+
+    Build one with :func:`create` or :func:`load`, not with the constructor.
+
+    Parameters
+    ----------
+    model : str or Path
+        A backbone name (``backbones.list_backbones()``) or a refined checkpoint (``proc/<dataset>/model.pt``).
+    batch_size : int
+        Images per forward pass.
+    n_workers : int
+        DataLoader processes decoding image files (0 = in this process).
+    index_kind : {'auto', 'exact', 'ivf', 'hnsw'}
+        Passed to :class:`.index.NearestNeighborIndex`; ``'auto'`` is exact below ``index.ANN_THRESHOLD`` references.
+    device : str or torch.device, optional
+        Where the network runs; default CUDA when available, else CPU.
+
+    Attributes
+    ----------
+    keys : list of str
+        One per reference: its path relative to the folder given, the path as given, or ``"0"``, ``"1"`` ... for
+        in-memory images.
+    features : ndarray of shape (n_references, n_dims), float32
+        The embeddings (not normalised), row ``i`` for ``keys[i]``.
+    labels : list or None
+        One label per reference, or None for an unlabelled model.
+    info : dict
+        ``model_id``, ``backbone``, ``dim``, ``input_resolution``.
+    """
+
+    def __init__(self, model="efficientnet_lite0", batch_size=64, n_workers=2, index_kind="auto", device=None):
+        self.model = model
+        self.batch_size = batch_size
+        self.n_workers = n_workers
+        self.index_kind = index_kind
+        self.device = device
+        self.keys, self.labels, self.info = [], None, None
+        self.features = None
+        self._index, self._embedder, self._rows = None, None, {}
+
+    # ------------------------------------------------------------------ embedding
+    @property
+    def embedder(self):
+        """``(net, transform, info)`` of ``backbones.load_embedder``, loaded on first use."""
+        if self._embedder is None:
+            embedder = backbones.load_embedder(self.model, self.device)
+            if self.info is not None and embedder[2]["model_id"] != self.info["model_id"]:
+                raise ValueError(f"{self.model} is {embedder[2]['model_id']} but the references were embedded "
+                                 f"with {self.info['model_id']}")
+            self._embedder, self.info = embedder, self.info or embedder[2]
+        return self._embedder
+
+    def _embed_files(self, paths, skipped):
+        """Rows (len(paths), D) float32 for image files (NaN rows for unreadable ones), through ``featurize``."""
+        absolute = [Path(p).absolute() for p in paths]
+        root = Path(absolute[0].anchor)
+        n_workers = self.n_workers if len(paths) > self.batch_size else 0
+        keys, matrix = featurize(absolute, root, self.embedder, self.batch_size, n_workers, skipped, self.device)
+        out = np.full((len(paths), matrix.shape[1]), np.nan, np.float32)
+        position = 0
+        for key, row in zip(keys, matrix):  # readable files come back in input order: match them up
+            while absolute[position].relative_to(root).as_posix() != key:
+                position += 1
+            out[position] = row
+            position += 1
+        return out
+
+    def _embed_in_memory(self, images, names, skipped):
+        """Rows (len(images), D) float32 for PIL images / uint8 arrays (NaN rows for unusable ones)."""
+        net, transform, info = self.embedder
+        dataset = ImageFileDataset(images, transform)  # reads each through images.load_image
+        out = np.full((len(images), info["dim"]), np.nan, np.float32)
+        device = next(net.parameters()).device
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(images), self.batch_size), desc="embed", unit="batch", disable=None):
+                items = [dataset[i] for i in range(start, min(start + self.batch_size, len(images)))]
+                for i, _, reason in items:
+                    if reason is not None:
+                        skipped.add(names[i], reason)
+                good = [(i, x) for i, x, _ in items if x is not None]
+                if good:
+                    batch = torch.stack([x for _, x in good]).to(device)
+                    out[[i for i, _ in good]] = net(batch).float().cpu().numpy()
+        return out
+
+    def _embed(self, items, names, use_keys):
+        """Rows (len(items), D) float32 in input order, NaN for unreadable images, and the skipped files."""
+        skipped = SkippedImages()
+        known = [use_keys and isinstance(x, str) and x in self._rows for x in items]
+        files = [i for i, x in enumerate(items) if not known[i] and _is_file_source(x)]
+        memory = [i for i, x in enumerate(items) if not known[i] and not _is_file_source(x)]
+        dim = self.info["dim"] if self.info else self.embedder[2]["dim"]
+        out = np.full((len(items), dim), np.nan, np.float32)
+        for i, x in enumerate(items):
+            if known[i]:
+                out[i] = self.features[self._rows[x]]
+        if files:
+            out[files] = self._embed_files([items[i] for i in files], skipped)
+        if memory:
+            out[memory] = self._embed_in_memory([items[i] for i in memory], [names[i] for i in memory], skipped)
+        return out, skipped
+
+    def embed(self, images):
+        """Embed query images.
+
+        Parameters
+        ----------
+        images : str, Path, PIL.Image.Image, ndarray, or a list of them
+            Image files, PIL images, or uint8 arrays of shape (H, W) or (H, W, 3|4) (a (N, H, W, 3) array is N
+            images). A ``str`` equal to one of :attr:`keys` is that reference: its stored embedding is used.
+
+        Returns
+        -------
+        names : list of str
+            One per readable image: the path or key as given, or the position (``"0"`` ...) of an in-memory image.
+        matrix : ndarray of shape (len(names), n_dims), float32
+
+        Raises
+        ------
+        ImageReadError
+            When a single image (not a list) cannot be read, naming it and the reason. In a list, unreadable
+            images are left out with one ``UserWarning`` naming each of them.
+        """
+        items, single = _as_list(images)
+        names = [str(x) if _is_file_source(x) else str(i) for i, x in enumerate(items)]
+        matrix, skipped = self._embed(items, names, use_keys=True)
+        if skipped and single:
+            path, reason = next(iter(skipped))
+            raise ImageReadError(path, reason)
+        if skipped:
+            warnings.warn(f"query images: {skipped.summary()}", UserWarning, stacklevel=3)
+        ok = ~np.isnan(matrix).any(axis=1)
+        return [n for n, good in zip(names, ok) if good], matrix[ok]
+
+    # ------------------------------------------------------------------ references
+    def add(self, images, label=None, keys=None):
+        """Embed new reference images and append them; existing references are not recomputed.
+
+        Parameters
+        ----------
+        images : folder, str, Path, PIL.Image.Image, ndarray, or a list of them
+            A folder is walked recursively (``images.list_images``) and keyed by the path relative to it;
+            files are keyed by the path as given; in-memory images by their number (continuing from
+            ``len(self)``) unless ``keys`` are given.
+        label : None, 'folder', sequence or mapping, optional
+            The labels of the new images: ``'folder'`` takes the first component of each key; a sequence gives one
+            label per image in input order (for a folder, the sorted order of ``list_images``); a mapping gives
+            ``{key: label}``. Must be given exactly when the model is labelled.
+        keys : list of str, optional
+            One key per image, instead of the defaults.
+
+        Returns
+        -------
+        self
+
+        Notes
+        -----
+        Unreadable images are skipped with one ``UserWarning`` naming them; a key already in the model is a
+        ValueError.
+        """
+        if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
+            root = Path(images)
+            items = list_images(root)
+            if not items:
+                raise ValueError(f"no images under {root}")
+            default_keys = [p.relative_to(root).as_posix() for p in items]
+        else:
+            items, _ = _as_list(images)
+            first = len(self.keys)
+            default_keys = [str(x) if _is_file_source(x) else str(first + i) for i, x in enumerate(items)]
+        keys = list(default_keys if keys is None else keys)
+        if len(keys) != len(items) or not items:
+            raise ValueError(f"got {len(items)} images and {len(keys)} keys: need as many keys as images, at least one")
+        clashes = sorted(set(keys) & set(self._rows)) or sorted(k for k, n in Counter(keys).items() if n > 1)
+        if clashes:
+            raise ValueError(f"{len(clashes)} key(s) already in use, e.g. {clashes[0]!r}: pass other keys=")
+        labels = self._new_labels(keys, label)
+        matrix, skipped = self._embed(items, keys, use_keys=False)
+        if skipped:
+            warnings.warn(f"references: {skipped.summary()}", UserWarning, stacklevel=2)
+        ok = ~np.isnan(matrix).any(axis=1)
+        if not ok.any():
+            raise ValueError(f"none of the {len(items)} images could be read: {skipped.summary()}")
+        new_keys, matrix = [k for k, good in zip(keys, ok) if good], matrix[ok]
+        if self._index is None:
+            self._index = NearestNeighborIndex(self.index_kind).build(matrix)
+            self.features = matrix
+        else:
+            self._index.add(matrix)
+            self.features = np.concatenate([self.features, matrix])
+        if labels is not None:
+            self.labels = (self.labels or []) + [lab for lab, good in zip(labels, ok) if good]
+        self._rows.update((k, len(self.keys) + i) for i, k in enumerate(new_keys))
+        self.keys.extend(new_keys)
+        logger.info("added %d references (%d skipped); %d in all", len(new_keys), len(skipped), len(self.keys))
+        return self
+
+    def _new_labels(self, keys, label):
+        """One label per new key, or None; refuses a mix of labelled and unlabelled references."""
+        if self.keys and (label is None) != (self.labels is None):
+            raise ValueError("this model is labelled: pass label= for the new images" if label is None else
+                             "this model has no labels: add images without label=")
+        if label is None:
+            return None
+        if isinstance(label, str):
+            if label != "folder":
+                raise ValueError(f"label must be None, 'folder', a sequence or a mapping, got {label!r}")
+            return [label_of(k) for k in keys]
+        if isinstance(label, Mapping):
+            missing = [k for k in keys if k not in label]
+            if missing:
+                raise ValueError(f"label mapping has no entry for {len(missing)} image(s), e.g. {missing[0]!r}")
+            return [label[k] for k in keys]
+        labels = [x.item() if isinstance(x, np.generic) else x for x in label]  # plain values: saved as JSON
+        if len(labels) != len(keys):
+            raise ValueError(f"{len(labels)} labels for {len(keys)} images")
+        return labels
+
+    def __len__(self):
+        return len(self.keys)
+
+    # ------------------------------------------------------------------ searching
+    def query(self, images, k=5, radius=None):
+        """The ``k`` nearest references of each query image.
+
+        Parameters
+        ----------
+        images : str, Path, PIL.Image.Image, ndarray, or a list of them
+            See :meth:`embed`: files, reference keys, PIL images or uint8 arrays, in or out of the references.
+            A single unreadable image raises ImageReadError; in a list it is left out with a warning.
+        k : int
+            Neighbours per query (at most ``len(self)``).
+        radius : float, optional
+            Largest cosine distance kept, in [0, 2]; None keeps all ``k``.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``query`` (str, see :meth:`embed`), ``reference`` (key), ``distance`` (cosine distance,
+            float64, ascending per query), ``rank`` (1-based); one row per (query, neighbour).
+        """
+        names, matrix = self.embed(images)
+        if not names:
+            return pd.DataFrame(columns=QUERY_COLUMNS)
+        distances, indices = self._index.search(matrix, k, radius)
+        return _frame(names, self.keys, distances, indices, QUERY_COLUMNS)
+
+    def similarity_graph(self, k=5, radius=None, include_self_edges=False):
+        """The k-nearest-neighbour graph of the references, as an edge list.
+
+        Parameters
+        ----------
+        k : int
+            Edges per reference.
+        radius : float, optional
+            Largest cosine distance of an edge, in [0, 2].
+        include_self_edges : bool
+            Let a reference be one of its own ``k`` neighbours.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``from``, ``to`` (keys), ``distance`` (cosine, float64), ``rank`` (1-based per ``from``):
+            ``min(k, n - 1)`` edges per reference (``min(k, n)`` with self edges) unless ``radius`` drops some.
+        """
+        if int(k) != k or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        extra = 0 if include_self_edges else 1
+        distances, indices = self._index.search(self.features, int(k) + extra, radius)
+        if not include_self_edges:
+            indices[indices == np.arange(len(indices))[:, None]] = -1
+        return _frame(self.keys, self.keys, distances, indices, GRAPH_COLUMNS, max_per_row=int(k))
+
+    # ------------------------------------------------------------------ describing and saving
+    def summary(self):
+        """What the model holds.
+
+        Returns
+        -------
+        dict
+            ``n_references``, ``dim``, ``model`` (name or checkpoint path), ``model_id``, ``backbone``,
+            ``index_kind`` (built: 'exact', 'ivf' or 'hnsw'), ``labels`` (``{label: count}`` or None).
+        """
+        labels = None if self.labels is None else dict(sorted(Counter(map(str, self.labels)).items()))
+        return {"n_references": len(self), "dim": self.info["dim"], "model": str(self.model),
+                "model_id": self.info["model_id"], "backbone": self.info["backbone"],
+                "index_kind": self._index.built_kind, "labels": labels}
+
+    def __repr__(self):
+        if self._index is None:
+            return f"SimilarityModel({self.model}, empty)"
+        s = self.summary()
+        labels = f", {len(s['labels'])} labels" if s["labels"] else ""
+        return (f"SimilarityModel({s['n_references']} references x {s['dim']} dims, {s['backbone']} "
+                f"({s['model_id']}), {s['index_kind']} index{labels})")
+
+    def save(self, folder):
+        """Write the model to ``folder``: features, index, manifest and (for a refined model) the checkpoint.
+
+        Every file is written atomically; the manifest ``model.json`` is removed first and written last, so an
+        interrupted save is never loaded as a finished one.
+
+        Parameters
+        ----------
+        folder : str or Path
+            Created if needed; files of an earlier save there are replaced.
+
+        Returns
+        -------
+        Path
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MANIFEST).unlink(missing_ok=True)
+        meta = {"model_id": self.info["model_id"], "backbone": self.info["backbone"]}
+        save_features(folder / FEATURES, self.keys, self.features, meta)
+        self._index.save(folder / INDEX)
+        model = self.model
+        if self.model not in backbones.list_backbones():
+            if Path(self.model).resolve() != (folder / CHECKPOINT).resolve():
+                with atomic_path(folder / CHECKPOINT) as tmp:
+                    shutil.copyfile(self.model, tmp)
+            model = CHECKPOINT
+        info = {k: self.info[k] for k in INFO_KEYS}
+        save_json(folder / MANIFEST, {"format": MODEL_FORMAT, "model": str(model), **info, "labels": self.labels,
+                                      "batch_size": self.batch_size, "n_workers": self.n_workers,
+                                      "index_kind": self.index_kind})
+        logger.info("saved %s to %s", self, folder)
+        return folder
+
+
+def create(images, label=None, model="efficientnet_lite0", batch_size=64, keys=None, n_workers=2, index_kind="auto",
+           device=None):
+    """Embed reference images and index them.
+
+    Parameters
+    ----------
+    images : folder, str, Path, PIL.Image.Image, ndarray, or a list of them
+        A folder (walked recursively, keys relative to it), image files (keys as given), or PIL images / uint8
+        arrays of shape (H, W, 3) (keys ``"0"``, ``"1"`` ... unless ``keys`` are given). Unreadable files are
+        skipped with one ``UserWarning`` naming them.
+    label : None, 'folder', sequence or mapping, optional
+        Labels kept for :meth:`SimilarityModel.summary` and for attribute models (see :meth:`SimilarityModel.add`).
+    model : str or Path
+        A backbone name (``backbones.list_backbones()``) or a refined checkpoint such as ``proc/<dataset>/model.pt``.
+    batch_size : int
+        Images per forward pass.
+    keys : list of str, optional
+        One key per image instead of the defaults.
+    n_workers : int
+        DataLoader processes decoding files (0 = in this process).
+    index_kind : {'auto', 'exact', 'ivf', 'hnsw'}
+        ``'auto'``: exact search below ``index.ANN_THRESHOLD`` references, approximate (IVF) above.
+    device : str or torch.device, optional
+
+    Returns
+    -------
+    SimilarityModel
+    """
+    return SimilarityModel(model, batch_size, n_workers, index_kind, device).add(images, label=label, keys=keys)
+
+
+def load(folder, device=None):
+    """Read a model written by :meth:`SimilarityModel.save`; the network is only loaded when a query needs it.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``folder`` holds no finished save (no ``model.json``).
+    ValueError
+        When its files do not belong together (other format, row counts, checkpoint of another model).
+    """
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise FileNotFoundError(f"{folder / MANIFEST} not found: not a saved SimilarityModel (or an interrupted save)")
+    manifest = load_json(folder / MANIFEST)
+    if manifest.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, expected {MODEL_FORMAT!r}")
+    model = manifest["model"] if manifest["model"] in backbones.list_backbones() else folder / manifest["model"]
+    if backbones.model_id(model) != manifest["model_id"]:
+        raise ValueError(f"{model} is {backbones.model_id(model)} but {folder} was embedded with "
+                         f"{manifest['model_id']}")
+    stored = load_features(folder / FEATURES, mmap=False)
+    index = NearestNeighborIndex.load(folder / INDEX)
+    labels = manifest["labels"]
+    if len(index) != len(stored) or (labels is not None and len(labels) != len(stored)):
+        raise ValueError(f"{folder}: {len(stored)} feature rows, {len(index)} indexed vectors and "
+                         f"{'no' if labels is None else len(labels)} labels do not belong together")
+    similarity = SimilarityModel(model, manifest["batch_size"], manifest["n_workers"], manifest["index_kind"], device)
+    similarity.keys, similarity.features, similarity.labels = list(stored.keys), stored.matrix, labels
+    similarity.info = {k: manifest[k] for k in INFO_KEYS}
+    similarity._index, similarity._rows = index, {k: i for i, k in enumerate(similarity.keys)}
+    return similarity

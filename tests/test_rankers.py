@@ -1,0 +1,212 @@
+"""Rankers: fixed distances against their definitions, the learned ones on synthetic data where the answer is known."""
+import numpy as np
+import pytest
+from sklearn.exceptions import NotFittedError
+
+from image_similarity.evaluation import mean_rank, positive_rank
+from image_similarity.rankers import (RANKER_NAMES, CalibratedRanker, ClassProbRanker, CosineRanker, L1Ranker,
+                                      L2Ranker, RandomRanker, WeightedL2Ranker, build_rankers, mine_hard_negatives,
+                                      negative_sample_weights, pair_accuracies, pair_differences)
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    rng = np.random.default_rng(1)
+    return rng.normal(size=(4, 16)).astype(np.float32), rng.normal(size=(6, 16)).astype(np.float32)
+
+
+def brute_force(q, r, formula):
+    q, r = unit(q.astype(np.float64)), unit(r.astype(np.float64))
+    return np.array([[formula(a, b) for b in r] for a in q])
+
+
+@pytest.mark.parametrize("ranker, formula", [
+    (L1Ranker(), lambda a, b: np.abs(a - b).sum()),
+    (L2Ranker(), lambda a, b: np.sqrt(((a - b) ** 2).sum())),
+    (CosineRanker(), lambda a, b: 1 - a @ b / np.linalg.norm(a) / np.linalg.norm(b)),
+])
+def test_fixed_distances_match_their_definition(vectors, ranker, formula):
+    q, r = vectors
+    d = ranker.fit().distances(q, r)
+    assert d.shape == (4, 6) and d.dtype == np.float64
+    np.testing.assert_allclose(d, brute_force(q, r, formula), atol=1e-6)
+    np.testing.assert_allclose(ranker.distances(q[:1], q[:1]), 0.0, atol=1e-6)
+
+
+def test_fixed_distances_refuse_mismatched_dims(vectors):
+    q, r = vectors
+    with pytest.raises(ValueError, match="dims"):
+        L2Ranker().distances(q, r[:, :8])
+
+
+def test_random_ranker_is_seeded_and_must_be_fitted(vectors):
+    q, r = vectors
+    with pytest.raises(NotFittedError):
+        RandomRanker(0).distances(q, r)
+    a, b = RandomRanker(0).fit().distances(q, r), RandomRanker(0).fit().distances(q, r)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (4, 6) and (a >= 0).all() and (a < 1).all()
+    assert not np.array_equal(a, RandomRanker(1).fit().distances(q, r))
+
+
+@pytest.mark.parametrize("ranker", [WeightedL2Ranker(), CalibratedRanker(WeightedL2Ranker().fit(
+    np.eye(4), [True, False, False, True])), ClassProbRanker()])
+def test_learned_rankers_refuse_use_before_fit(vectors, ranker):
+    with pytest.raises(NotFittedError):
+        ranker.distances(*vectors)
+
+
+def make_clusters(n_classes=5, per_class=40, n_signal=4, n_noise=60, seed=0):
+    """Labels live in a few low-variance dimensions; most dimensions are high-variance noise."""
+    centres = np.random.default_rng(100).normal(scale=1.0, size=(n_classes, n_signal))  # the same in every split
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(n_classes), per_class)
+    signal = centres[labels] + rng.normal(scale=0.1, size=(len(labels), n_signal))
+    noise = rng.normal(scale=1.0, size=(len(labels), n_noise))
+    return np.hstack([signal, noise]).astype(np.float32), labels
+
+
+def random_pairs(x, labels, n, rng):
+    """n same-label and n different-label pairs."""
+    same, diff = [], []
+    while len(same) < n or len(diff) < n:
+        i, j = rng.integers(len(x), size=2)
+        if i != j:
+            (same if labels[i] == labels[j] else diff).append((i, j))
+    pairs = np.array(same[:n] + diff[:n])
+    return pair_differences(x[pairs[:, 0]], x[pairs[:, 1]]), np.repeat([True, False], n)
+
+
+def ranks_of(ranker, x, labels, rng, n_queries=100, n_negatives=20):
+    ranks = []
+    for _ in range(n_queries):
+        q = rng.integers(len(x))
+        pos = rng.choice(np.flatnonzero((labels == labels[q]) & (np.arange(len(x)) != q)))
+        neg = rng.choice(np.flatnonzero(labels != labels[q]), n_negatives)
+        refs = np.concatenate([[pos], neg])
+        ranks.append(positive_rank(ranker.distances(x[[q]], x[refs])[0], np.arange(len(refs)) == 0))
+    return np.array(ranks)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    x, labels = make_clusters()
+    rng = np.random.default_rng(0)
+    diffs, same = random_pairs(x, labels, 600, rng)
+    ranker = WeightedL2Ranker(C=1.0, random_state=0).fit(diffs, same)
+    val_x, val_labels = make_clusters(seed=1)
+    val_diffs, val_same = random_pairs(val_x, val_labels, 300, rng)
+    return x, labels, ranker, val_diffs, val_same
+
+
+def test_weighted_l2_beats_plain_l2_when_few_dims_carry_the_label(trained):
+    x, labels, ranker, _, _ = trained
+    test_x, test_labels = make_clusters(seed=2)
+    weighted = mean_rank(ranks_of(ranker, test_x, test_labels, np.random.default_rng(5)))
+    plain = mean_rank(ranks_of(L2Ranker(), test_x, test_labels, np.random.default_rng(5)))
+    assert weighted < 2.0 and plain > 4.0, (weighted, plain)
+    # It learned that the signal dims matter: large differences there mean "different label".
+    assert ranker.coef_[:4].mean() < 5 * ranker.coef_[4:].mean() and (ranker.coef_[:4] < 0).all()
+
+
+def test_weighted_l2_distances_are_the_negative_svm_score(trained):
+    x, _, ranker, _, _ = trained
+    q, r = x[:3], x[10:15]
+    explicit = np.array([[ranker.decision_function(pair_differences(q[[i]], r[[j]]))[0] for j in range(5)]
+                         for i in range(3)])
+    np.testing.assert_allclose(ranker.distances(q, r), -explicit, rtol=1e-5, atol=1e-5)
+    assert ranker.classes_.tolist() == [False, True]
+
+
+def test_weighted_l2_needs_both_classes():
+    with pytest.raises(ValueError, match="both"):
+        WeightedL2Ranker().fit(np.ones((4, 3)), [True] * 4)
+
+
+def test_negative_sample_weights_total_the_ratio():
+    same = np.array([True] * 3 + [False] * 12)
+    weights = negative_sample_weights(same, 5.0)
+    assert weights[same].sum() == 3 and weights[~same].sum() == pytest.approx(15.0)
+
+
+def test_calibrated_probabilities_are_monotone_in_the_score(trained):
+    x, _, ranker, val_diffs, val_same = trained
+    calibrated = CalibratedRanker(ranker, neg_pos_ratio=5.0).fit(val_diffs, val_same)
+    grid = np.linspace(-5, 5, 101)
+    p = calibrated.score_to_probability(grid)
+    assert (np.diff(p) > 0).all() and p[0] < 0.05 and p[-1] > 0.95
+    q, r = x[:3], x[50:60]
+    probabilities = calibrated.probabilities(q, r)
+    explicit = np.array([[calibrated.calibrator_.predict_proba(pair_differences(q[[i]], r[[j]]))[0, 1]
+                          for j in range(10)] for i in range(3)])
+    np.testing.assert_allclose(probabilities, explicit, atol=1e-6)
+    np.testing.assert_allclose(calibrated.distances(q, r), 1 - probabilities)
+    # Ranking by probability is ranking by score.
+    np.testing.assert_array_equal(np.argsort(calibrated.distances(q, r), 1), np.argsort(ranker.distances(q, r), 1))
+
+
+def test_more_weight_on_negatives_lowers_the_probabilities(trained):
+    _, _, ranker, val_diffs, val_same = trained
+    light = CalibratedRanker(ranker, neg_pos_ratio=1.0).fit(val_diffs, val_same).score_to_probability([0.0])
+    heavy = CalibratedRanker(ranker, neg_pos_ratio=20.0).fit(val_diffs, val_same).score_to_probability([0.0])
+    assert heavy[0] < light[0]
+
+
+def test_hard_negative_mining_adds_the_hardest_different_label_pairs():
+    x, labels = make_clusters(seed=3)
+    rng = np.random.default_rng(0)
+    diffs, same = random_pairs(x, labels, 30, rng)
+    weak = WeightedL2Ranker(C=0.001, random_state=0).fit(diffs, same)
+    mined = mine_hard_negatives(weak, x, labels, n_add=50, max_pairs=5000, random_state=0)
+    assert 0 < len(mined) <= 50 and mined.shape[1] == x.shape[1]
+    scores = weak.decision_function(mined)
+    assert (scores > -1).all() and (np.diff(scores) <= 1e-12).all()  # inside the margin, hardest first
+    again = mine_hard_negatives(weak, x, labels, n_add=50, max_pairs=5000, random_state=0)
+    np.testing.assert_array_equal(mined, again)
+    refit = WeightedL2Ranker(C=0.001, random_state=0).fit(np.vstack([diffs, mined]),
+                                                          np.concatenate([same, np.zeros(len(mined), bool)]))
+    assert (refit.decision_function(mined) < scores).mean() > 0.9
+
+
+def test_hard_negative_mining_with_one_label_finds_nothing(trained):
+    x, _, ranker, _, _ = trained
+    assert len(mine_hard_negatives(ranker, x[:20], np.zeros(20), 10, 100, random_state=0)) == 0
+
+
+def test_pair_accuracies(trained):
+    _, _, ranker, val_diffs, val_same = trained
+    acc = pair_accuracies(ranker, val_diffs, val_same)
+    assert 0.9 < acc["balanced_accuracy"] <= 1 and 0.9 < acc["accuracy"] <= 1 and acc["n_pairs"] == len(val_same)
+
+
+def test_classprob_ranker_compares_probability_vectors():
+    x, labels = make_clusters(n_noise=4)
+    names = np.array(["a", "b", "c", "d", "e"])[labels]
+    ranker = ClassProbRanker(metric="l2", C=10.0, random_state=0).fit(x, names)
+    assert ranker.score(x, names) > 0.95 and ranker.classes_.tolist() == ["a", "b", "c", "d", "e"]
+    p = ranker.predict_proba(x[:3])
+    np.testing.assert_allclose(p.sum(1), 1.0)
+    d = ranker.distances(x[:3], x[100:104])
+    expected = np.sqrt(((p[:, None, :] - ranker.predict_proba(x[100:104])[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(d, expected, atol=1e-9)
+    ranker.set_params(metric="cosine")
+    same, other = ranker.distances(x[:1], x[1:2])[0, 0], ranker.distances(x[:1], x[-1:])[0, 0]
+    assert 0 <= same < 0.1 < other <= 1
+    with pytest.raises(ValueError, match="metric"):
+        ranker.set_params(metric="chi2").distances(x[:1], x[:1])
+
+
+def test_build_rankers_in_report_order(trained):
+    _, _, ranker, val_diffs, val_same = trained
+    assert list(build_rankers(random_state=0)) == ["random", "L1", "L2", "cosine"]
+    x, labels = make_clusters(n_noise=4)
+    svm = {"ranker": ranker, "calibrated": CalibratedRanker(ranker).fit(val_diffs, val_same)}
+    classprob = {"ranker": ClassProbRanker().fit(x, labels)}
+    rankers = build_rankers(svm, classprob, random_state=0)
+    assert tuple(rankers) == RANKER_NAMES
+    assert rankers["classprob_L2"].metric == "l2" and rankers["classprob_cosine"].metric == "cosine"
+    assert classprob["ranker"].metric == "l2"  # the payload itself is not changed

@@ -1,0 +1,192 @@
+"""image_similarity.refine: fine-tuning on small generated images (64 px, a few epochs, one thread, no workers)."""
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from conftest import make_image
+from image_similarity import plots, refine
+from image_similarity.images import SkippedImages
+
+CLASSES = ["blue", "green", "red"]  # label-id order
+COLORS = {"blue": (30, 40, 200), "green": (30, 180, 40), "red": (200, 30, 30)}
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread: fast on the shared 2-core machine and the same float order in every run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    """3 flat-colour labels x 8 images of 64x48 px: 5 per label for training, 3 for validation."""
+    root = tmp_path_factory.mktemp("colours")
+    train, val = [], []
+    for label_id, label in enumerate(CLASSES):
+        for i in range(8):
+            make_image(root / label / f"{label}_{i}.jpg", COLORS[label])
+            (train if i < 5 else val).append((f"{label}/{label}_{i}.jpg", label_id))
+    return root, train, val
+
+
+def config(**changes):
+    values = dict(input_resolution=64, batch_size=8, max_epochs=2, lr_per_epoch=(0.01,), dropout=0.2, n_workers=0,
+                  seed=0)
+    return refine.RefineConfig(**{**values, **changes})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(colours, single_thread, tmp_path_factory):
+    """A 3-epoch run with its resume checkpoint."""
+    root, train, val = colours
+    checkpoint = tmp_path_factory.mktemp("uninterrupted") / "ckpt.pt"
+    result = refine.fine_tune(config(max_epochs=3), train, val, root, CLASSES, "cpu", checkpoint, progress=False)
+    return result, checkpoint
+
+
+def test_training_lowers_the_loss_and_beats_chance(uninterrupted):
+    result, _ = uninterrupted
+    losses = [row["train_loss"] for row in result.log_rows]
+    assert [row["epoch"] for row in result.log_rows] == [1, 2, 3]
+    assert losses[-1] < losses[0]
+    assert result.best_val_accuracy > 1 / 3 + 0.1  # 3 labels: chance is 1/3
+    assert (result.n_train, result.n_val, result.resumed_after_epoch) == (15, 9, 0)
+    assert set(result.log_rows[0]) == set(refine.LOG_COLUMNS)
+
+
+def test_resumed_run_ends_with_the_same_weights(colours, uninterrupted, single_thread, tmp_path):
+    root, train, val = colours
+    full, full_checkpoint = uninterrupted
+    checkpoint = tmp_path / "ckpt.pt"
+    first = refine.fine_tune(config(max_epochs=1), train, val, root, CLASSES, "cpu", checkpoint, progress=False)
+    assert len(first.log_rows) == 1
+    resumed = refine.fine_tune(config(max_epochs=3), train, val, root, CLASSES, "cpu", checkpoint, resume=True,
+                               progress=False)
+    assert resumed.resumed_after_epoch == 1
+    assert resumed.log_rows[0] == first.log_rows[0]
+    for column in ("train_loss", "train_err", "val_loss", "val_err"):
+        assert [r[column] for r in resumed.log_rows] == [r[column] for r in full.log_rows]
+    assert resumed.best_epoch == full.best_epoch
+    # Bit-for-bit: the last epoch's weights and momentum, and the kept (best) weights.
+    last_full = torch.load(full_checkpoint, weights_only=True)
+    last_resumed = torch.load(checkpoint, weights_only=True)
+    for key, tensor in last_full["model"].items():
+        assert torch.equal(tensor, last_resumed["model"][key]), key
+    assert all(torch.equal(a["momentum_buffer"], b["momentum_buffer"]) for a, b in
+               zip(last_full["optimizer"]["state"].values(), last_resumed["optimizer"]["state"].values()))
+    best_resumed = resumed.model.state_dict()
+    for key, tensor in full.model.state_dict().items():
+        assert torch.equal(tensor, best_resumed[key]), key
+
+
+def test_resume_refuses_other_settings(colours, uninterrupted):
+    root, train, val = colours
+    _, checkpoint = uninterrupted
+    signature = refine._data_signature(CLASSES, train, val)
+    with pytest.raises(ValueError, match="rf_mbSize 8 -> 4"):
+        refine.load_resume_checkpoint(checkpoint, config(batch_size=4), signature)
+    with pytest.raises(ValueError, match="other images"):
+        refine.load_resume_checkpoint(checkpoint, config(), refine._data_signature(CLASSES, train[1:], val))
+    state = refine.load_resume_checkpoint(checkpoint, config(max_epochs=10, n_workers=2), signature)
+    assert state["epoch"] == 3 and len(state["log_rows"]) == 3
+
+
+def test_best_epoch_is_chosen_on_validation(colours, single_thread):
+    """A learning rate that blows the head up in epoch 2: the weights kept are epoch 1's."""
+    root, train, val = colours
+    result = refine.fine_tune(config(lr_per_epoch=(0.05, 1e30), freeze_backbone=True), train, val, root, CLASSES,
+                              "cpu", progress=False)
+    first, second = result.log_rows
+    assert first["val_err"] < second["val_err"] or math.isnan(second["val_loss"])
+    assert result.best_epoch == 1
+    loader = refine.make_loader(refine.ImageListDataset(root, val, refine.backbones.eval_transform(
+        "efficientnet_lite0", 64)), range(len(val)), 8, 0, torch.device("cpu"))
+    val_loss, val_err, n = refine.evaluate(result.model, loader, torch.device("cpu"), progress=False)
+    assert n == 9
+    assert val_err == first["val_err"] and val_loss == pytest.approx(first["val_loss"], rel=1e-4)
+
+
+def test_frozen_backbone_keeps_its_weights_and_statistics(colours, single_thread):
+    root, train, val = colours
+    result = refine.fine_tune(config(max_epochs=2, lr_per_epoch=(0.05,), freeze_backbone=True), train, val, root,
+                              CLASSES, "cpu", progress=False)
+    pretrained = refine.backbones.create_model("efficientnet_lite0").state_dict()
+    after = result.model.backbone.state_dict()
+    assert all(torch.equal(tensor, after[key]) for key, tensor in pretrained.items())
+    torch.manual_seed(0)
+    untrained_head = refine.backbones.ImageClassifier(refine.backbones.create_model("efficientnet_lite0"), 3, 0.2)
+    assert not torch.equal(untrained_head.head[1].weight, result.model.head[1].weight)
+    assert result.best_val_accuracy > 1 / 3 + 0.1  # the head learnt: better than chance
+
+
+def test_no_validation_images_keeps_the_last_epoch(colours, single_thread, caplog):
+    root, train, _ = colours
+    result = refine.fine_tune(config(max_epochs=2, freeze_backbone=True), train, [], root, CLASSES, "cpu",
+                              progress=False)
+    assert result.best_epoch == 2 and math.isnan(result.best_val_accuracy)
+    assert "no validation images" in caplog.text
+
+
+def test_unreadable_images_are_skipped_and_recorded(colours, tmp_path):
+    root, train, _ = colours
+    bad = tmp_path / "red" / "broken.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    make_image(tmp_path / "red" / "fine.jpg", COLORS["red"])
+    dataset = refine.ImageListDataset(tmp_path, [("red/broken.jpg", 2), ("red/fine.jpg", 2)],
+                                      refine.backbones.eval_transform("efficientnet_lite0", 32))
+    images, labels, bad_items = next(iter(refine.make_loader(dataset, [0, 1], 2, 0, torch.device("cpu"))))
+    assert images.shape == (1, 3, 32, 32) and labels.tolist() == [2]
+    assert [path for path, _ in bad_items] == [str(bad)]
+    # A batch in which every image is bad is empty, not an error, and its file is recorded.
+    skipped = SkippedImages()
+    model = refine.backbones.ImageClassifier(refine.backbones.create_model("efficientnet_lite0", pretrained=False),
+                                             3, 0.0)
+    loss, err, n = refine.evaluate(model, refine.make_loader(dataset, [0], 1, 0, torch.device("cpu")),
+                                   torch.device("cpu"), skipped=skipped, progress=False)
+    assert n == 0 and math.isnan(loss) and math.isnan(err)
+    assert list(dict(skipped.items)) == [str(bad)]
+
+
+def test_balancing_oversamples_small_labels():
+    labels = [0] * 6 + [1] * 2 + [2] * 3
+    indices = refine.epoch_indices(labels, epoch=0, seed=0, balance=True)
+    counts = Counter(labels[i] for i in indices)
+    assert counts == {0: 6, 1: 6, 2: 6}
+    assert set(indices) == set(range(len(labels)))  # every image is used
+    assert Counter(indices)[6] == 3 and Counter(indices)[7] == 3  # the 2-image label is repeated 3 times
+    plain = refine.epoch_indices(labels, epoch=0, seed=0)
+    assert sorted(plain) == list(range(11))
+    assert refine.epoch_indices(labels, epoch=0, seed=0) == plain  # a function of (seed, epoch)
+    assert refine.epoch_indices(labels, epoch=1, seed=0) != plain
+    assert len(refine.epoch_indices(labels, 0, 0, balance=True, max_images=5)) == 5
+
+
+def test_learning_rate_schedule_repeats_its_last_value():
+    assert [refine.lr_for_epoch([0.1, 0.01], e) for e in range(4)] == [0.1, 0.01, 0.01, 0.01]
+
+
+def test_config_names_the_parameter_at_fault():
+    with pytest.raises(ValueError, match=r"rf_mbSize \(batch_size\) = 0"):
+        config(batch_size=0)
+    with pytest.raises(ValueError, match="rf_lrPerMb"):
+        config(lr_per_epoch=[])
+    with pytest.raises(ValueError, match="unknown backbone"):
+        config(backbone="nope")
+    assert config(lr_per_epoch=0.5).lr_per_epoch == (0.5,)
+
+
+def test_refine_curves_png(tmp_path):
+    from PIL import Image
+
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "train_err": 0.5 / e, "val_err": 0.6 / e}
+            for e in (1, 2, 3)]
+    path = plots.plot_refine_curves(rows, tmp_path / "curves.png")
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (1000, 400)
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]

@@ -1,0 +1,278 @@
+"""The web service (image_similarity.service, A4_webService.py) on a real uvicorn over a small real pipeline."""
+import io
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+import helpers
+from conftest import REPO, make_image, make_labelled_images, run_script
+from image_similarity.service import SimilarityService, create_app, recommended_ranker
+
+LIMIT = 200_000  # svc_maxUploadBytes in these tests
+
+
+def pipeline_args(work):
+    return ["--set", f"workDir={work}", "--set", "datasetName=tiny", "--set", "rf_maxEpochs=0",
+            "--set", "dedup_enabled=False", "--set", "ratioValFromTrain=0.3", "--set", "run_nrWorkers=0",
+            "--set", "svm_CValCandidates=[1.0]", "--set", "svm_classProbCValCandidates=[10.0]",
+            *(arg for split in ("train", "val", "test") for arg in ("--set", f"{split}_maxNegImgsPerQueryImg=20"))]
+
+
+def free_socket():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A workDir with 3 labels x 12 generated images through steps 1, 3 (pretrained Lite0) and 4."""
+    work = tmp_path_factory.mktemp("service")
+    make_labelled_images(work / "data" / "tiny", 12)
+    args = pipeline_args(work)
+    for step in ("1_prepareData.py", "3_featurizeImages.py", "4_trainSvm.py"):
+        result = run_script(step, *args)
+        assert result.returncode == 0, f"{step}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    return work, args
+
+
+def parameters(work, *extra):
+    overrides = [a for a in pipeline_args(work) if a != "--set"]
+    return helpers.load_parameters([*overrides, f"svc_maxUploadBytes={LIMIT}", *extra])
+
+
+@pytest.fixture(scope="module")
+def server(pipeline):
+    """A real uvicorn in a thread serving create_app(P), with the classprob payload as a second attribute."""
+    work, _ = pipeline
+    P = parameters(work, f"attributeModels={{'again': '{work / 'proc' / 'tiny' / 'classprob.pickle'}'}}")
+    sock = free_socket()
+    config = uvicorn.Config(create_app(P), log_level="warning", timeout_graceful_shutdown=2)
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    deadline = time.monotonic() + 60
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield client, P
+    uv.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def encoded(path_or_image, fmt="JPEG"):
+    image = Image.open(path_or_image) if not isinstance(path_or_image, Image.Image) else path_or_image
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def query(client, data, name="query.jpg", **fields):
+    return client.post("/query", files={"image": (name, data, "application/octet-stream")},
+                       data={k: str(v) for k, v in fields.items()})
+
+
+def red_query(tmp_path):
+    return make_image(tmp_path / "q.png", (205, 25, 35), pattern="stripes").read_bytes()
+
+
+def test_health(server):
+    client, P = server
+    health = client.get("/health").json()
+    assert health["status"] == "ok"
+    assert health["n_references"] == 36
+    assert health["model_id"] == "pretrained:efficientnet_lite0"
+    assert health["rankers"] == ["random", "L1", "L2", "cosine", "weightedl2", "weightedl2prob", "classprob_L2",
+                                 "classprob_cosine"]
+    assert health["default_ranker"] == "cosine"  # 5_evaluate.py has not run
+    assert health["attributes"] == ["tiny", "again"]
+    assert health["max_upload_bytes"] == LIMIT and health["notes"] == []
+
+
+def test_query_returns_k_sorted_matches_that_are_served(server, tmp_path):
+    client, _ = server
+    response = query(client, red_query(tmp_path), k=7, ranker="L2")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["ranker"] == "L2"
+    results = body["results"]
+    assert len(results) == 7
+    distances = [r["distance"] for r in results]
+    assert distances == sorted(distances)
+    assert [r["label"] for r in results[:5]] == ["red"] * 5  # red stripes, like the query
+    assert all("probability" not in r for r in results)
+    assert set(body["timings_ms"]) == {"decode", "wait", "network", "search"}
+    assert all(v >= 0 for v in body["timings_ms"].values())
+    for match in results[:3]:
+        full = client.get(f"/images/{match['id']}")
+        assert full.status_code == 200
+        assert full.content == (server[1].imgDir / match["key"]).read_bytes()
+        thumb = client.get(f"/images/{match['id']}", params={"thumb": 1})
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+        with Image.open(io.BytesIO(thumb.content)) as img:
+            assert img.format == "JPEG" and max(img.size) <= 160
+
+
+def test_default_k_and_ranker(server, tmp_path):
+    client, _ = server
+    body = query(client, red_query(tmp_path)).json()
+    assert body["ranker"] == "cosine" and len(body["results"]) == 5
+
+
+def test_weightedl2prob_gives_probabilities(server, tmp_path):
+    client, _ = server
+    results = query(client, red_query(tmp_path), k=10, ranker="weightedl2prob").json()["results"]
+    probabilities = np.array([r["probability"] for r in results])
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+    assert (np.diff(probabilities) <= 1e-12).all()  # nearest first = most probable first
+    assert np.allclose(probabilities, 1 - np.array([r["distance"] for r in results]))
+
+
+def test_attributes_combined(server, tmp_path):
+    client, _ = server
+    single = query(client, red_query(tmp_path), k=36, attributes="tiny").json()
+    both = query(client, red_query(tmp_path), k=36, attributes="tiny, again").json()
+    assert single["ranker"] == "attributes:tiny" and both["ranker"] == "attributes:tiny+again"
+    p_single = {r["id"]: r["probability"] for r in single["results"]}
+    p_both = {r["id"]: r["probability"] for r in both["results"]}
+    assert len(p_single) == len(p_both) == 36
+    assert p_single != p_both  # the class-probability attribute changes the combined probability
+    assert [r["label"] for r in both["results"][:5]] == ["red"] * 5
+    unknown = query(client, red_query(tmp_path), attributes="tiny,colour")
+    assert unknown.status_code == 422 and "colour" in unknown.json()["detail"]
+
+
+@pytest.mark.parametrize("fields, word", [({"k": 0}, "k must be"), ({"k": 101}, "k must be"), ({"k": "x"}, "k must"),
+                                          ({"ranker": "nope"}, "unknown ranker")])
+def test_bad_fields_are_422(server, tmp_path, fields, word):
+    client, _ = server
+    response = query(client, red_query(tmp_path), **fields)
+    assert response.status_code == 422 and word in response.json()["detail"]
+
+
+def test_missing_image_field_is_400(server):
+    client, _ = server
+    response = client.post("/query", data={"k": "3"}, files={"other": ("a.txt", b"x")})
+    assert response.status_code == 400 and "'image'" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("path", ["/images/..%2F..%2Fetc%2Fpasswd", "/images/../../etc/passwd", "/images/36",
+                                  "/images/-1", "/images/red%2Fred_0.jpg", "/images/1e3", "/images/%20%201"])
+def test_traversal_and_unknown_ids_are_404(server, path):
+    client, _ = server
+    response = client.get(path)
+    assert response.status_code == 404
+    response = client.get(path, params={"thumb": 1})
+    assert response.status_code == 404
+
+
+def bomb_png():
+    """A 10000 x 10000 1-bit PNG: 100 Mpixels (over read_image's limit) in a few kilobytes."""
+    buffer = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_uploads_are_refused_and_the_server_keeps_serving(server, tmp_path):
+    client, P = server
+    good = encoded(P.imgDir / "green" / "green_0.jpg")
+    cases = {"text": (b"this is text, not pixels\n" * 20, 415, "not an image"),
+             "empty": (b"", 415, "not an image"),
+             "truncated": (good[:len(good) // 2], 422, "truncated"),
+             "bomb": (bomb_png(), 422, "decompression bomb")}
+    assert len(cases["bomb"][0]) < 100_000
+    for name, (data, status, reason) in cases.items():
+        response = query(client, data, name=f"{name}.jpg")
+        assert response.status_code == status, (name, response.text)
+        assert reason in response.json()["detail"] and f"{name}.jpg" in response.json()["detail"]
+    # Over the limit: declared by Content-Length (far over), and just over (within the form's overhead allowance).
+    noise = np.random.default_rng(0).integers(0, 256, 3 * LIMIT, dtype=np.uint8).tobytes()
+    for size in (3 * LIMIT, LIMIT + 1):
+        response = query(client, noise[:size])
+        assert response.status_code == 413, (size, response.text)
+        assert f"{LIMIT:,}-byte limit" in response.json()["detail"]
+    after = query(client, good, k=3)
+    assert after.status_code == 200 and [r["label"] for r in after.json()["results"]] == ["green"] * 3
+
+
+def test_chunked_upload_without_length_is_counted(server):
+    """No Content-Length: the bytes received are counted and the upload stops with 413."""
+    client, P = server
+    boundary = "svc-test-boundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.bin\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+
+    def body():
+        yield head
+        for _ in range(40):
+            yield b"\0" * 10_000
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = client.post("/query", content=body(), headers={"Content-Type": f"multipart/form-data; boundary="
+                                                                              f"{boundary}"})
+    assert response.status_code == 413
+    assert query(client, encoded(P.imgDir / "blue" / "blue_1.jpg"), k=1).status_code == 200
+
+
+def test_page_is_served(server):
+    client, _ = server
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for needle in ('type="file"', 'id="k"', 'id="ranker"', 'id="results"', "/query", "/images/",
+                   "36 references"):
+        assert needle in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from outside
+
+
+def test_missing_payloads_leave_the_fixed_rankers(pipeline):
+    work, _ = pipeline
+    P = parameters(work)
+    P.svmPath, P.classifierPath = work / "none" / "svm.pickle", work / "none" / "classprob.pickle"
+    service = SimilarityService.from_parameters(P)
+    assert list(service.rankers) == ["random", "L1", "L2", "cosine"]
+    assert service.attributes == {} and len(service.notes) == 2 and "4_trainSvm.py" in service.notes[0]
+
+
+def test_recommended_ranker(tmp_path):
+    csv_path = tmp_path / "evaluation.csv"
+    assert recommended_ranker(csv_path, ["cosine", "L2"]) == "cosine"
+    csv_path.write_text("ranker,top1,best_on_val\nL2,0.5,0\nweightedl2,0.7,1\n")
+    assert recommended_ranker(csv_path, ["cosine", "L2", "weightedl2"]) == "weightedl2"
+    assert recommended_ranker(csv_path, ["cosine", "L2"]) == "cosine"  # recommended one not available
+
+
+def test_script_serves_and_refuses_missing_features(pipeline, tmp_path):
+    work, args = pipeline
+    missing = run_script("A4_webService.py", "--set", f"workDir={tmp_path}", "--dataset", "tiny")
+    assert missing.returncode == 2 and "3_featurizeImages.py" in missing.stderr
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    process = subprocess.Popen([sys.executable, str(REPO / "A4_webService.py"), *args, "--port", str(port)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "A4_webService.py did not answer /health"
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        assert health.json()["n_references"] == 36
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert "Serving 36 references of tiny" in output and f"Open http://127.0.0.1:{port}/" in output

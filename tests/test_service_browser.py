@@ -1,0 +1,104 @@
+"""The service's page in a real headless Chromium (Selenium): pick an image, see the grid of matches, screenshot it."""
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, make_image
+from test_service import pipeline, server  # noqa: F401  (module-scoped fixtures: the pipeline and the live server)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+WINDOW = (1200, 900)
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian Chromium through its chromedriver, with a fresh profile; skips when either is missing."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    for binary in (CHROMIUM, CHROMEDRIVER):
+        if not binary.is_file():
+            reason = f"{binary} is missing: apt-get install chromium chromium-driver to run the browser test"
+            print(reason)
+            pytest.skip(reason)
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in [*FLAGS, f"--user-data-dir={profile}", f"--window-size={WINDOW[0]},{WINDOW[1]}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_page_shows_k_matches(browser, server, tmp_path):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client, _ = server
+    browser.get(str(client.base_url))
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "ranker")).options) == 8)  # filled from /health
+    assert Select(browser.find_element(By.ID, "ranker")).first_selected_option.text == "cosine"
+    Select(browser.find_element(By.ID, "k")).select_by_value("10")
+    query = make_image(tmp_path / "query.png", (205, 25, 35), size=(120, 90), pattern="stripes")
+    browser.find_element(By.ID, "file").send_keys(str(query))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .match")) == 10)
+    matches = browser.find_elements(By.CSS_SELECTOR, "#results .match")
+    captions = [m.find_element(By.TAG_NAME, "figcaption").text for m in matches]
+    assert captions[0].startswith("1. red - distance ")
+    assert "10 matches (cosine)" in browser.find_element(By.ID, "status").text
+    # Every thumbnail came from /images/<id>?thumb=1 and decoded in the browser.
+    wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
+                             for img in d.find_elements(By.CSS_SELECTOR, "#results img")))
+    shot = tmp_path / "service_page.png"
+    assert browser.save_screenshot(str(shot))
+    repo_copy = REPO / "results" / "service_page.png"
+    repo_copy.parent.mkdir(exist_ok=True)
+    shutil.copyfile(shot, repo_copy)
+    with Image.open(shot) as img:
+        viewport = browser.execute_script("return [innerWidth * devicePixelRatio, innerHeight * devicePixelRatio]")
+        assert img.format == "PNG" and img.size == tuple(viewport) and img.width == WINDOW[0]
+        assert img.convert("L").getextrema()[0] < 200  # not a blank page
+    assert shot.stat().st_size > 10_000
+
+
+def test_page_shows_the_reason_for_a_bad_file(browser, server, tmp_path):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client, _ = server
+    browser.get(str(client.base_url))
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not pixels\n")
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    status = browser.find_element(By.ID, "status")
+    WebDriverWait(browser, 30).until(lambda d: status.text.startswith("Error"))
+    assert "Error 415: notes.jpg: not an image" in status.text
+    assert browser.find_elements(By.CSS_SELECTOR, "#results .match") == []
+
+
+def test_page_combines_attributes(browser, server, tmp_path):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client, _ = server
+    browser.get(str(client.base_url))
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#attributes input")) == 2)
+    for name in ("tiny", "again"):
+        browser.find_element(By.ID, f"attr-{name}").click()
+    query = make_image(tmp_path / "query.png", (30, 40, 205), size=(120, 90))
+    browser.find_element(By.ID, "file").send_keys(str(query))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .match")) == 5)
+    assert "(attributes:tiny+again)" in browser.find_element(By.ID, "status").text
+    captions = [m.text for m in browser.find_elements(By.CSS_SELECTOR, "#results figcaption")]
+    assert all(", P(match) " in c for c in captions) and captions[0].startswith("1. blue - distance ")
