@@ -49,12 +49,15 @@ def uninterrupted(colours, single_thread, tmp_path_factory):
     return result, checkpoint
 
 
-def test_training_lowers_the_loss_and_beats_chance(uninterrupted):
+def test_training_lowers_the_loss(uninterrupted):
+    """Whole-network fine-tuning lowers the training loss. Its validation accuracy is not asserted: 6 SGD steps on
+    8-image batches of flat colours leave the batch-norm running statistics far from the batch statistics the
+    network trained with, so it lands anywhere between chance and 100% depending on the seed and on the CPU's float
+    order (it failed CI once at exactly chance). The frozen-backbone test below checks that a head learns."""
     result, _ = uninterrupted
     losses = [row["train_loss"] for row in result.log_rows]
     assert [row["epoch"] for row in result.log_rows] == [1, 2, 3]
     assert losses[-1] < losses[0]
-    assert result.best_val_accuracy > 1 / 3 + 0.1  # 3 labels: chance is 1/3
     assert (result.n_train, result.n_val, result.resumed_after_epoch) == (15, 9, 0)
     assert set(result.log_rows[0]) == set(refine.LOG_COLUMNS)
 
@@ -121,7 +124,8 @@ def test_frozen_backbone_keeps_its_weights_and_statistics(colours, single_thread
     torch.manual_seed(0)
     untrained_head = refine.backbones.ImageClassifier(refine.backbones.create_model("efficientnet_lite0"), 3, 0.2)
     assert not torch.equal(untrained_head.head[1].weight, result.model.head[1].weight)
-    assert result.best_val_accuracy > 1 / 3 + 0.1  # the head learnt: better than chance
+    # The head learnt: all 9 validation images right for seeds 0-9 at 1 and 2 threads (chance is 1/3).
+    assert result.best_val_accuracy > 2 / 3
 
 
 def test_no_validation_images_keeps_the_last_epoch(colours, single_thread, caplog):
