@@ -10,7 +10,7 @@ from matplotlib.ticker import MaxNLocator
 from .fileio import atomic_path
 
 __all__ = ["DPI", "plot_top_n_curves", "plot_rank_histogram", "plot_query_result", "plot_retrieval_grid",
-           "plot_score_vs_probability", "plot_refine_curves"]
+           "plot_score_vs_probability", "plot_refine_curves", "plot_table"]
 
 DPI = 100  # figure inches * DPI = PNG pixels (no tight bounding box, so sizes are exact)
 
@@ -170,4 +170,42 @@ def plot_refine_curves(log_rows, path):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
+    return _save(fig, path)
+
+
+def plot_table(header, rows, path, title="", bold_last_row=False):
+    """A small table of text as a PNG: a bold header, one row per item, 1.6 inches (160 px) per column.
+
+    Parameters
+    ----------
+    header : list of str
+        Column names; the first column is left-aligned (row names), the others right-aligned (numbers).
+    rows : list of list
+        Cells, each shown with ``str``; every row as long as ``header``.
+    path : str or Path
+        PNG written, ``1.6 * len(header)`` inches wide and ``0.35 * (len(rows) + 1) + 0.5`` inches high (with a
+        title; 0.2 inches less without).
+    title : str
+        Drawn above the table; '' = none.
+    bold_last_row : bool
+        Set the last row in bold, e.g. a row of totals.
+    """
+    if any(len(row) != len(header) for row in rows):
+        raise ValueError(f"every row needs {len(header)} cells like the header {header}, got "
+                         f"{sorted({len(row) for row in rows})}")
+    height = 0.35 * (len(rows) + 1) + (0.5 if title else 0.3)
+    fig = Figure(figsize=(1.6 * len(header), height), facecolor="white")
+    ax = fig.add_axes((0.02, 0.1 / height, 0.96, 1 - (0.45 if title else 0.2) / height))
+    ax.axis("off")
+    table = ax.table(cellText=[[str(cell) for cell in row] for row in rows], colLabels=list(header),
+                     cellLoc="right", loc="upper center", bbox=(0, 0, 1, 1))
+    table.auto_set_font_size(False)
+    for (row, col), cell in table.get_celld().items():
+        cell.set_fontsize(11)
+        cell.set_text_props(ha="left" if col == 0 else "right",
+                            weight="bold" if row == 0 or (bold_last_row and row == len(rows)) else "normal")
+        cell.set_facecolor("#e8e8e8" if row == 0 else "white")
+        cell.PAD = 0.05
+    if title:
+        fig.suptitle(title, fontsize=12, y=1 - 0.12 / height)
     return _save(fig, path)

@@ -1,0 +1,37 @@
+"""image_similarity.plots: figures written as PNGs of the documented size, without timestamps."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from image_similarity import plots
+
+HEADER = ["label", "train", "val", "test", "total"]
+ROWS = [["can", 20, 4, 8, 32], ["carton", 20, 4, 8, 32], ["all", 40, 8, 16, 64]]
+
+
+def test_plot_table_writes_a_png_of_the_documented_size(tmp_path):
+    path = plots.plot_table(HEADER, ROWS, tmp_path / "table.png", title="Images per label", bold_last_row=True)
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        assert img.size == (round(1.6 * 5 * plots.DPI), round((0.35 * 4 + 0.5) * plots.DPI))
+        pixels = np.asarray(img.convert("L"))
+        # Text and grid lines are drawn (dark pixels), and the header row is shaded grey.
+        assert (pixels < 100).mean() > 0.01
+        assert np.any((pixels > 200) & (pixels < 245))
+        # Regenerating the docs gives identical files: no creation time, only matplotlib's version.
+        assert set(img.text) == {"Software"}
+    again = plots.plot_table(HEADER, ROWS, tmp_path / "again.png", title="Images per label", bold_last_row=True)
+    assert again.read_bytes() == path.read_bytes()
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, none left behind
+
+
+def test_plot_table_without_title_is_shorter(tmp_path):
+    path = plots.plot_table(HEADER[:2], [["can", 20]], tmp_path / "small.png")
+    with Image.open(path) as img:
+        assert img.size == (round(1.6 * 2 * plots.DPI), round((0.35 * 2 + 0.3) * plots.DPI))
+
+
+def test_plot_table_refuses_ragged_rows(tmp_path):
+    with pytest.raises(ValueError, match="every row needs 5 cells"):
+        plots.plot_table(HEADER, [["can", 20, 4]], tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
