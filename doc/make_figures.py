@@ -173,6 +173,7 @@ def main(args, P):
         raise helpers.UsageError(f"--work {work} already holds data/ or proc/: give a new folder")
     overrides = [*args.overrides, "datasetName=fridgeObjects", f"workDir={work}"]
     P = helpers.load_parameters(overrides)
+    set_args = [arg for text in overrides for arg in ("--set", text)]
     if not (SAMPLE / args.query).is_file():
         raise helpers.UsageError(f"--query {args.query}: no such image under {SAMPLE}")
     figures, console = args.out / "figures", args.out / "console"
@@ -182,8 +183,7 @@ def main(args, P):
     written = []
     try:
         print(f"Running the pipeline on a copy of {SAMPLE} in {work} ...", flush=True)
-        text = clean_console(run_logged("run_pipeline.py", *(a for o in overrides for a in ("--set", o)), env=env),
-                             work)
+        text = clean_console(run_logged("run_pipeline.py", *set_args, env=env), work)
         written.append(fileio.atomic_write_text(console / "run_pipeline.txt", text))
         # [before, step, its output, step, its output, ...]; run_pipeline's own summary line is not step 5's.
         parts = STEP_HEADER.split(re.sub(r"\n\nran \d+ steps .*\n$", "\n", text))
@@ -199,17 +199,16 @@ def main(args, P):
 
         query = P.imgDir / args.query
         print(f"A1_imageRetrieval.py on {args.query} ...", flush=True)
-        text = run_logged("A1_imageRetrieval.py", query, "--top", 10, *(a for o in overrides for a in ("--set", o)),
-                          env=env)
-        written.append(fileio.atomic_write_text(console / "A1_imageRetrieval.txt", clean_console(text, work)))
+        text = clean_console(run_logged("A1_imageRetrieval.py", query, "--top", 10, *set_args, env=env), work)
+        written.append(fileio.atomic_write_text(console / "A1_imageRetrieval.txt", text))
         grid = P.resultsDir / f"retrieval_{query.stem}.png"
         written.append(fileio.atomic_write_bytes(figures / "retrieval_grid.png", grid.read_bytes()))
 
         print("A4_webService.py and a headless Chromium ...", flush=True)
         log = work / "A4_webService.log"
         written.append(screenshot_page(P, query, figures / "web_page.png", env, log))
-        written.append(fileio.atomic_write_text(console / "A4_webService.txt",
-                                                clean_console(log.read_bytes().decode("utf-8", errors="replace"), work)))
+        text = clean_console(log.read_bytes().decode("utf-8", errors="replace"), work)
+        written.append(fileio.atomic_write_text(console / "A4_webService.txt", text))
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
