@@ -7,6 +7,8 @@ training minutes of step 2. Prints a mean ± std table and writes ``bench/result
     .venv/bin/python bench/accuracy.py ../shared/datasets/fashionTexture11 --labels dotted,striped,leopard --seeds 0,1,2
     .venv/bin/python bench/accuracy.py ../shared/datasets/fashionTexture11 --seeds 0,1,2 --name textures11
     .venv/bin/python bench/accuracy.py data/fridgeObjects --seeds 0,1,2 --set rf_maxEpochs=0 --name fridge_frozen
+With ``--keep DIR`` each seed's workDir stays as ``DIR/seed<N>`` (for bench/ranking_failures.py, or to look at the
+figures); otherwise it is a temporary folder, removed at the end.
 """
 import argparse
 import csv
@@ -30,8 +32,11 @@ METRICS = ("top1", "top5", "mean_rank", "median_rank", "mrr")
 def run_seed(data_dir, name, labels, seed, overrides, scratch):
     """Run steps 1-5 for one seed; return ({ranker: metrics}, best ranker on val, train minutes, wall minutes)."""
     work = scratch / f"seed{seed}"
-    (work / "data").mkdir(parents=True, exist_ok=True)
-    (work / "data" / name).symlink_to(Path(data_dir).resolve(), target_is_directory=True)
+    link = work / "data" / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink():  # a --keep folder from an earlier run
+        link.unlink()
+    link.symlink_to(Path(data_dir).resolve(), target_is_directory=True)
     sets = [f"workDir={work}", f"datasetName={name}", f"randomSeed={seed}", *overrides]
     if labels:
         sets.append(f"includeLabels={labels!r}")
@@ -71,6 +76,7 @@ def main():
     parser.add_argument("--name", help="dataset name for the run and the JSON file (default: from the folder)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="PARAMETERS.py override passed to every step (repeatable)")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep each seed's workDir as DIR/seed<N>")
     args = parser.parse_args()
     if not args.data_dir.is_dir():
         sys.exit(f"error: {args.data_dir} is not a folder (the texture set lives in ../shared/datasets/)")
@@ -82,7 +88,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="accuracy_") as scratch:
         for seed in seeds:
             metrics, best, train_minutes, wall = run_seed(args.data_dir, name, labels, seed, args.overrides,
-                                                          Path(scratch))
+                                                          args.keep or Path(scratch))
             runs.append({"seed": seed, "best": best, "train_minutes": train_minutes, "wall_minutes": wall,
                          "metrics": metrics})
     table = summarise(runs)
