@@ -1,7 +1,7 @@
 """Why test queries miss top-1: the classifier's mistakes and the ranking sets they spoil, for one finished run.
 
 Reads a workDir that run_pipeline.py (or ``bench/accuracy.py --keep DIR``) left behind. For the class-probability
-ranker that step 4 trained, it lists the test images it misclassifies (with the probability of the wrong label) and
+ranker that step 4 trained, it prints the classifier's accuracy per split and lists the test images it misclassifies (with the probability of the wrong label) and
 sorts every test query that misses top-1 into one cause, first match wins: the query itself is misclassified, the
 positive is, a misclassified image is among the negatives, or none of these. Prints the numbers and writes
 ``bench/results/ranking_failures_<datasetName>.json``.
@@ -69,12 +69,15 @@ def main():
         if not (proc / needed).is_file():
             sys.exit(f"error: {proc / needed} is missing: run the pipeline (steps 1-4) in that workDir first")
     features = load_features(proc / "features.npy")
-    classifier = rankers.load_payload(proc / "classprob.pickle", features.meta["model_id"])["ranker"]
+    payload = rankers.load_payload(proc / "classprob.pickle", features.meta["model_id"])
+    classifier, accuracy = payload["ranker"], payload["accuracy"]
     classifier.metric = args.metric
     ranking_sets = fileio.load_pickle(proc / "imgInfosTest.pickle")
     misclassified, causes, ranks = failure_causes(classifier, features, ranking_sets)
 
     n_images = len({key for s in ranking_sets for key in (s.query, *s.references)})
+    print("class-probability classifier accuracy: " + ", ".join(f"{split} {value:.1%}" for split, value in
+                                                                accuracy.items()))
     print(f"{len(misclassified)} of the {n_images} test images in the ranking sets are misclassified:")
     for row in misclassified:
         print(f"   {row['key']:40} {row['label']:>12} -> {row['predicted']:12} p = {row['probability']:.3f}")
@@ -84,7 +87,8 @@ def main():
         print(f"   {count:4d}  {cause}")
     out = REPO / "bench" / "results" / f"ranking_failures_{args.dataset}.json"
     fileio.save_json(out, {"command": " ".join(["bench/ranking_failures.py", *sys.argv[1:]]),
-                           "ranker": f"classprob_{args.metric}", "n_test_images": n_images,
+                           "ranker": f"classprob_{args.metric}", "classifier_accuracy": accuracy,
+                           "n_test_images": n_images,
                            "n_queries": len(ranks), "top1": float(np.mean(ranks == 1)),
                            "mean_rank": float(ranks.mean()), "misclassified": misclassified,
                            "queries_missing_top1_by_cause": causes})
