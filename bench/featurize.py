@@ -140,6 +140,15 @@ def memory_run(n, name, batch_size, n_workers):
             "in_ram_matrix_would_need_mb": round(n * dim * 4 / 2**20, 1), "samples": samples}
 
 
+def peak_rss_by_quarter(samples, n):
+    """Highest main-process RSS (MB) while each quarter of the ``n`` rows was being written: flat if it does not grow."""
+    quarters = [[] for _ in range(4)]
+    for sample in samples:
+        if sample["rows_written"] > 0:
+            quarters[min(3, 4 * (sample["rows_written"] - 1) // n)].append(sample["rss_main_mb"])
+    return [max(q) if q else None for q in quarters]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="efficientnet_lite0")
@@ -159,6 +168,8 @@ def main():
         print(f"{args.memory} images in {result['seconds']} s ({result['images_per_s']} img/s); main-process RSS "
               f"while writing: first {rss[0] if rss else 'n/a'} MB, max {max(rss) if rss else 'n/a'} MB; an in-RAM "
               f"matrix would need {result['in_ram_matrix_would_need_mb']} MB")
+        result["peak_rss_main_mb_by_quarter"] = peak_rss_by_quarter(result["samples"], args.memory)
+        print(f"peak main-process RSS in each quarter of the rows: {result['peak_rss_main_mb_by_quarter']} MB")
         for s in result["samples"][::max(1, len(result["samples"]) // 10)]:
             print(f"  t={s['t_s']:7.1f} s  rows={s['rows_written']:7d}  rss main={s['rss_main_mb']:7.1f} MB  "
                   f"workers={s['rss_workers_mb']:7.1f} MB")
