@@ -18,6 +18,10 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+# mkstemp creates its file 0600; a finished file gets the mode open() would have given it under the umask.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 __all__ = ["atomic_path", "remove_stale_temporaries", "atomic_write_bytes", "atomic_write_text", "save_pickle",
            "load_pickle", "save_json", "load_json", "save_csv", "read_tsv", "save_npy"]
 
@@ -42,6 +46,7 @@ def atomic_path(path):
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
