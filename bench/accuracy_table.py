@@ -36,12 +36,16 @@ def cell(summary):
     return f"{fmt('top1', 100, 1)}% / {fmt('top5', 100, 1)}% / {fmt('mean_rank', 1, 2)}"
 
 
+def seed_list(result):
+    seeds = result["seeds"]
+    return ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
+
+
 def render(name, tutorial=False):
     """Markdown for the protocol ``name``: ``accuracy_NAME.json`` (refined) and ``accuracy_NAME_frozen.json``."""
     refined, frozen = load_result(name), load_result(f"{name}_frozen")
-    seeds = ", ".join(map(str, refined["seeds"]))
     header = ["ranker: top-1 / top-5 / mean rank"] + (["tutorial (CNTK ResNet-18, 1 run)"] if tutorial else [])
-    header += [f"frozen Lite0 (seeds {', '.join(map(str, frozen['seeds']))})", f"refined Lite0 (seeds {seeds})"]
+    header += [f"frozen Lite0 ({seed_list(frozen)})", f"refined Lite0 ({seed_list(refined)})"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for ranker, title in RANKER_TITLES.items():
         row = [title]

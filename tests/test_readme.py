@@ -31,3 +31,15 @@ def test_scripts_named_in_the_readme_exist():
     named = set(re.findall(r"\b((?:\d|A\d)_\w+\.py)\b", ours)) | set(re.findall(r"\b(bench/\w+\.py)\b", ours))
     missing = sorted(name for name in named if not (REPO / name).exists())
     assert not missing, f"the README names scripts that do not exist: {missing}"
+
+
+def test_accuracy_tables_match_their_bench_results():
+    """Each table between <!-- accuracy:NAME [--tutorial] --> markers is bench/accuracy_table.py's output for it."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import accuracy_table
+
+    blocks = re.findall(r"<!-- accuracy:(\S+)( --tutorial)? -->\n(.*?)\n<!-- /accuracy -->", README, flags=re.S)
+    assert blocks, "the README has no accuracy table"
+    for name, tutorial, table in blocks:
+        assert table.strip() == accuracy_table.render(name, bool(tutorial)).strip(), (
+            f"the README's {name} table differs from bench/accuracy_table.py {name}{tutorial}: paste its output")
