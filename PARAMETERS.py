@@ -49,7 +49,7 @@ rf_boBalanceTrainingSet = False         # True = oversample small labels so ever
 rf_nrWorkers = 2                        # DataLoader worker processes; 0 = load in the main process
 
 # Featurization (scripts: 3_featurizeImages.py, A2_featurizeImagesInDir.py)
-run_mbSize = 64                         # Images per forward pass
+run_mbSize = 16                         # Images per forward pass (CPU: 8-16 is fastest, 64 overflows the cache; bench/featurize.py)
 run_nrWorkers = 2                       # DataLoader worker processes; 0 = load in the main process
 
 # Weighted L2 distance (script: 4_trainSvm.py)

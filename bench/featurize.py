@@ -7,11 +7,12 @@ as JPEG to a temporary folder, are embedded three ways with the same backbone:
      inference mode), i.e. the ceiling for (3);
   3. project: features.featurize end to end from the files (DataLoader workers decode while the model runs).
 The three alternate for --rounds rounds and the best rate of each is kept, since the machine may be shared.
+Then (2) alone for batch sizes 1-64, which is how run_mbSize's default was chosen.
 Memory (--memory N): features.featurize_to_file on N hard links to the sample photos, sampling the resident memory of
 this process and its workers every 0.5 s against the number of rows already written.
 
 Prints the numbers and writes bench/results/featurize.json (the memory run adds a "memory" entry).
-    python bench/featurize.py [--n 200] [--size 500] [--batch 64] [--workers 2]
+    python bench/featurize.py [--n 200] [--size 500] [--batch 16] [--workers 2]
     python bench/featurize.py --memory 20000
 """
 import argparse
@@ -85,6 +86,15 @@ def throughput(paths, root, name, batch_size, n_workers, rounds):
     return runs
 
 
+def batch_sweep(paths, name, sizes=(1, 4, 8, 16, 32, 64)):
+    """Forward-only images/s (channels-last, inference mode) per batch size, on 64 of the decoded images."""
+    embedder = backbones.load_embedder(name)
+    tensors = torch.stack([embedder[1](read_image(p)) for p in paths[:64]])
+    forward_only([tensors[:8]], embedder)  # warm-up
+    return {size: round(forward_only([tensors[i:i + size] for i in range(0, len(tensors), size)], embedder), 2)
+            for size in sizes}
+
+
 def _rss_mb(pid):
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -154,7 +164,7 @@ def main():
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--n", type=int, default=200, help="images for the throughput comparison")
     parser.add_argument("--size", type=int, default=500, help="long side of the generated JPEGs, pixels")
-    parser.add_argument("--batch", type=int, default=64, help="batch size for (2) and (3)")
+    parser.add_argument("--batch", type=int, default=16, help="batch size for (2) and (3), as run_mbSize")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each way is kept")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for (3)")
     parser.add_argument("--memory", type=int, metavar="N", help="run the memory check on N images instead")
@@ -179,6 +189,7 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             paths = make_images(Path(tmp), args.n, args.size)
             runs = throughput(paths, Path(tmp), args.backbone, args.batch, args.workers, args.rounds)
+            sweep = batch_sweep(paths, args.backbone)
         rates = {k: max(v) for k, v in runs.items()}
         ratios = {"project_vs_forward": rates["project_featurize_end_to_end"] / rates["forward_only_batched"],
                   "project_vs_tutorial": rates["project_featurize_end_to_end"] / rates["tutorial_one_at_a_time"]}
@@ -186,9 +197,11 @@ def main():
             print(f"{key:30} {value:8.2f} images/s")
         for key, value in ratios.items():
             print(f"{key:30} {value:8.2f} x")
+        print("forward only, images/s by batch size: " + ", ".join(f"{k}: {v}" for k, v in sweep.items()))
         results["throughput"] = {"images_per_s": {k: round(v, 2) for k, v in rates.items()},
                                  "images_per_s_each_round": {k: [round(x, 2) for x in v] for k, v in runs.items()},
                                  "ratios": {k: round(v, 3) for k, v in ratios.items()},
+                                 "forward_images_per_s_by_batch_size": sweep,
                                  "n_images": args.n, "rounds": args.rounds, "long_side_px": args.size, "backbone": args.backbone,
                                  "batch": args.batch, "workers": args.workers, "machine": machine}
     fileio.save_json(RESULTS, results)
