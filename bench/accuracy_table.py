@@ -28,11 +28,11 @@ def load_result(name):
     return json.loads(path.read_text())
 
 
-def cell(summary):
-    """'top-1 / top-5 / mean rank' as mean ± std, or the mean alone when there is one seed."""
+def cell(summary, n_seeds):
+    """'top-1 / top-5 / mean rank' as mean ± std over the seeds, or the value alone for one seed."""
     def fmt(metric, scale, digits):
         mean, std = summary[metric]["mean"] * scale, summary[metric]["std"] * scale
-        return f"{mean:.{digits}f}" if std == 0 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+        return f"{mean:.{digits}f}" if n_seeds == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
     return f"{fmt('top1', 100, 1)}% / {fmt('top5', 100, 1)}% / {fmt('mean_rank', 1, 2)}"
 
 
@@ -52,7 +52,7 @@ def render(name, tutorial=False):
         if tutorial:
             row.append("{:.1f}% / {:.1f}% / {:.1f}".format(100 * TUTORIAL[ranker][0], 100 * TUTORIAL[ranker][1],
                                                           TUTORIAL[ranker][2]) if ranker in TUTORIAL else "")
-        row += [cell(frozen["summary"][ranker]), cell(refined["summary"][ranker])]
+        row += [cell(result["summary"][ranker], len(result["seeds"])) for result in (frozen, refined)]
         lines.append("| " + " | ".join(row) + " |")
     chosen = [", ".join(sorted({run["best"] for run in result["runs"]})) for result in (frozen, refined)]
     minutes = [", ".join(f"{run['train_minutes']:.1f}" for run in result["runs"]) for result in (frozen, refined)]
