@@ -71,8 +71,16 @@ def project_path(paths, root, embedder, batch_size, n_workers):
     return len(paths) / (time.perf_counter() - start)
 
 
-def throughput(paths, root, name, batch_size, n_workers, rounds):
-    """Best images/s of each way over ``rounds`` alternating rounds (the machine may be shared: best of is fairest)."""
+def throughput(paths, root, name, batch_size, n_workers, rounds, sweep_sizes=(1, 4, 8, 16, 32, 64)):
+    """Best images/s of each way over ``rounds`` alternating rounds (the machine may be shared: best of is fairest).
+
+    Returns
+    -------
+    runs : dict of str to list of float
+        Images/s of each way, one per round.
+    sweep : dict of int to float
+        Forward-only images/s per batch size in ``sweep_sizes``, on the first 64 decoded images.
+    """
     plain, fast = backbones.load_embedder(name), backbones.load_embedder(name)
     tensors = torch.stack([fast[1](read_image(p)) for p in paths])
     batches = [tensors[i:i + batch_size] for i in range(0, len(tensors), batch_size)]
@@ -83,16 +91,10 @@ def throughput(paths, root, name, batch_size, n_workers, rounds):
         runs["tutorial_one_at_a_time"].append(tutorial_loop(paths, plain))
         runs["forward_only_batched"].append(forward_only(batches, fast))
         runs["project_featurize_end_to_end"].append(project_path(paths, root, fast, batch_size, n_workers))
-    return runs
-
-
-def batch_sweep(paths, name, sizes=(1, 4, 8, 16, 32, 64)):
-    """Forward-only images/s (channels-last, inference mode) per batch size, on 64 of the decoded images."""
-    embedder = backbones.load_embedder(name)
-    tensors = torch.stack([embedder[1](read_image(p)) for p in paths[:64]])
-    forward_only([tensors[:8]], embedder)  # warm-up
-    return {size: round(forward_only([tensors[i:i + size] for i in range(0, len(tensors), size)], embedder), 2)
-            for size in sizes}
+    sample = tensors[:64]
+    sweep = {size: round(forward_only([sample[i:i + size] for i in range(0, len(sample), size)], fast), 2)
+             for size in sweep_sizes}
+    return runs, sweep
 
 
 def _rss_mb(pid):
@@ -188,8 +190,7 @@ def main():
     else:
         with tempfile.TemporaryDirectory() as tmp:
             paths = make_images(Path(tmp), args.n, args.size)
-            runs = throughput(paths, Path(tmp), args.backbone, args.batch, args.workers, args.rounds)
-            sweep = batch_sweep(paths, args.backbone)
+            runs, sweep = throughput(paths, Path(tmp), args.backbone, args.batch, args.workers, args.rounds)
         rates = {k: max(v) for k, v in runs.items()}
         ratios = {"project_vs_forward": rates["project_featurize_end_to_end"] / rates["forward_only_batched"],
                   "project_vs_tutorial": rates["project_featurize_end_to_end"] / rates["tutorial_one_at_a_time"]}
