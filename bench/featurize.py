@@ -2,12 +2,15 @@
 
 Throughput (default): N copies of the bundled sample photos, resized to --size pixels on the long side and written
 as JPEG to a temporary folder, are embedded three ways with the same backbone:
-  1. tutorial: one image at a time, eager, default memory format (the 2017 tutorial's loop);
+  1. tutorial: one image at a time, eager, default memory format, torchvision's Resize + CenterCrop (the 2017
+     tutorial's loop);
   2. forward: the model's forward alone on pre-decoded tensors, in batches, as features.py runs it (channels-last,
      inference mode), i.e. the ceiling for (3);
   3. project: features.featurize end to end from the files (DataLoader workers decode while the model runs).
 The three alternate for --rounds rounds and the best rate of each is kept, since the machine may be shared.
-Then (2) alone for batch sizes 1-64, which is how run_mbSize's default was chosen.
+Then (2) alone for batch sizes 1-64, which is how run_mbSize's default was chosen, and the preprocessing cost per
+image in one thread: decoding plus torchvision's Resize + CenterCrop + ToTensor + Normalize against decoding plus
+backbones.EvalTransform.to_uint8 (one resize of the crop's pixels, uint8 out), which is what the workers run.
 Memory (--memory N): features.featurize_to_file on N hard links to the sample photos, sampling the resident memory of
 this process and its workers every 0.5 s against the number of rows already written.
 
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from torchvision import transforms
 
 from image_similarity import backbones, features, fileio
 from image_similarity.images import list_images, read_image
@@ -46,8 +50,14 @@ def make_images(folder, n, size):
     return paths
 
 
-def tutorial_loop(paths, embedder):
-    net, transform, _ = embedder
+def torchvision_transform(spec):
+    """The two-step torchvision preprocessing that ``backbones.eval_transform`` reproduces in one step."""
+    return transforms.Compose([
+        transforms.Resize(spec.resize_size(), interpolation=transforms.InterpolationMode(spec.interpolation)),
+        transforms.CenterCrop(spec.input_size), transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
+
+
+def tutorial_loop(paths, net, transform):
     with torch.no_grad():
         start = time.perf_counter()
         for path in paths:
@@ -62,6 +72,19 @@ def forward_only(batches, embedder):
         for batch in batches:
             net(batch.contiguous(memory_format=torch.channels_last))
     return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+def preprocess_ms(paths, transform, rounds=3):
+    """Best milliseconds per image, over ``rounds``, to decode a file and apply ``transform``, in this thread."""
+    best, threads = float("inf"), torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for path in paths:
+            transform(read_image(path))
+        best = min(best, (time.perf_counter() - start) / len(paths) * 1000)
+    torch.set_num_threads(threads)
+    return round(best, 2)
 
 
 def project_path(paths, root, embedder, batch_size, n_workers):
@@ -80,21 +103,26 @@ def throughput(paths, root, name, batch_size, n_workers, rounds, sweep_sizes=(1,
         Images/s of each way, one per round.
     sweep : dict of int to float
         Forward-only images/s per batch size in ``sweep_sizes``, on the first 64 decoded images.
+    preprocessing : dict of str to float
+        Milliseconds per image to decode and preprocess, torchvision's two steps against ``EvalTransform.to_uint8``.
     """
     plain, fast = backbones.load_embedder(name), backbones.load_embedder(name)
+    reference = torchvision_transform(backbones.get_backbone(name))
     tensors = torch.stack([fast[1](read_image(p)) for p in paths])
     batches = [tensors[i:i + batch_size] for i in range(0, len(tensors), batch_size)]
-    tutorial_loop(paths[:2], plain)  # warm-up
+    tutorial_loop(paths[:2], plain[0], reference)  # warm-up
     forward_only(batches[:1], fast)
     runs = {"tutorial_one_at_a_time": [], "forward_only_batched": [], "project_featurize_end_to_end": []}
     for _ in range(rounds):
-        runs["tutorial_one_at_a_time"].append(tutorial_loop(paths, plain))
+        runs["tutorial_one_at_a_time"].append(tutorial_loop(paths, plain[0], reference))
         runs["forward_only_batched"].append(forward_only(batches, fast))
         runs["project_featurize_end_to_end"].append(project_path(paths, root, fast, batch_size, n_workers))
     sample = tensors[:64]
     sweep = {size: round(forward_only([sample[i:i + size] for i in range(0, len(sample), size)], fast), 2)
              for size in sweep_sizes}
-    return runs, sweep
+    preprocessing = {"torchvision_resize_crop_float32": preprocess_ms(paths[:100], reference),
+                     "one_step_crop_resize_uint8": preprocess_ms(paths[:100], fast[1].to_uint8)}
+    return runs, sweep, preprocessing
 
 
 def _rss_mb(pid):
@@ -190,7 +218,8 @@ def main():
     else:
         with tempfile.TemporaryDirectory() as tmp:
             paths = make_images(Path(tmp), args.n, args.size)
-            runs, sweep = throughput(paths, Path(tmp), args.backbone, args.batch, args.workers, args.rounds)
+            runs, sweep, preprocessing = throughput(paths, Path(tmp), args.backbone, args.batch, args.workers,
+                                                    args.rounds)
         rates = {k: max(v) for k, v in runs.items()}
         ratios = {"project_vs_forward": rates["project_featurize_end_to_end"] / rates["forward_only_batched"],
                   "project_vs_tutorial": rates["project_featurize_end_to_end"] / rates["tutorial_one_at_a_time"]}
@@ -199,10 +228,12 @@ def main():
         for key, value in ratios.items():
             print(f"{key:30} {value:8.2f} x")
         print("forward only, images/s by batch size: " + ", ".join(f"{k}: {v}" for k, v in sweep.items()))
+        print("decode + preprocess, ms per image in one thread: " + ", ".join(f"{k} {v}" for k, v in preprocessing.items()))
         results["throughput"] = {"images_per_s": {k: round(v, 2) for k, v in rates.items()},
                                  "images_per_s_each_round": {k: [round(x, 2) for x in v] for k, v in runs.items()},
                                  "ratios": {k: round(v, 3) for k, v in ratios.items()},
                                  "forward_images_per_s_by_batch_size": sweep,
+                                 "decode_preprocess_ms_per_image": preprocessing,
                                  "n_images": args.n, "rounds": args.rounds, "long_side_px": args.size, "backbone": args.backbone,
                                  "batch": args.batch, "workers": args.workers, "machine": machine}
     fileio.save_json(RESULTS, results)

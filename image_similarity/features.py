@@ -1,7 +1,8 @@
 """Batched featurization of image files, and the features store (a float32 .npy plus a JSON sidecar).
 
-Images are decoded in DataLoader workers through :func:`images.load_image`; a bad file is skipped, named and counted
-once, and a batch in which every image is bad is simply empty. Features can be streamed straight into the ``.npy``
+Images are decoded, resized and cropped in DataLoader workers through :func:`images.load_image`, which send uint8
+pixels; each batch is normalised in this process just before the forward pass. A bad file is skipped, named and
+counted once, and a batch in which every image is bad is simply empty. Features can be streamed straight into the ``.npy``
 file, so a million images never need their matrix in memory.
 """
 import logging
@@ -32,7 +33,7 @@ class ImageFileDataset(Dataset):
     ----------
     paths : list of Path
     transform : callable
-        PIL RGB image -> float32 tensor of shape (3, r, r).
+        PIL RGB image -> tensor of shape (3, r, r), e.g. ``EvalTransform.to_uint8``.
     """
 
     def __init__(self, paths, transform):
@@ -108,7 +109,7 @@ def iter_features(paths, root, model, batch_size=64, n_workers=2, skipped=None, 
     paths = [Path(p) for p in paths]
     keys = [image_key(p, root) for p in paths]
     n_batches = -(-len(paths) // batch_size)
-    loader = DataLoader(ImageFileDataset(paths, transform), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(ImageFileDataset(paths, transform.to_uint8), batch_size=batch_size, shuffle=False,
                         num_workers=min(n_workers, n_batches), collate_fn=_collate, pin_memory=cuda)
     n_bad = 0
     with _cpu_threads(), torch.inference_mode(), tqdm(total=len(paths), unit="img", desc="featurize",
@@ -123,9 +124,9 @@ def iter_features(paths, root, model, batch_size=64, n_workers=2, skipped=None, 
                 continue
             if cuda:
                 with torch.autocast("cuda", dtype=torch.float16):
-                    out = net(batch.to(device, non_blocking=True))
+                    out = net(transform.normalize(batch.to(device, non_blocking=True)))
             else:
-                out = net(batch.contiguous(memory_format=torch.channels_last))
+                out = net(transform.normalize(batch.contiguous(memory_format=torch.channels_last)))
             yield [keys[i] for i in indices], out.float().cpu().numpy()
     logger.info("featurized %d of %d images with %s (%d skipped)", len(paths) - n_bad, len(paths),
                 info["model_id"], n_bad)

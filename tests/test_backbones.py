@@ -146,25 +146,51 @@ def test_explicit_weights_path_and_checksum(empty_hub):
 # ---------------------------------------------------------------- transforms
 
 def test_lite0_eval_transform_is_resize_256_bicubic_crop_224():
-    steps = backbones.eval_transform(backbones.get_backbone("efficientnet_lite0")).transforms
-    resize, crop, normalize = steps[0], steps[1], steps[-1]
-    assert isinstance(resize, transforms.Resize) and resize.size == 256
-    assert resize.interpolation == transforms.InterpolationMode.BICUBIC
-    assert isinstance(crop, transforms.CenterCrop) and crop.size == (224, 224)
-    assert tuple(normalize.mean) == (0.5, 0.5, 0.5) and tuple(normalize.std) == (0.5, 0.5, 0.5)
+    transform = backbones.eval_transform(backbones.get_backbone("efficientnet_lite0"))
+    resize_crop = transform.resize_crop
+    assert resize_crop.resize_size == 256 and resize_crop.size == 224
+    assert resize_crop.interpolation == transforms.InterpolationMode.BICUBIC
+    assert transform.mean == (0.5, 0.5, 0.5) and transform.std == (0.5, 0.5, 0.5)
 
 
 def test_resnet_transform_uses_imagenet_statistics_and_bilinear():
-    steps = backbones.eval_transform("resnet50").transforms
-    assert steps[0].interpolation == transforms.InterpolationMode.BILINEAR
-    assert tuple(steps[-1].mean) == (0.485, 0.456, 0.406)
+    transform = backbones.eval_transform("resnet50")
+    assert transform.resize_crop.interpolation == transforms.InterpolationMode.BILINEAR
+    assert transform.mean == (0.485, 0.456, 0.406)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50"])
+def test_eval_transform_matches_torchvision_resize_then_crop(name):
+    """The one-step box resize gives torchvision's Resize + CenterCrop + Normalize pixels, on real photos."""
+    spec = backbones.get_backbone(name)
+    reference = transforms.Compose([
+        transforms.Resize(spec.resize_size(), interpolation=transforms.InterpolationMode(spec.interpolation)),
+        transforms.CenterCrop(spec.input_size), transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
+    ours = backbones.eval_transform(spec)
+    grey_level = 1 / 255 / min(spec.std)
+    photo = read_image(SAMPLE_DIR / "can" / "can_1.jpg")
+    for size in [photo.size, (300, 400), (400, 300), (256, 256), (225, 900), (1000, 257)]:
+        image = photo.resize(size)
+        expected, got = reference(image), ours(image)
+        assert got.shape == expected.shape == (3, 224, 224) and got.dtype == torch.float32
+        difference = (got - expected).abs()
+        assert difference.max() <= 2 * grey_level + 1e-6, size
+        assert difference.mean() < 0.1 * grey_level, size  # rounding only: most values are equal
+
+
+def test_eval_transform_halves_compose_to_the_whole():
+    transform = backbones.eval_transform("efficientnet_lite0")
+    image = read_image(SAMPLE_DIR / "can" / "can_1.jpg")
+    pixels = transform.to_uint8(image)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 224, 224)
+    assert torch.equal(transform.normalize(torch.stack([pixels, pixels]))[1], transform(image))
 
 
 def test_transforms_give_normalised_tensors_at_any_resolution():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
     out = backbones.eval_transform("efficientnet_lite0")(image)
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32 and -1 <= out.min() < out.max() <= 1
-    assert backbones.eval_transform("efficientnet_lite0", resolution=160).transforms[0].size == 182
+    assert backbones.eval_transform("efficientnet_lite0", resolution=160).resize_crop.resize_size == 182
     assert backbones.eval_transform("efficientnet_lite2")(image).shape == (3, 260, 260)
     train = backbones.train_transform("efficientnet_lite0", resolution=160)
     a, b = train(image), train(image)
@@ -181,7 +207,9 @@ def test_golden_lite0_embedding():
     golden = np.load(GOLDEN)
     assert info == {"model_id": "pretrained:efficientnet_lite0", "backbone": "efficientnet_lite0", "dim": 1280,
                     "input_resolution": 224}
-    np.testing.assert_allclose(vector, golden, atol=2e-3)
+    # The golden vector came from torchvision's Resize + CenterCrop; the one-step box resize rounds a few pixels
+    # differently, which moves single elements by up to 2.4e-3.
+    np.testing.assert_allclose(vector, golden, atol=4e-3)
     cosine = vector @ golden / np.linalg.norm(vector) / np.linalg.norm(golden)
     assert cosine > 0.99999
 
