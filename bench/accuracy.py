@@ -57,6 +57,12 @@ def run_seed(data_dir, name, labels, seed, overrides, scratch):
     return metrics, best, train_minutes, wall
 
 
+def code_version():
+    """``git describe`` of the repository (with ``-dirty`` for uncommitted changes), or None outside git."""
+    done = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return done.stdout.strip() or None
+
+
 def summarise(runs):
     """Mean and std over seeds of each ranker's metrics, plus the val-chosen ranker's own row."""
     rankers = list(runs[0]["metrics"])
@@ -84,6 +90,7 @@ def main():
     name = args.name or (args.data_dir.resolve().name + (f"_{len(labels)}labels" if labels else ""))
     seeds = [int(s) for s in args.seeds.split(",")]
 
+    version = code_version()  # at the start: the code that ran, even if the tree changes meanwhile
     runs = []
     with tempfile.TemporaryDirectory(prefix="accuracy_") as scratch:
         for seed in seeds:
@@ -106,7 +113,7 @@ def main():
     command = " ".join(["bench/accuracy.py", str(args.data_dir), *(["--labels", args.labels] if labels else []),
                         "--seeds", args.seeds, *(["--name", args.name] if args.name else []),
                         *[a for s in args.overrides for a in ("--set", s)]])
-    save_json(out, {"command": command, "dataset": name, "labels": labels or "all", "seeds": seeds,
+    save_json(out, {"command": command, "code": version, "dataset": name, "labels": labels or "all", "seeds": seeds,
                     "overrides": args.overrides, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                     "summary": table, "runs": runs})
     print(f"wrote {out}")
