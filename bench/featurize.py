@@ -228,7 +228,8 @@ def main():
         for key, value in ratios.items():
             print(f"{key:30} {value:8.2f} x")
         print("forward only, images/s by batch size: " + ", ".join(f"{k}: {v}" for k, v in sweep.items()))
-        print("decode + preprocess, ms per image in one thread: " + ", ".join(f"{k} {v}" for k, v in preprocessing.items()))
+        print("decode + preprocess, ms per image in one thread: "
+              + ", ".join(f"{k} {v}" for k, v in preprocessing.items()))
         results["throughput"] = {"images_per_s": {k: round(v, 2) for k, v in rates.items()},
                                  "images_per_s_each_round": {k: [round(x, 2) for x in v] for k, v in runs.items()},
                                  "ratios": {k: round(v, 3) for k, v in ratios.items()},

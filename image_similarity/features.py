@@ -2,8 +2,8 @@
 
 Images are decoded, resized and cropped in DataLoader workers through :func:`images.load_image`, which send uint8
 pixels; each batch is normalised in this process just before the forward pass. A bad file is skipped, named and
-counted once, and a batch in which every image is bad is simply empty. Features can be streamed straight into the ``.npy``
-file, so a million images never need their matrix in memory.
+counted once, and a batch in which every image is bad is simply empty. Features can be streamed straight into the
+``.npy`` file, so a million images never need their matrix in memory.
 """
 import logging
 import os
