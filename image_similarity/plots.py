@@ -9,8 +9,8 @@ from matplotlib.ticker import MaxNLocator
 
 from .fileio import atomic_path
 
-__all__ = ["DPI", "plot_top_n_curves", "plot_rank_histogram", "plot_query_result", "plot_retrieval_grid",
-           "plot_score_vs_probability", "plot_refine_curves", "plot_table"]
+__all__ = ["DPI", "plot_top_n_curves", "plot_rank_histogram", "format_distance", "plot_query_result",
+           "plot_retrieval_grid", "plot_score_vs_probability", "plot_refine_curves", "plot_table"]
 
 DPI = 100  # figure inches * DPI = PNG pixels (no tight bounding box, so sizes are exact)
 
@@ -69,6 +69,11 @@ def plot_rank_histogram(ranks, path, title="Rank of the positive"):
     return _save(fig, path)
 
 
+def format_distance(distance):
+    """Three significant digits: class-probability distances are often below 0.001 and would all print as 0.000."""
+    return f"{distance:.3g}"
+
+
 def plot_query_result(query, best, positive, best_distance, positive_distance, correct, path, title=""):
     """The tutorial's per-query figure: query, closest reference, true positive; green frame when they agree.
 
@@ -85,8 +90,8 @@ def plot_query_result(query, best, positive, best_distance, positive_distance, c
         Shown under "query" (the query's key).
     """
     fig = Figure(figsize=(9, 3.6), facecolor="green" if correct else "red")
-    titles = (f"query\n{title}" if title else "query", f"closest match\n(dist={best_distance:.3f})",
-              f"correct match\n(dist={positive_distance:.3f})")
+    titles = (f"query\n{title}" if title else "query", f"closest match\n(dist={format_distance(best_distance)})",
+              f"correct match\n(dist={format_distance(positive_distance)})")
     for ax, img, text in zip(fig.subplots(1, 3), (query, best, positive), titles):
         if img is not None:
             ax.imshow(img)
@@ -117,7 +122,7 @@ def plot_retrieval_grid(query, matches, path, columns=5, title="query"):
         ax = axes[1 + n // columns, n % columns]
         if img is not None:
             ax.imshow(img)
-        ax.set_title(f"{n + 1}. {label}\n{distance:.3f}", fontsize=8)
+        ax.set_title(f"{n + 1}. {label}\n{format_distance(distance)}", fontsize=8)
     return _save(fig, path)
 
 

@@ -35,3 +35,9 @@ def test_plot_table_refuses_ragged_rows(tmp_path):
     with pytest.raises(ValueError, match="every row needs 5 cells"):
         plots.plot_table(HEADER, [["can", 20, 4]], tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_distances_keep_three_significant_digits():
+    """Class-probability distances are tiny; the figures must still tell them apart."""
+    assert [plots.format_distance(d) for d in (2.3456e-5, 4.1e-4, 0.43219, 12.3456, 0.0)] == \
+        ["2.35e-05", "0.00041", "0.432", "12.3", "0"]
