@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision import transforms
 
 from image_similarity import backbones, features, fileio
 from image_similarity.images import list_images, read_image
@@ -48,13 +47,6 @@ def make_images(folder, n, size):
         image.resize((round(image.width * scale), round(image.height * scale))).save(path, quality=90)
         paths.append(path)
     return paths
-
-
-def torchvision_transform(spec):
-    """The two-step torchvision preprocessing that ``backbones.eval_transform`` reproduces in one step."""
-    return transforms.Compose([
-        transforms.Resize(spec.resize_size(), interpolation=transforms.InterpolationMode(spec.interpolation)),
-        transforms.CenterCrop(spec.input_size), transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
 
 
 def tutorial_loop(paths, net, transform):
@@ -107,7 +99,7 @@ def throughput(paths, root, name, batch_size, n_workers, rounds, sweep_sizes=(1,
         Milliseconds per image to decode and preprocess, torchvision's two steps against ``EvalTransform.to_uint8``.
     """
     plain, fast = backbones.load_embedder(name), backbones.load_embedder(name)
-    reference = torchvision_transform(backbones.get_backbone(name))
+    reference = backbones.torchvision_eval_transform(name)
     tensors = torch.stack([fast[1](read_image(p)) for p in paths])
     batches = [tensors[i:i + batch_size] for i in range(0, len(tensors), batch_size)]
     tutorial_loop(paths[:2], plain[0], reference)  # warm-up

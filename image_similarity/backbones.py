@@ -28,8 +28,9 @@ from torchvision import transforms
 from .fileio import atomic_path
 
 __all__ = ["BackboneSpec", "register_backbone", "list_backbones", "get_backbone", "weights_path_for", "create_model",
-           "ResizeCenterCrop", "EvalTransform", "eval_transform", "train_transform", "ImageClassifier",
-           "save_checkpoint", "load_checkpoint", "load_embedder", "model_id", "file_sha256", "CHECKPOINT_FORMAT"]
+           "ResizeCenterCrop", "EvalTransform", "eval_transform", "torchvision_eval_transform", "train_transform",
+           "ImageClassifier", "save_checkpoint", "load_checkpoint", "load_embedder", "model_id", "file_sha256",
+           "CHECKPOINT_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
@@ -366,6 +367,18 @@ def eval_transform(spec, resolution=None):
     spec = get_backbone(spec) if isinstance(spec, str) else spec
     size = resolution or spec.input_size
     return EvalTransform(ResizeCenterCrop(spec.resize_size(size), size, _interpolation(spec)), spec.mean, spec.std)
+
+
+def torchvision_eval_transform(spec, resolution=None):
+    """The same preprocessing as :func:`eval_transform` in torchvision's two steps (Resize, then CenterCrop).
+
+    The reference that :class:`ResizeCenterCrop` reproduces, for tests and ``bench/featurize.py``; it resamples the
+    whole image, so the pipeline does not use it.
+    """
+    spec = get_backbone(spec) if isinstance(spec, str) else spec
+    size = resolution or spec.input_size
+    return transforms.Compose([transforms.Resize(spec.resize_size(size), interpolation=_interpolation(spec)),
+                               transforms.CenterCrop(size), *_normalize(spec)])
 
 
 def train_transform(spec, resolution=None):

@@ -163,9 +163,7 @@ def test_resnet_transform_uses_imagenet_statistics_and_bilinear():
 def test_eval_transform_matches_torchvision_resize_then_crop(name):
     """The one-step box resize gives torchvision's Resize + CenterCrop + Normalize pixels, on real photos."""
     spec = backbones.get_backbone(name)
-    reference = transforms.Compose([
-        transforms.Resize(spec.resize_size(), interpolation=transforms.InterpolationMode(spec.interpolation)),
-        transforms.CenterCrop(spec.input_size), transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
+    reference = backbones.torchvision_eval_transform(spec)
     ours = backbones.eval_transform(spec)
     grey_level = 1 / 255 / min(spec.std)
     photo = read_image(SAMPLE_DIR / "can" / "can_1.jpg")
