@@ -58,8 +58,12 @@ def run_seed(data_dir, name, labels, seed, overrides, scratch):
 
 
 def code_version():
-    """``git describe`` of the repository (with ``-dirty`` for uncommitted changes), or None outside git."""
-    done = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    """``git describe`` of the repository (``-dirty`` for uncommitted changes); None outside git or without git."""
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True)
+    except OSError:  # no git on this machine
+        return None
     return done.stdout.strip() or None
 
 
