@@ -1,10 +1,10 @@
 """Step 5: rank every ranking set's references with every ranker and report where the positive lands.
 
-For each ranker (random, L1, L2, cosine, weighted L2, its calibrated probability, class-probability L2 and cosine)
-prints and saves top-N accuracies, mean and median rank and MRR on the chosen split (default test). The best ranker
-is chosen on the validation split (top-1, then mean rank; never on test, never the random baseline): it draws the
-per-query figures and ranks, for every test query image, its TOP_K_CANDIDATES closest featurized images
-(ranking_results.csv).
+For each ranker (random, L1, L2, cosine, weighted L2, its calibrated probability, and the class probabilities under L2,
+cosine and 1 - P(same label)) prints and saves top-N accuracies, mean and median rank and MRR on the chosen split
+(default test). The best ranker is chosen on the validation split (top-1, then mean rank; never on test, never the
+random baseline): it draws the per-query figures and ranks, for every test query image, its TOP_K_CANDIDATES closest
+featurized images (ranking_results.csv).
 """
 import numpy as np
 

@@ -6,8 +6,9 @@ Each step reads its inputs from tables and writes its outputs to tables in one t
   2  training_images, evaluation_images (validation), testing_images, query_images (ranking sets), as 1_prepareData.py
   3  model: the class-probability classifier of 4_trainSvm.py, pickled
   4  scores: every image's class probabilities (one row per image and class)
-  5  evaluation_results: top-N accuracies, mean/median rank, MRR with L2 and cosine between score vectors
-  6  ranking_results: the TOP_K_CANDIDATES closest images to every test query image, for both distances
+  5  evaluation_results: top-N accuracies, mean/median rank, MRR under L2, cosine and 1 - P(same label) between
+     score vectors
+  6  ranking_results: the TOP_K_CANDIDATES closest images to every test query image, for each distance
 --db takes an SQLAlchemy URL (postgresql://user@host:port/database ...);
 default: proc/<datasetName>/image_similarity.sqlite.
 """

@@ -19,7 +19,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TUTORIAL = {"L2": (0.383, 0.567, 13.4), "weightedl2": (0.433, 0.617, 10.7)}
 RANKER_TITLES = {"random": "random", "L1": "L1", "L2": "L2", "cosine": "cosine", "weightedl2": "weighted L2 (SVM)",
                  "weightedl2prob": "weighted L2, Platt probability", "classprob_L2": "class probability, L2",
-                 "classprob_cosine": "class probability, cosine", "best_on_val": "**the recommended ranker** (chosen on validation)"}
+                 "classprob_cosine": "class probability, cosine",
+                 "classprob_same": "class probability, 1 - P(same label)",
+                 "best_on_val": "**the recommended ranker** (chosen on validation)"}
 
 
 def load_result(name):

@@ -61,8 +61,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("work_dir", type=Path, help="the workDir of a finished run")
     parser.add_argument("dataset", help="its datasetName")
-    parser.add_argument("--metric", default="cosine", choices=["cosine", "l2"],
-                        help="distance between probability vectors (default: cosine, as classprob_cosine)")
+    parser.add_argument("--ranker", default="classprob_cosine", choices=list(rankers.CLASSPROB_METRICS),
+                        help="the class-probability ranker to explain (default: classprob_cosine)")
     args = parser.parse_args()
     proc = args.work_dir / "proc" / args.dataset
     for needed in ("features.npy", "classprob.pickle", "imgInfosTest.pickle"):
@@ -71,7 +71,7 @@ def main():
     features = load_features(proc / "features.npy")
     payload = rankers.load_payload(proc / "classprob.pickle", features.meta["model_id"])
     classifier, accuracy = payload["ranker"], payload["accuracy"]
-    classifier.metric = args.metric
+    classifier.metric = rankers.CLASSPROB_METRICS[args.ranker]
     ranking_sets = fileio.load_pickle(proc / "imgInfosTest.pickle")
     misclassified, causes, ranks = failure_causes(classifier, features, ranking_sets)
 
@@ -81,13 +81,13 @@ def main():
     print(f"{len(misclassified)} of the {n_images} test images in the ranking sets are misclassified:")
     for row in misclassified:
         print(f"   {row['key']:40} {row['label']:>12} -> {row['predicted']:12} p = {row['probability']:.3f}")
-    print(f"classprob_{args.metric}: top-1 {np.mean(ranks == 1):.1%} of {len(ranks)} queries, "
+    print(f"{args.ranker}: top-1 {np.mean(ranks == 1):.1%} of {len(ranks)} queries, "
           f"mean rank {ranks.mean():.2f}; queries missing top-1 by cause:")
     for cause, count in causes.items():
         print(f"   {count:4d}  {cause}")
     out = REPO / "bench" / "results" / f"ranking_failures_{args.dataset}.json"
     fileio.save_json(out, {"command": " ".join(["bench/ranking_failures.py", *sys.argv[1:]]),
-                           "ranker": f"classprob_{args.metric}", "classifier_accuracy": accuracy,
+                           "ranker": args.ranker, "classifier_accuracy": accuracy,
                            "n_test_images": n_images,
                            "n_queries": len(ranks), "top1": float(np.mean(ranks == 1)),
                            "mean_rank": float(ranks.mean()), "misclassified": misclassified,

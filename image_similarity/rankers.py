@@ -30,13 +30,17 @@ from .evaluation import mean_rank, rank_ranking_sets
 from .fileio import load_pickle, save_pickle
 
 __all__ = ["RandomRanker", "L1Ranker", "L2Ranker", "CosineRanker", "WeightedL2Ranker", "CalibratedRanker",
-           "ClassProbRanker", "pair_differences", "ranking_set_pairs", "negative_sample_weights", "select_C",
-           "mine_hard_negatives", "select_classprob_C", "pair_accuracies", "save_payload", "load_payload",
-           "build_rankers", "RANKER_NAMES"]
+           "ClassProbRanker", "probability_distances", "PROBABILITY_METRICS", "CLASSPROB_METRICS", "pair_differences",
+           "ranking_set_pairs", "negative_sample_weights", "select_C", "mine_hard_negatives", "select_classprob_C",
+           "pair_accuracies", "save_payload", "load_payload", "build_rankers", "RANKER_NAMES"]
 
 logger = logging.getLogger(__name__)
 
-RANKER_NAMES = ("random", "L1", "L2", "cosine", "weightedl2", "weightedl2prob", "classprob_L2", "classprob_cosine")
+RANKER_NAMES = ("random", "L1", "L2", "cosine", "weightedl2", "weightedl2prob", "classprob_L2", "classprob_cosine",
+                "classprob_same")
+# ClassProbRanker's metric for each class-probability ranker name.
+CLASSPROB_METRICS = {"classprob_L2": "l2", "classprob_cosine": "cosine", "classprob_same": "same_label"}
+PROBABILITY_METRICS = tuple(CLASSPROB_METRICS.values())
 
 
 def _check_pair(queries, references):
@@ -368,13 +372,41 @@ def pair_accuracies(ranker, pair_diffs, same_label):
             "n_pairs": int(len(same_label))}
 
 
+def probability_distances(p, q, metric):
+    """Distances between class-probability vectors.
+
+    Parameters
+    ----------
+    p : ndarray of shape (n_q, n_classes), float
+    q : ndarray of shape (n_r, n_classes), float
+        Rows sum to 1.
+    metric : {'l2', 'cosine', 'same_label'}
+        ``'same_label'`` is ``1 - p . q``: the probability that the two images have different labels when each one's
+        label is drawn, independently, from its own vector. Unlike cosine it counts how sure the reference is: an
+        unsure reference whose largest probability is the query's label is not as close as a sure one.
+
+    Returns
+    -------
+    ndarray of shape (n_q, n_r), float64
+        Lower is more similar; ``'same_label'`` and ``'cosine'`` lie in [0, 1], ``'l2'`` in [0, sqrt(2)].
+    """
+    if metric not in PROBABILITY_METRICS:
+        raise ValueError(f"metric must be one of {', '.join(map(repr, PROBABILITY_METRICS))}, got {metric!r}")
+    p, q = _check_pair(p, q)
+    if metric == "l2":
+        return euclidean_distances(p, q)
+    if metric == "cosine":
+        return cosine_distances(p, q)
+    return 1.0 - p @ q.T
+
+
 class ClassProbRanker(BaseEstimator):
     """Distance between class-probability vectors from a logistic regression on the embeddings.
 
     Parameters
     ----------
-    metric : {'l2', 'cosine'}
-        Distance between the probability vectors.
+    metric : {'l2', 'cosine', 'same_label'}
+        Distance between the probability vectors (see :func:`probability_distances`).
     C : float
         Inverse regularisation strength of ``LogisticRegression``.
     random_state : int, RandomState or None
@@ -410,12 +442,9 @@ class ClassProbRanker(BaseEstimator):
         return float(accuracy_score(y, self.classes_[self.predict_proba(X).argmax(1)]))
 
     def distances(self, queries, references):
-        """L2 or cosine distance between the probability vectors, (n_q, n_r) float64."""
+        """``metric`` distance between the probability vectors, (n_q, n_r) float64."""
         check_is_fitted(self)
-        if self.metric not in ("l2", "cosine"):
-            raise ValueError(f"metric must be 'l2' or 'cosine', got {self.metric!r}")
-        p, q = self.predict_proba(queries), self.predict_proba(references)
-        return euclidean_distances(p, q) if self.metric == "l2" else cosine_distances(p, q)
+        return probability_distances(self.predict_proba(queries), self.predict_proba(references), self.metric)
 
 
 def select_classprob_C(X_train, y_train, X_val, y_val, candidates, random_state=None):
@@ -481,6 +510,6 @@ def build_rankers(svm_payload=None, classprob_payload=None, random_state=None):
         rankers["weightedl2"] = svm_payload["ranker"]
         rankers["weightedl2prob"] = svm_payload["calibrated"]
     if classprob_payload is not None:
-        for name, metric in (("classprob_L2", "l2"), ("classprob_cosine", "cosine")):
+        for name, metric in CLASSPROB_METRICS.items():
             rankers[name] = copy.deepcopy(classprob_payload["ranker"]).set_params(metric=metric)
     return rankers

@@ -15,9 +15,10 @@ reaches (SQLite by default, PostgreSQL with ``postgresql://...``). Tables, by th
 4. ``scores`` (``image_id``, ``class_index``, ``label``, ``score``): one row per (image, class): the classifier's
    probability of that class, so ``n_features x n_classes`` rows.
 5. ``evaluation_results`` (``split``, ``ranker``, ``metric``, ``value``): ``evaluation.evaluate`` of the positive
-   ranks under L2 and cosine distance between score vectors (``classprob_L2``, ``classprob_cosine``).
+   ranks under L2, cosine and 1 - P(same label) between score vectors (``classprob_L2``, ``classprob_cosine``,
+   ``classprob_same``).
 6. ``ranking_results`` (``ranker``, ``query_id``, ``rank``, ``candidate_id``, ``distance``, ``same_label``): the
-   ``k`` closest scored images to every test query image, for both distances.
+   ``k`` closest scored images to every test query image, for each of those distances.
 
 Each step writes in one transaction: it deletes its own tables' rows and those of the steps that depend on it
 (they are stale), then inserts, so a re-run replaces its output and never duplicates rows.
@@ -27,7 +28,6 @@ import logging
 import pickle
 
 import numpy as np
-from sklearn.metrics.pairwise import cosine_distances, euclidean_distances
 from sqlalchemy import (Boolean, Column, Float, ForeignKey, Integer, LargeBinary, MetaData, String, Table,
                         create_engine, delete, func, insert, make_url, select)
 from sqlalchemy.exc import ArgumentError, DBAPIError
@@ -91,7 +91,7 @@ STEP_TABLES = {1: (image_store, features_table), 2: (*split_tables.values(), que
 # The steps whose output goes stale when a step rewrites its own (5 and 6 both read steps 2 and 4, not each other).
 _STALE_AFTER = {1: (1, 2, 3, 4, 5, 6), 2: (2, 3, 4, 5, 6), 3: (3, 4, 5, 6), 4: (4, 5, 6), 5: (5,), 6: (6,)}
 MODEL_NAME = "classprob"
-SCORE_RANKERS = {"classprob_L2": "l2", "classprob_cosine": "cosine"}
+SCORE_RANKERS = rankers.CLASSPROB_METRICS
 
 
 def describe_url(url):
@@ -365,25 +365,27 @@ def read_scores(conn):
 
 
 class ScoreDistance:
-    """L2 or cosine distance between stored class-probability vectors (the ``distances`` interface of rankers).
+    """A distance between stored class-probability vectors (the ``distances`` interface of rankers).
 
     Parameters
     ----------
-    metric : {'l2', 'cosine'}
+    metric : {'l2', 'cosine', 'same_label'}
+        See :func:`image_similarity.rankers.probability_distances`.
     """
 
     def __init__(self, metric):
-        if metric not in ("l2", "cosine"):
-            raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+        if metric not in rankers.PROBABILITY_METRICS:
+            raise ValueError(f"metric must be one of {', '.join(map(repr, rankers.PROBABILITY_METRICS))}, "
+                             f"got {metric!r}")
         self.metric = metric
 
     def distances(self, queries, references):
         """(n_q, n_r) float64 distances between score vectors (n_q, C) and (n_r, C); lower is more similar."""
-        return (euclidean_distances if self.metric == "l2" else cosine_distances)(queries, references)
+        return rankers.probability_distances(queries, references, self.metric)
 
 
 def evaluate_scores(engine, top_ns, splits=("val", "test")):
-    """Step 5: rank every ranking set's references by L2 and cosine between score vectors; ``evaluation.evaluate``.
+    """Step 5: rank every ranking set's references by each distance of ``SCORE_RANKERS``; ``evaluation.evaluate``.
 
     Returns
     -------
@@ -409,7 +411,7 @@ def evaluate_scores(engine, top_ns, splits=("val", "test")):
 
 
 def rank_candidates(engine, k):
-    """Step 6: the ``k`` scored images closest to every test query image (itself excluded), for both distances.
+    """Step 6: the ``k`` scored images closest to every test query image (itself excluded), for each distance.
 
     Returns
     -------

@@ -6,7 +6,8 @@ from sklearn.exceptions import NotFittedError
 from image_similarity.evaluation import mean_rank, positive_rank
 from image_similarity.rankers import (RANKER_NAMES, CalibratedRanker, ClassProbRanker, CosineRanker, L1Ranker,
                                       L2Ranker, RandomRanker, WeightedL2Ranker, build_rankers, mine_hard_negatives,
-                                      negative_sample_weights, pair_accuracies, pair_differences)
+                                      negative_sample_weights, pair_accuracies, pair_differences,
+                                      probability_distances)
 
 
 def unit(x):
@@ -200,6 +201,32 @@ def test_classprob_ranker_compares_probability_vectors():
         ranker.set_params(metric="chi2").distances(x[:1], x[:1])
 
 
+def test_same_label_distance_is_the_probability_of_different_labels():
+    p = np.array([[0.9, 0.1, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+    q = np.array([[0.9, 0.1, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    d = probability_distances(p, q, "same_label")
+    np.testing.assert_allclose(d, [[1 - 0.82, 1 - 0.5, 1.0], [2 / 3, 2 / 3, 2 / 3]])
+    # Cosine prefers the reference shaped like the query; 1 - P(same label) the one surest of the query's labels.
+    sure, unsure = np.array([[1.0, 0.0]]), np.array([[0.6, 0.4]])
+    query = np.array([[0.6, 0.4]])
+    assert probability_distances(query, sure, "same_label") < probability_distances(query, unsure, "same_label")
+    assert probability_distances(query, unsure, "cosine") < probability_distances(query, sure, "cosine")
+    with pytest.raises(ValueError, match="metric must be one of 'l2', 'cosine', 'same_label', got 'l1'"):
+        probability_distances(p, q, "l1")
+
+
+def test_classprob_same_label_ranks_same_class_references_first():
+    x, labels = make_clusters(n_noise=4)
+    ranker = ClassProbRanker(metric="same_label", C=10.0, random_state=0).fit(x, labels)
+    d = ranker.distances(x[:5], x)
+    expected = 1 - ranker.predict_proba(x[:5]) @ ranker.predict_proba(x).T
+    np.testing.assert_allclose(d, expected, atol=1e-12)
+    assert ((d >= 0) & (d <= 1)).all()
+    for row, label in zip(d, labels[:5]):
+        same, other = row[labels == label], row[labels != label]
+        assert np.median(same) < np.median(other)
+
+
 def test_build_rankers_in_report_order(trained):
     _, _, ranker, val_diffs, val_same = trained
     assert list(build_rankers(random_state=0)) == ["random", "L1", "L2", "cosine"]
@@ -208,5 +235,6 @@ def test_build_rankers_in_report_order(trained):
     classprob = {"ranker": ClassProbRanker().fit(x, labels)}
     rankers = build_rankers(svm, classprob, random_state=0)
     assert tuple(rankers) == RANKER_NAMES
-    assert rankers["classprob_L2"].metric == "l2" and rankers["classprob_cosine"].metric == "cosine"
+    assert {name: rankers[name].metric for name in RANKER_NAMES if name.startswith("classprob")} == {
+        "classprob_L2": "l2", "classprob_cosine": "cosine", "classprob_same": "same_label"}
     assert classprob["ranker"].metric == "l2"  # the payload itself is not changed

@@ -155,12 +155,14 @@ def test_full_chain_counts_and_consistency(engine):
     n, n_classes = len(out["keys"]), len(LABELS)
     n_sets = {split: len(out["sets"][split]) for split in ("val", "test")}
     n_test_queries = len({s.query for s in out["sets"]["test"]})
+    n_rankers = len(store.SCORE_RANKERS)
     assert counts == {"ImageStore": n + 1, "features": n,
                       "training_images": sum(map(len, out["splits"]["train"].values())),
                       "evaluation_images": sum(map(len, out["splits"]["val"].values())),
                       "testing_images": sum(map(len, out["splits"]["test"].values())),
                       "query_images": 7 * (n_sets["val"] + n_sets["test"]), "model": 1, "scores": n * n_classes,
-                      "evaluation_results": 2 * 2 * (len(TOP_NS) + 4), "ranking_results": 2 * n_test_queries * 5}
+                      "evaluation_results": 2 * n_rankers * (len(TOP_NS) + 4),
+                      "ranking_results": n_rankers * n_test_queries * 5}
     assert counts["training_images"] + counts["evaluation_images"] + counts["testing_images"] == n
     assert n_sets["val"] > 0 and n_sets["test"] > 0
 
@@ -300,7 +302,7 @@ def test_unreachable_server_names_it_without_the_password():
 
 
 def test_score_distance_rejects_unknown_metric():
-    with pytest.raises(ValueError, match="metric must be 'l2' or 'cosine', got 'l1'"):
+    with pytest.raises(ValueError, match="metric must be one of 'l2', 'cosine', 'same_label', got 'l1'"):
         store.ScoreDistance("l1")
 
 
