@@ -2,13 +2,11 @@
 
 One table per protocol: every ranker's test top-1, top-5 and mean rank (mean ± std over seeds) with the frozen
 (pretrained) backbone beside the refined one, the tutorial's published rows where it has them, the ranker chosen on
-validation, the training minutes and the commands that made every column. ``--with OTHER`` adds the refined
-column of another run of the same protocol (e.g. one with a ``--set`` override), titled by its overrides. The
-README pastes the output between ``<!-- accuracy:ARGS -->`` markers, ARGS being this script's arguments, and
-tests/test_readme.py checks that it still matches the JSON.
+validation, the training minutes and the commands that made both columns. The README pastes the output between
+``<!-- accuracy:NAME -->`` markers, and tests/test_readme.py checks that it still matches the JSON.
 
     .venv/bin/python bench/accuracy_table.py fashionTexture11_3labels --tutorial
-    .venv/bin/python bench/accuracy_table.py fashionTexture11 --with fashionTexture11_res320
+    .venv/bin/python bench/accuracy_table.py fridgeObjects
 """
 import argparse
 import json
@@ -45,44 +43,33 @@ def seed_list(result):
     return ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
 
 
-def render(name, tutorial=False, others=()):
-    """Markdown for the protocol ``name``: ``accuracy_NAME.json`` (refined), ``accuracy_NAME_frozen.json`` and
-    one more column for each name in ``others``."""
+def render(name, tutorial=False):
+    """Markdown for the protocol ``name``: ``accuracy_NAME.json`` (refined) and ``accuracy_NAME_frozen.json``."""
     refined, frozen = load_result(name), load_result(f"{name}_frozen")
-    extra = [load_result(other) for other in others]
     header = ["ranker: top-1 / top-5 / mean rank"] + (["tutorial (CNTK ResNet-18, 1 run)"] if tutorial else [])
     header += [f"frozen Lite0 ({seed_list(frozen)})", f"refined Lite0 ({seed_list(refined)})"]
-    header += [f"refined Lite0, {', '.join(f'`{o}`' for o in result['overrides'])} ({seed_list(result)})"
-               for result in extra]
-    columns = [frozen, refined, *extra]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for ranker, title in RANKER_TITLES.items():
         row = [title]
         if tutorial:
             row.append("{:.1f}% / {:.1f}% / {:.1f}".format(100 * TUTORIAL[ranker][0], 100 * TUTORIAL[ranker][1],
                                                           TUTORIAL[ranker][2]) if ranker in TUTORIAL else "")
-        row += [cell(result["summary"][ranker], len(result["seeds"])) for result in columns]
+        row += [cell(result["summary"][ranker], len(result["seeds"])) for result in (frozen, refined)]
         lines.append("| " + " | ".join(row) + " |")
-    chosen = [", ".join(sorted({run["best"] for run in result["runs"]})) for result in columns]
-    minutes = [", ".join(f"{run['train_minutes']:.1f}" for run in result["runs"]) for result in columns]
+    chosen = [", ".join(sorted({run["best"] for run in result["runs"]})) for result in (frozen, refined)]
+    minutes = [", ".join(f"{run['train_minutes']:.1f}" for run in result["runs"]) for result in (frozen, refined)]
     lines.append("| which ranker validation chose | " + ("| " if tutorial else "") + " | ".join(chosen) + " |")
     lines.append("| step 2 training minutes per seed | " + ("GPU | " if tutorial else "") + " | ".join(minutes) + " |")
-    lines += [line for result in columns for line in ("", f"`{result['command']}`")]
+    lines += ["", f"`{frozen['command']}`", "", f"`{refined['command']}`"]
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
+def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", help="the --name given to bench/accuracy.py (its _frozen twin is read too)")
     parser.add_argument("--tutorial", action="store_true", help="add the tutorial's published column (3 labels)")
-    parser.add_argument("--with", dest="others", action="append", default=[], metavar="OTHER",
-                        help="add the refined column of the run named OTHER (repeatable)")
-    return parser.parse_args(argv)
-
-
-def main():
-    args = parse_args()
-    print(render(args.name, args.tutorial, args.others))
+    args = parser.parse_args()
+    print(render(args.name, args.tutorial))
 
 
 if __name__ == "__main__":

@@ -34,13 +34,12 @@ def test_scripts_named_in_the_readme_exist():
 
 
 def test_accuracy_tables_match_their_bench_results():
-    """Each table between <!-- accuracy:ARGS --> markers is bench/accuracy_table.py's output for those arguments."""
+    """Each table between <!-- accuracy:NAME [--tutorial] --> markers is bench/accuracy_table.py's output for it."""
     sys.path.insert(0, str(REPO / "bench"))
     import accuracy_table
 
-    blocks = re.findall(r"<!-- accuracy:(.+?) -->\n(.*?)\n<!-- /accuracy -->", README, flags=re.S)
+    blocks = re.findall(r"<!-- accuracy:(\S+)( --tutorial)? -->\n(.*?)\n<!-- /accuracy -->", README, flags=re.S)
     assert blocks, "the README has no accuracy table"
-    for arguments, table in blocks:
-        args = accuracy_table.parse_args(arguments.split())
-        assert table.strip() == accuracy_table.render(args.name, args.tutorial, args.others).strip(), (
-            f"the README's table differs from bench/accuracy_table.py {arguments}: paste its output")
+    for name, tutorial, table in blocks:
+        assert table.strip() == accuracy_table.render(name, bool(tutorial)).strip(), (
+            f"the README's {name} table differs from bench/accuracy_table.py {name}{tutorial}: paste its output")
