@@ -1,8 +1,9 @@
 """Regression floor: the default pipeline on the bundled sample still ranks as well as it was measured to.
 
-The floor is the lowest test top-1 of the ranker chosen on validation over the seeds of
-``bench/accuracy.py data/fridgeObjects --seeds 0,1,2`` (read from bench/results/accuracy_fridgeObjects.json, so a
-re-measurement moves it), minus a margin; the test runs seed 0, the default.
+The floor is seed 0's test top-1 of the ranker chosen on validation in ``bench/accuracy.py data/fridgeObjects
+--seeds 0,1,2`` (read from bench/results/accuracy_fridgeObjects.json, so a re-measurement moves it), minus a margin;
+the test runs seed 0, the default. Not the lowest seed: on 17 validation images the choice of ranker is noisy, and
+seed 1 chose the weighted L2 distance (11% on test), which would leave no floor at all.
 """
 import csv
 import json
@@ -12,14 +13,15 @@ import pytest
 from conftest import REPO, SAMPLE_DIR, run_script
 
 MEASURED = REPO / "bench" / "results" / "accuracy_fridgeObjects.json"
-# 5 of the 35 test queries: another CPU's float order changes the fine-tuning a little (seeds 0-2 spread over
-# 49-69%); a broken step (preprocessing, labels, ranker) falls towards random, 1-3%.
+# 5 of the 35 test queries: another CPU's float order changes the fine-tuning a little. On seed 0 the class-probability
+# rankers lead the others on validation by 53 points of top-1 (12 of 17 queries against 3), so the choice stays among
+# them, and they range over 51-74% on test; a broken step (preprocessing, labels, ranker) falls towards random, 1-3%.
 MARGIN = 0.15
 
 
 def measured_floor():
-    runs = json.loads(MEASURED.read_text())["runs"]
-    return min(run["metrics"][run["best"]]["top1"] for run in runs)
+    run = next(run for run in json.loads(MEASURED.read_text())["runs"] if run["seed"] == 0)
+    return run["metrics"][run["best"]]["top1"]
 
 
 @pytest.mark.slow
