@@ -105,22 +105,25 @@ def main():
                         help="time this many batches per loop instead of a whole epoch")
     parser.add_argument("--sequential", action="store_true",
                         help="run the plain epoch, then the project's, instead of interleaving their batches")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="input pixels (default: PARAMETERS.py's rf_inputResolution)")
     args = parser.parse_args()
     if not TEXTURES.is_dir():
         print(f"skipped: {TEXTURES} is absent (the scraped texture set is never in the repository)")
         return
     P = helpers.load_parameters()
+    resolution = args.resolution or P.rf_inputResolution
     items = training_items(P.randomSeed)
     n_images = len(items) if args.batches is None else min(len(items), args.batches * P.rf_mbSize)
     indices = refine.epoch_indices([y for _, y in items], 0, P.randomSeed)[:n_images]
     spec = backbones.get_backbone(P.rf_backbone)
-    dataset = refine.ImageListDataset(TEXTURES, items, backbones.train_transform(spec, P.rf_inputResolution))
+    dataset = refine.ImageListDataset(TEXTURES, items, backbones.train_transform(spec, resolution))
     torch.manual_seed(P.randomSeed)
     initial = backbones.ImageClassifier(backbones.create_model(P.rf_backbone), len(LABELS), P.rf_dropoutRate)
     warm_batch = refine.collate_skipping_bad([dataset[i] for i in indices[:P.rf_mbSize]])[:2]
     cpu = torch.device("cpu")
     load_before = os.getloadavg()
-    print(f"{n_images} images of {TEXTURES.name} ({', '.join(LABELS)}), {P.rf_backbone} at {P.rf_inputResolution} px, "
+    print(f"{n_images} images of {TEXTURES.name} ({', '.join(LABELS)}), {P.rf_backbone} at {resolution} px, "
           f"batches of {P.rf_mbSize}; load average before: {load_before[0]:.2f} on {os.cpu_count()} CPUs")
 
     default_threads = torch.get_num_threads()
@@ -155,7 +158,7 @@ def main():
     print(f"speed-up: {speedup:.2f}x (target >= 1.5x); load average after: {load_after[0]:.2f}")
     fileio.save_json(RESULT, {
         "images": n_images, "whole_epoch": args.batches is None, "mode": mode, "backbone": P.rf_backbone,
-        "resolution": P.rf_inputResolution, "batch_size": P.rf_mbSize, "cpus": os.cpu_count(),
+        "resolution": resolution, "batch_size": P.rf_mbSize, "cpus": os.cpu_count(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "plain": {"seconds": plain_s, "images_per_s": both.plain_images / plain_s, "threads": default_threads,
                   "workers": 0, "memory_format": "contiguous"},
