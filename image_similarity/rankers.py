@@ -30,7 +30,7 @@ from .evaluation import mean_rank, rank_ranking_sets
 from .fileio import load_pickle, save_pickle
 
 __all__ = ["RandomRanker", "L1Ranker", "L2Ranker", "CosineRanker", "WeightedL2Ranker", "CalibratedRanker",
-           "ClassProbRanker", "probability_distances", "PROBABILITY_METRICS", "CLASSPROB_METRICS", "pair_differences",
+           "ClassProbRanker", "probability_distances", "check_probability_metric", "PROBABILITY_METRICS", "CLASSPROB_METRICS", "pair_differences",
            "ranking_set_pairs", "negative_sample_weights", "select_C", "mine_hard_negatives", "select_classprob_C",
            "pair_accuracies", "save_payload", "load_payload", "build_rankers", "RANKER_NAMES"]
 
@@ -372,6 +372,13 @@ def pair_accuracies(ranker, pair_diffs, same_label):
             "n_pairs": int(len(same_label))}
 
 
+def check_probability_metric(metric):
+    """Return ``metric`` if it is one of ``PROBABILITY_METRICS``; else raise ValueError naming the choices."""
+    if metric not in PROBABILITY_METRICS:
+        raise ValueError(f"metric must be one of {', '.join(map(repr, PROBABILITY_METRICS))}, got {metric!r}")
+    return metric
+
+
 def probability_distances(p, q, metric):
     """Distances between class-probability vectors.
 
@@ -390,8 +397,7 @@ def probability_distances(p, q, metric):
     ndarray of shape (n_q, n_r), float64
         Lower is more similar; ``'same_label'`` and ``'cosine'`` lie in [0, 1], ``'l2'`` in [0, sqrt(2)].
     """
-    if metric not in PROBABILITY_METRICS:
-        raise ValueError(f"metric must be one of {', '.join(map(repr, PROBABILITY_METRICS))}, got {metric!r}")
+    check_probability_metric(metric)
     p, q = _check_pair(p, q)
     if metric == "l2":
         return euclidean_distances(p, q)

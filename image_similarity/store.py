@@ -374,10 +374,7 @@ class ScoreDistance:
     """
 
     def __init__(self, metric):
-        if metric not in rankers.PROBABILITY_METRICS:
-            raise ValueError(f"metric must be one of {', '.join(map(repr, rankers.PROBABILITY_METRICS))}, "
-                             f"got {metric!r}")
-        self.metric = metric
+        self.metric = rankers.check_probability_metric(metric)
 
     def distances(self, queries, references):
         """(n_q, n_r) float64 distances between score vectors (n_q, C) and (n_r, C); lower is more similar."""
