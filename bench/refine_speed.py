@@ -108,11 +108,13 @@ def main():
     parser.add_argument("--resolution", type=int, default=None,
                         help="input pixels (default: PARAMETERS.py's rf_inputResolution)")
     args = parser.parse_args()
+    if args.resolution is not None and args.resolution < 32:  # the network downsamples by 32
+        parser.error(f"--resolution must be at least 32 pixels, got {args.resolution}")
     if not TEXTURES.is_dir():
         print(f"skipped: {TEXTURES} is absent (the scraped texture set is never in the repository)")
         return
     P = helpers.load_parameters()
-    resolution = args.resolution or P.rf_inputResolution
+    resolution = P.rf_inputResolution if args.resolution is None else args.resolution
     items = training_items(P.randomSeed)
     n_images = len(items) if args.batches is None else min(len(items), args.batches * P.rf_mbSize)
     indices = refine.epoch_indices([y for _, y in items], 0, P.randomSeed)[:n_images]
