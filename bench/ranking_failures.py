@@ -1,10 +1,14 @@
 """Why test queries miss top-1: the classifier's mistakes and the ranking sets they spoil, for one finished run.
 
 Reads a workDir that run_pipeline.py (or ``bench/accuracy.py --keep DIR``) left behind. For the class-probability
-ranker that step 4 trained, it prints the classifier's accuracy per split and lists the test images it misclassifies (with the probability of the wrong label) and
-sorts every test query that misses top-1 into one cause, first match wins: the query itself is misclassified, the
-positive is, a misclassified image is among the negatives, or none of these. Prints the numbers and writes
-``bench/results/ranking_failures_<datasetName>.json``.
+ranker that step 4 trained, it prints the classifier's accuracy per split, lists the test images it misclassifies
+(with the probability of the wrong label) and sorts every test query that misses top-1 into one cause, first match
+wins: the query itself is misclassified, the positive is, a misclassified image is among the negatives, or none of
+these. Then it asks what the mistakes cost. An image "classified right" keeps its probabilities, with those of the
+wrong and the true label swapped, so it is as sure of the truth as it was of the error. Reported: the top-1 if each
+misclassified image alone were classified right; the metrics if all of them were; and, with ``--assume-right``, the
+metrics if only the listed ones were (for instance the mistakes a person would not make). Prints the numbers and
+writes ``bench/results/ranking_failures_<name>.json`` (``--name``, default the datasetName).
 
     .venv/bin/python bench/accuracy.py ../shared/datasets/fashionTexture11 --labels dotted,striped,leopard --seeds 0 --keep /tmp/tex3
     .venv/bin/python bench/ranking_failures.py /tmp/tex3/seed0 fashionTexture11_3labels
@@ -23,32 +27,69 @@ REPO = Path(__file__).resolve().parents[1]
 CAUSES = ("query misclassified", "positive misclassified", "misclassified image among the negatives", "other")
 
 
-def failure_causes(classifier, features, ranking_sets):
-    """The misclassified images of ``ranking_sets`` and, per query that misses top-1, why.
+def class_probabilities(classifier, features, ranking_sets):
+    """Class probabilities of every query and reference: dict of key to ndarray of shape (n_classes,)."""
+    keys = sorted({key for s in ranking_sets for key in (s.query, *s.references)})
+    return dict(zip(keys, classifier.predict_proba(features.rows(keys))))
+
+
+def classified_right(probabilities, classes, images):
+    """A copy of ``probabilities`` where each of ``images`` has its predicted and true labels' probabilities swapped."""
+    swapped = dict(probabilities)
+    for key in images:
+        p, true, guess = swapped[key].copy(), classes.index(pairs.label_of(key)), int(swapped[key].argmax())
+        p[[true, guess]] = p[[guess, true]]
+        swapped[key] = p
+    return swapped
+
+
+def positive_ranks(probabilities, ranking_sets, metric):
+    """Rank of the positive in every ranking set, ranked by ``metric`` (``rankers.PROBABILITY_METRICS``).
+
+    Returns
+    -------
+    ndarray of shape (n_sets,), int
+    """
+    return np.array([evaluation.positive_rank(rankers.probability_distances(
+        probabilities[s.query][None], np.array([probabilities[k] for k in s.references]), metric)[0], s.is_positive)
+        for s in ranking_sets], dtype=np.int64)
+
+
+def summary(ranks):
+    """Top-1 and top-5 (fractions) and the mean rank of the positive."""
+    return {"top1": float(np.mean(ranks == 1)), "top5": float(np.mean(ranks <= 5)), "mean_rank": float(ranks.mean())}
+
+
+def failure_causes(probabilities, classes, ranking_sets, metric):
+    """The misclassified images of ``ranking_sets``, what each one costs, and, per query that misses top-1, why.
 
     Parameters
     ----------
-    classifier : rankers.ClassProbRanker
-        Fitted; ranks with its own ``metric``.
-    features : image_similarity.features.Features
+    probabilities : dict of str to ndarray of shape (n_classes,)
+        From :func:`class_probabilities`.
+    classes : list of str
+        The label of each probability column.
     ranking_sets : list of pairs.RankingSet
+    metric : str
+        The class-probability ranker's metric.
 
     Returns
     -------
     misclassified : list of dict
-        ``{"key", "label", "predicted", "probability"}`` per wrongly classified image, sorted by key.
+        Per wrongly classified image, sorted by key: ``{"key", "label", "predicted", "probability",
+        "top1_if_right"}``; the last is the fraction of queries at top-1 if only this image were classified right.
     causes : dict of str to int
         Queries missing top-1 per cause (:data:`CAUSES`).
     ranks : ndarray of shape (n_sets,), int
     """
-    keys = sorted({key for s in ranking_sets for key in (s.query, *s.references)})
-    probabilities = classifier.predict_proba(features.rows(keys))
-    predicted = classifier.classes_[probabilities.argmax(1)]
-    misclassified = [{"key": key, "label": pairs.label_of(key), "predicted": str(guess),
+    misclassified = [{"key": key, "label": pairs.label_of(key), "predicted": str(classes[p.argmax()]),
                       "probability": round(float(p.max()), 3)}
-                     for key, guess, p in zip(keys, predicted, probabilities) if guess != pairs.label_of(key)]
+                     for key, p in sorted(probabilities.items()) if classes[p.argmax()] != pairs.label_of(key)]
+    for row in misclassified:
+        fixed = positive_ranks(classified_right(probabilities, classes, [row["key"]]), ranking_sets, metric)
+        row["top1_if_right"] = float(np.mean(fixed == 1))
     wrong = {row["key"] for row in misclassified}
-    ranks = evaluation.rank_ranking_sets(classifier, features, ranking_sets)
+    ranks = positive_ranks(probabilities, ranking_sets, metric)
     causes = Counter({cause: 0 for cause in CAUSES})
     for ranking_set, rank in zip(ranking_sets, ranks):
         if rank > 1:
@@ -63,7 +104,12 @@ def main():
     parser.add_argument("dataset", help="its datasetName")
     parser.add_argument("--ranker", default="classprob_cosine", choices=list(rankers.CLASSPROB_METRICS),
                         help="the class-probability ranker to explain (default: classprob_cosine)")
+    parser.add_argument("--assume-right", default="", metavar="KEY,KEY",
+                        help="misclassified test images (label/file) to count as classified right, comma-separated")
+    parser.add_argument("--name", help="names the JSON file (default: the datasetName)")
     args = parser.parse_args()
+    if args.name is not None and (not args.name or Path(args.name).name != args.name):
+        parser.error(f"--name {args.name!r}: give a plain file-name part, without a folder")
     proc = args.work_dir / "proc" / args.dataset
     for needed in ("features.npy", "classprob.pickle", "imgInfosTest.pickle"):
         if not (proc / needed).is_file():
@@ -71,27 +117,42 @@ def main():
     features = load_features(proc / "features.npy")
     payload = rankers.load_payload(proc / "classprob.pickle", features.meta["model_id"])
     classifier, accuracy = payload["ranker"], payload["accuracy"]
-    classifier.metric = rankers.CLASSPROB_METRICS[args.ranker]
+    metric = rankers.CLASSPROB_METRICS[args.ranker]
     ranking_sets = fileio.load_pickle(proc / "imgInfosTest.pickle")
-    misclassified, causes, ranks = failure_causes(classifier, features, ranking_sets)
+    classes = list(classifier.classes_)
+    probabilities = class_probabilities(classifier, features, ranking_sets)
+    misclassified, causes, ranks = failure_causes(probabilities, classes, ranking_sets, metric)
+    wrong = [row["key"] for row in misclassified]
+    assumed = [key for key in args.assume_right.split(",") if key]
+    if set(assumed) - set(wrong):
+        parser.error(f"--assume-right: {', '.join(sorted(set(assumed) - set(wrong)))} "
+                     "is not a misclassified test image of this run")
 
-    n_images = len({key for s in ranking_sets for key in (s.query, *s.references)})
     print("class-probability classifier accuracy: " + ", ".join(f"{split} {value:.1%}" for split, value in
                                                                 accuracy.items()))
-    print(f"{len(misclassified)} of the {n_images} test images in the ranking sets are misclassified:")
+    print(f"{len(misclassified)} of the {len(probabilities)} test images in the ranking sets are misclassified:")
     for row in misclassified:
-        print(f"   {row['key']:40} {row['label']:>12} -> {row['predicted']:12} p = {row['probability']:.3f}")
+        print(f"   {row['key']:40} {row['label']:>12} -> {row['predicted']:12} p = {row['probability']:.3f}"
+              f"   top-1 if right {row['top1_if_right']:.1%}")
     print(f"{args.ranker}: top-1 {np.mean(ranks == 1):.1%} of {len(ranks)} queries, "
           f"mean rank {ranks.mean():.2f}; queries missing top-1 by cause:")
     for cause, count in causes.items():
         print(f"   {count:4d}  {cause}")
-    out = REPO / "bench" / "results" / f"ranking_failures_{args.dataset}.json"
+    scenarios = {"as_is": summary(ranks)}
+    for scenario, images in (("if_assumed_right", assumed), ("if_all_classified_right", wrong)):
+        if scenario == "if_all_classified_right" or assumed:
+            scenarios[scenario] = summary(positive_ranks(classified_right(probabilities, classes, images),
+                                                         ranking_sets, metric))
+    for scenario, m in scenarios.items():
+        print(f"{scenario.replace('_', ' '):24} top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%}, "
+              f"mean rank {m['mean_rank']:.2f}")
+    out = REPO / "bench" / "results" / f"ranking_failures_{args.name or args.dataset}.json"
     fileio.save_json(out, {"command": " ".join(["bench/ranking_failures.py", *sys.argv[1:]]),
                            "ranker": args.ranker, "classifier_accuracy": accuracy,
-                           "n_test_images": n_images,
-                           "n_queries": len(ranks), "top1": float(np.mean(ranks == 1)),
-                           "mean_rank": float(ranks.mean()), "misclassified": misclassified,
-                           "queries_missing_top1_by_cause": causes})
+                           "n_test_images": len(probabilities), "n_queries": len(ranks),
+                           "top1": scenarios["as_is"]["top1"], "mean_rank": scenarios["as_is"]["mean_rank"],
+                           "misclassified": misclassified, "queries_missing_top1_by_cause": causes,
+                           "assumed_right": assumed, **scenarios})
     print(f"wrote {out}")
 
 
