@@ -138,11 +138,13 @@ def main():
           f"mean rank {ranks.mean():.2f}; queries missing top-1 by cause:")
     for cause, count in causes.items():
         print(f"   {count:4d}  {cause}")
+    def summary_if_right(images):
+        return summary(positive_ranks(classified_right(probabilities, classes, images), ranking_sets, metric))
+
     scenarios = {"as_is": summary(ranks)}
-    for scenario, images in (("if_assumed_right", assumed), ("if_all_classified_right", wrong)):
-        if scenario == "if_all_classified_right" or assumed:
-            scenarios[scenario] = summary(positive_ranks(classified_right(probabilities, classes, images),
-                                                         ranking_sets, metric))
+    if assumed:
+        scenarios["if_assumed_right"] = summary_if_right(assumed)
+    scenarios["if_all_classified_right"] = summary_if_right(wrong)
     for scenario, m in scenarios.items():
         print(f"{scenario.replace('_', ' '):24} top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%}, "
               f"mean rank {m['mean_rank']:.2f}")

@@ -30,8 +30,8 @@ from .evaluation import mean_rank, rank_ranking_sets
 from .fileio import load_pickle, save_pickle
 
 __all__ = ["RandomRanker", "L1Ranker", "L2Ranker", "CosineRanker", "WeightedL2Ranker", "CalibratedRanker",
-           "ClassProbRanker", "probability_distances", "check_probability_metric", "PROBABILITY_METRICS", "CLASSPROB_METRICS", "pair_differences",
-           "ranking_set_pairs", "negative_sample_weights", "select_C", "mine_hard_negatives", "select_classprob_C",
+           "ClassProbRanker", "probability_distances", "check_probability_metric", "PROBABILITY_METRICS",
+           "CLASSPROB_METRICS", "pair_differences", "ranking_set_pairs", "negative_sample_weights", "select_C", "mine_hard_negatives", "select_classprob_C",
            "pair_accuracies", "save_payload", "load_payload", "build_rankers", "RANKER_NAMES"]
 
 logger = logging.getLogger(__name__)
