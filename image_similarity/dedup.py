@@ -39,7 +39,7 @@ from .fileio import atomic_path, load_json, save_csv, save_json
 from .images import SkippedImages, image_key, list_images, load_image
 
 __all__ = ["HASH_METHODS", "METHODS", "DEFAULT_THRESHOLDS", "VIEWS", "Encodings", "encode", "load_encodings",
-           "find_duplicates", "group_rows", "save_groups_csv", "move_duplicates", "hash_images",
+           "find_links", "connected_groups", "find_duplicates", "group_rows", "save_groups_csv", "move_duplicates", "hash_images",
            "find_near_duplicate_groups", "kept_key", "duplicates_to_remove"]
 
 logger = logging.getLogger(__name__)
@@ -107,20 +107,36 @@ def _sidecar_path(path):
     return Path(path).with_suffix(".json")
 
 
-class _EncodingsFile:
-    """A ``(n_max, width)`` .npy written at a temporary path, then cut to the rows written and renamed."""
+class _EncodingsSink:
+    """Where :func:`encode` writes: an ``(n_max, width)`` array in memory, or a .npy at a temporary path that
+    :meth:`finish` cuts to the rows written and renames into place, then writes the sidecar. A context manager:
+    an exception removes the temporary file."""
 
     def __init__(self, path, n_max, width, dtype):
-        self.path, self.dtype = Path(path), np.dtype(dtype)
+        self.path, self.dtype, self._atomic = path and Path(path), np.dtype(dtype), None
+        if self.path is None:
+            self.array = np.empty((n_max, width), self.dtype)
+            return
         _sidecar_path(path).unlink(missing_ok=True)   # no finished-looking pair while the new one is written
         self._atomic = atomic_path(path)
         self.tmp = self._atomic.__enter__()
         self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype, shape=(max(n_max, 1), width))
 
-    def finish(self, n_rows, keys, meta):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._atomic is not None:
+            self.array = None
+            self._atomic.__exit__(*exc_info)
+
+    def finish(self, keys, meta, n_views):
+        """The :class:`Encodings` of the first ``len(keys)`` rows (from the file when there is one)."""
+        n_rows, width = len(keys), self.array.shape[1]
+        if self.path is None:
+            return Encodings(keys, self.array[:n_rows].reshape(n_rows, n_views, width // n_views), meta)
         self.array.flush()
-        width = self.array.shape[1]
-        del self.array
+        self.array = None
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
                   "shape": (n_rows, width)}
         with open(self.tmp, "rb+") as handle:
@@ -133,12 +149,9 @@ class _EncodingsFile:
                 raise RuntimeError(f"{self.path}: the .npy header changed size when rewritten")
             handle.truncate(offset + n_rows * width * self.dtype.itemsize)
         self._atomic.__exit__(None, None, None)
+        self._atomic = None
         save_json(_sidecar_path(self.path), {**meta, "n_images": n_rows, "keys": list(keys)})
         return load_encodings(self.path)
-
-    def abort(self, *exc_info):
-        del self.array
-        self._atomic.__exit__(*exc_info)
 
 
 def load_encodings(path):
@@ -230,23 +243,15 @@ def encode(sources, root=None, path=None, method="dhash", hash_size=16, invarian
         return _encode_cnn(sources, root, path, views, model, skipped, batch_size, n_workers, device, meta)
     meta["hash_size"] = hash_size
     width = -(-hash_size * hash_size // 8)
-    target = _EncodingsFile(path, len(sources), len(views) * width, np.uint8) if path is not None else None
-    array = target.array if target is not None else np.empty((len(sources), len(views) * width), np.uint8)
     keys = []
-    try:
+    with _EncodingsSink(path, len(sources), len(views) * width, np.uint8) as sink:
         for source in tqdm(sources, desc=f"hashing ({method})", unit="img", disable=not progress):
             image_path = _resolve(source, root)
             img = load_image(image_path, skipped)
             if img is not None:
-                array[len(keys)] = np.concatenate([_hash_bits(_view(img, v), method, hash_size) for v in views])
+                sink.array[len(keys)] = np.concatenate([_hash_bits(_view(img, v), method, hash_size) for v in views])
                 keys.append(_key(source, image_path, root))
-    except BaseException as err:
-        if target is not None:
-            target.abort(type(err), err, err.__traceback__)
-        raise
-    if target is not None:
-        return target.finish(len(keys), keys, meta)
-    return Encodings(keys, array[:len(keys)].reshape(len(keys), len(views), width), meta)
+        return sink.finish(keys, meta, len(views))
 
 
 class _ViewTransform:
@@ -283,27 +288,19 @@ def _encode_cnn(sources, root, path, views, model, skipped, batch_size, n_worker
     if root is None:
         raise ValueError("method 'cnn' needs the image folder (root) to key its features")
     paths = [_resolve(source, root) for source in sources]
-    target = _EncodingsFile(path, len(paths), len(views) * dim, np.float32) if path is not None else None
-    array = target.array if target is not None else np.empty((len(paths), len(views) * dim), np.float32)
-    try:
-        keys = []
+    keys = []
+    with _EncodingsSink(path, len(paths), len(views) * dim, np.float32) as sink:
         for batch_keys, rows in _embed_files(paths, root, embedder, views[0], skipped, batch_size, n_workers,
                                              device):
-            array[len(keys):len(keys) + len(rows), :dim] = rows
+            sink.array[len(keys):len(keys) + len(rows), :dim] = rows
             keys.extend(batch_keys)
-        readable = [Path(root) / key for key in keys]
+        readable = [Path(root) / key for key in keys]   # the other views: only the readable files, no new warnings
         for number, view in enumerate(views[1:], 1):
             done = 0
             for _, rows in _embed_files(readable, root, embedder, view, None, batch_size, n_workers, device):
-                array[done:done + len(rows), number * dim:(number + 1) * dim] = rows
+                sink.array[done:done + len(rows), number * dim:(number + 1) * dim] = rows
                 done += len(rows)
-    except BaseException as err:
-        if target is not None:
-            target.abort(type(err), err, err.__traceback__)
-        raise
-    if target is not None:
-        return target.finish(len(keys), keys, meta)
-    return Encodings(keys, array[:len(keys)].reshape(len(keys), len(views), dim), meta)
+        return sink.finish(keys, meta, len(views))
 
 
 # ---------------------------------------------------------------------------------------------------- search
@@ -388,6 +385,55 @@ def _compatible(encodings, against):
         raise ValueError(f"the encodings to check against were made differently: {mismatch} (new, against)")
 
 
+def find_links(encodings, threshold=None, against=None, progress=True):
+    """Every pair of images within ``threshold``, by range search of the upright encodings with every view.
+
+    Parameters are those of :func:`find_duplicates`.
+
+    Returns
+    -------
+    pairs : ndarray of shape (2, n_links), int64
+        Row numbers: ``against``'s rows first (0 .. len(against) - 1), then those of ``encodings``. The first row
+        of each link is an image of ``encodings``; a pair may appear more than once (from several views).
+    distances : ndarray of shape (n_links,), float32
+        Hamming bits or cosine distances.
+    """
+    threshold = DEFAULT_THRESHOLDS[encodings.method] if threshold is None else threshold
+    if against is not None:
+        _compatible(encodings, against)
+    n_old, n_new = len(against) if against is not None else 0, len(encodings)
+    pairs, distances = [np.empty((2, 0), np.int64)], [np.empty(0, np.float32)]
+    if n_new == 0 or n_old + n_new < 2:
+        return pairs[0], distances[0]
+    search_class = _EmbeddingSearch if encodings.method == "cnn" else _HashSearch
+    search = search_class(encodings.array.shape[2], threshold, n_old + n_new)
+    for source in (against, encodings):
+        if source is not None:
+            search.add(source.array[:, 0])
+    with tqdm(total=n_new, desc="searching", unit="img", disable=not progress) as bar:
+        for start in range(0, n_new, QUERY_CHUNK):
+            block = np.asarray(encodings.array[start:start + QUERY_CHUNK])
+            for view in range(block.shape[1]):
+                lims, found_distances, rows = search.range_search(np.ascontiguousarray(block[:, view]))
+                queries = n_old + start + np.repeat(np.arange(len(block)), np.diff(lims).astype(np.int64))
+                links = queries != rows
+                pairs.append(np.stack([queries[links], rows[links].astype(np.int64)]))
+                distances.append(found_distances[links].astype(np.float32))
+            bar.update(len(block))
+    return np.concatenate(pairs, axis=1), np.concatenate(distances)
+
+
+def connected_groups(pairs, n_rows):
+    """Connected components of ``pairs`` (2, n_links) over ``n_rows`` rows: a list of sorted row lists, 2+ each."""
+    graph = coo_matrix((np.ones(pairs.shape[1], np.int8), (pairs[0], pairs[1])), shape=(n_rows, n_rows))
+    _, component = connected_components(graph, directed=False)
+    linked = np.unique(pairs)
+    members = {}
+    for row, comp in zip(linked.tolist(), component[linked].tolist()):
+        members.setdefault(comp, []).append(row)
+    return list(members.values())
+
+
 def find_duplicates(encodings, threshold=None, against=None, progress=True):
     """Groups of near-duplicates: connected components of the pairs within ``threshold``.
 
@@ -414,49 +460,22 @@ def find_duplicates(encodings, threshold=None, against=None, progress=True):
         by key with their distance to the kept image. Groups are sorted by their kept key. A~B and B~C put A, B, C
         together even when A and C are further apart.
     """
-    threshold = DEFAULT_THRESHOLDS[encodings.method] if threshold is None else threshold
-    if against is not None:
-        _compatible(encodings, against)
+    pairs, _ = find_links(encodings, threshold, against, progress)
     old = against if against is not None else Encodings([], encodings.array[:0], encodings.meta)
-    n_old, n_new = len(old), len(encodings)
-    if n_new == 0 or n_old + n_new < 2:
-        return []
-    search_class = _EmbeddingSearch if encodings.method == "cnn" else _HashSearch
-    search = search_class(encodings.array.shape[2], threshold, n_old + n_new)
-    for source in (old, encodings):
-        search.add(source.array[:, 0])
-    pairs = []
-    with tqdm(total=n_new, desc="searching", unit="img", disable=not progress) as bar:
-        for start in range(0, n_new, QUERY_CHUNK):
-            block = np.asarray(encodings.array[start:start + QUERY_CHUNK])
-            for view in range(block.shape[1]):
-                lims, _, rows = search.range_search(np.ascontiguousarray(block[:, view]))
-                queries = n_old + start + np.repeat(np.arange(len(block)), np.diff(lims).astype(np.int64))
-                links = queries != rows
-                pairs.append(np.stack([queries[links], rows[links].astype(np.int64)]))
-            bar.update(len(block))
-    pairs = np.concatenate(pairs, axis=1) if pairs else np.empty((2, 0), np.int64)
-    graph = coo_matrix((np.ones(pairs.shape[1], np.int8), (pairs[0], pairs[1])), shape=(n_old + n_new,) * 2)
-    _, component = connected_components(graph, directed=False)
-    linked = np.unique(pairs)
-    members = {}
-    for row in linked:
-        members.setdefault(component[row], []).append(int(row))
+    n_old = len(old)
     same_root = against is not None and old.meta.get("root") == encodings.meta.get("root")
     name = lambda row: (encodings.keys[row - n_old] if row >= n_old else  # noqa: E731
                         old.keys[row] if same_root or not old.meta.get("root") else
                         str(Path(old.meta["root"]) / old.keys[row]))
-    encoding = lambda row: encodings.array[row - n_old] if row >= n_old else old.array[row]  # noqa: E731
+    encoding = lambda row: encodings.array[row - n_old] if row >= n_old else old.array[row, :1]  # noqa: E731
+    distance = _EmbeddingSearch.distance if encodings.method == "cnn" else _HashSearch.distance
     groups = []
-    for rows in members.values():
+    for rows in connected_groups(pairs, n_old + len(encodings)):
         rows = sorted(rows, key=lambda row: (row >= n_old, name(row)))   # an image of `against` is kept first
         kept, others = rows[0], sorted(rows[1:], key=name)
-        upright = encoding(kept)[0]
-        group = [(name(kept), 0.0)]
-        for row in others:
-            views = encoding(row) if row >= n_old else encoding(row)[:1]
-            group.append((name(row), float(search.distance(np.asarray(views), upright).min())))
-        groups.append(group)
+        upright = np.asarray(encoding(kept)[0])
+        groups.append([(name(kept), 0.0)] + [(name(row), float(distance(np.asarray(encoding(row)), upright).min()))
+                                             for row in others])
     return sorted(groups)
 
 

@@ -265,3 +265,18 @@ def test_against_finds_a_new_copy_of_an_old_image_without_re_encoding(photo_fold
         ("orig/a_original.jpg", "kept"), *((key, "duplicate") for key in COPIES[1:] + ["other/z_new_copy.jpg"])]
     other_method = _cli(new_folder, "--against", old, "--method", "phash", cwd=tmp_path)
     assert other_method.returncode == 1 and "made differently" in other_method.stderr
+
+
+def test_cnn_groups_copies_and_the_invariant_variant_adds_flips_and_turns(copies_folder, tmp_path):
+    paths = sorted(copies_folder.rglob("*.*"))
+    encodings = dedup.encode(paths, root=copies_folder, path=tmp_path / "cnn.npy", method="cnn", invariant=True,
+                             progress=False, n_workers=0)
+    assert encodings.array.shape == (8, 8, 1280) and encodings.meta["model_id"] == "pretrained:efficientnet_lite0"
+    upright = dedup.Encodings(encodings.keys, encodings.array[:, :1], {**encodings.meta, "invariant": False})
+    groups = dedup.find_duplicates(upright, 0.05, progress=False)   # the mirrored copy is 0.066 away, turned 0.32
+    assert [key for key, _ in groups[0]] == COPIES and len(groups) == 1
+    assert all(0 <= distance <= 0.05 for _, distance in groups[0])
+    groups = dedup.find_duplicates(dedup.load_encodings(tmp_path / "cnn.npy"), 0.05, progress=False)
+    assert [key for key, _ in groups[0]] == sorted(COPIES + ["other/flipped.jpg", "other/turned.png"])
+    with pytest.raises(ValueError, match="cosine distance in \\[0, 2\\]"):
+        dedup.find_duplicates(upright, threshold=3)
