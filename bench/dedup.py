@@ -19,10 +19,10 @@ radius_neighbors_graph path runs on prefixes of the same hashes, N doubling whil
     python bench/dedup.py quality                                   # fashionTexture11, 100 originals: ~15 min
     python bench/dedup.py quality --dataset data/fridgeObjects --n-originals 40 --n-distractors 60   # tuning set
     python bench/dedup.py scale                                     # 1M hashes, 200k embeddings: ~20 min
+    python bench/dedup.py report bench/results/dedup_quality_fashionTexture11.json   # tables at today's defaults
 """
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -185,6 +185,11 @@ def quality(args):
                 methods[label] = {"encode_all_views_s": round(encode_s, 1), "curve": curve,
                                   **operating_points(curve, dedup.DEFAULT_THRESHOLDS[method])}
                 _report(label, methods[label])
+        try:
+            import imagededup  # noqa: F401
+        except ImportError:
+            print("imagededup is not installed (pip install -e '.[bench]'): its arms are skipped")
+            args.imagededup = []
         for name in args.imagededup:
             keys, pairs, distances, encode_s = imagededup_links(folder, name)
             if set(keys) != set(truth):
@@ -248,6 +253,7 @@ def markdown_tables(methods):
 
 # ---------------------------------------------------------------------------------------------------- scale
 def _write_encodings(path, array, meta):
+    """An encodings file as dedup.encode writes it: (n images, n views x width) plus the JSON sidecar."""
     np.save(path, array)
     save_json(path.with_suffix(".json"), {**meta, "n_images": len(array), "keys": [str(i) for i in range(len(array))]})
 
@@ -263,7 +269,7 @@ def make_hashes(path, n, threshold, rng):
         row = np.unpackbits(bits[original])
         row[flips] ^= 1
         bits[copy] = np.packbits(row)
-    _write_encodings(path, bits[:, None, :], {"method": "dhash", "invariant": False, "hash_size": 16, "root": None})
+    _write_encodings(path, bits, {"method": "dhash", "invariant": False, "hash_size": 16, "root": None})
     return np.stack([originals, copies])
 
 
@@ -272,14 +278,14 @@ def make_embeddings(path, n, dim, rng, seed):
     sys.path.insert(0, str(REPO / "bench"))
     from search import Mixture
     mixture = Mixture(dim, max(100, n // 1000), seed)
-    writer = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, 1, dim))
+    writer = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))   # (n images, 1 view x dim)
     for first in range(0, n, 50_000):
-        writer[first:first + 50_000, 0] = mixture.sample(min(50_000, n - first))
+        writer[first:first + 50_000] = mixture.sample(min(50_000, n - first))
     n_copies = n // 100
     order = rng.permutation(n)
     originals, copies = np.sort(order[:n_copies]), order[n_copies:2 * n_copies]
-    noisy = writer[originals, 0] + rng.standard_normal((n_copies, dim), np.float32) * (0.2 / np.sqrt(dim))
-    writer[copies, 0] = noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
+    noisy = writer[originals] + rng.standard_normal((n_copies, dim), np.float32) * (0.2 / np.sqrt(dim))
+    writer[copies] = noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
     writer.flush()
     del writer
     save_json(path.with_suffix(".json"), {"method": "cnn", "invariant": False, "model_id": "synthetic", "dim": dim,
@@ -296,11 +302,17 @@ def sklearn_groups(bits, max_distance):
     return connected_components(graph, directed=False)[1]
 
 
+def peak_rss_mb():
+    """This process's resident-set high-water mark (VmHWM; ru_maxrss would include the parent's, forked before exec)."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return round(int(status["VmHWM"].split()[0]) / 1024, 1)
+
+
 def worker(arm, path, n, threshold, planted_path):
     """One arm, in this fresh process: group the first n encodings; print seconds, peak memory, planted recall."""
     start = time.perf_counter()
     if arm == "sklearn":
-        packed = np.load(path, mmap_mode="r")[:n, 0]
+        packed = np.load(path, mmap_mode="r")[:n]
         component = sklearn_groups(np.unpackbits(packed, axis=1).astype(bool), int(threshold))
         same = lambda a, b: component[a] == component[b]  # noqa: E731
     else:
@@ -317,8 +329,8 @@ def worker(arm, path, n, threshold, planted_path):
     planted = np.load(planted_path)
     inside = planted[:, (planted < n).all(axis=0)]
     found = sum(bool(same(int(a), int(b))) for a, b in inside.T)
-    print(json.dumps({"arm": arm, "n": n, "threshold": threshold, "seconds": round(seconds, 2),
-                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    print(json.dumps({"arm": arm, "n": n, "threshold": float(threshold), "seconds": round(seconds, 2),
+                      "peak_rss_mb": peak_rss_mb(),
                       "planted_pairs": int(inside.shape[1]), "planted_found": int(found),
                       "planted_recall": round(found / inside.shape[1], 5) if inside.shape[1] else None}))
 
@@ -363,6 +375,23 @@ def scale(args):
                                         planted, None)
     written = save_json(args.out or RESULTS / "dedup_scale.json", out)
     print(f"wrote {written}")
+    print(scale_table(out))
+
+
+def scale_table(out):
+    rows = [("hashes: dedup (FAISS multi-index hashing)", out["hashes"])]
+    rows += [("hashes: FAISS brute force (IndexBinaryFlat)", r) for r in out["flat"]]
+    rows += [("hashes: sklearn radius_neighbors_graph (before)", r) for r in out["sklearn"]]
+    if "embeddings" in out:
+        rows.append((f"embeddings, dim {out['args']['dim']}: dedup cnn (NearestNeighborIndex)", out["embeddings"]))
+    lines = ["| arm | N | grouping s | peak RSS MB | planted pairs found |", "|---|---|---|---|---|"]
+    for label, r in rows:
+        if "seconds" in r:
+            lines.append(f"| {label} | {r['n']:,} | {r['seconds']} | {r['peak_rss_mb']:,} | "
+                         f"{r['planted_found']:,} of {r['planted_pairs']:,} |")
+        else:
+            lines.append(f"| {label} | {r['n']:,} | > {r['timed_out_after_s']:g} (stopped) | | |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -389,8 +418,21 @@ def main(argv=None):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--tmp-dir", default=None, help="where the generated files go (default: the system's)")
         p.add_argument("--out", default=None, help="JSON written (default under bench/results/)")
+    r = sub.add_parser("report", help="print the markdown tables of a written JSON at today's default thresholds")
+    r.add_argument("json", type=Path)
     args = parser.parse_args(argv)
-    quality(args) if args.part == "quality" else scale(args)
+    {"quality": quality, "scale": scale, "report": report}[args.part](args)
+
+
+def report(args):
+    out = json.loads(args.json.read_text())
+    if "methods" not in out:
+        return print(scale_table(out))
+    for label, result in out["methods"].items():
+        method = label.split()[0]
+        default = 10 if method == "imagededup" else dedup.DEFAULT_THRESHOLDS[method]
+        result.update(operating_points(result["curve"], default))
+    print(markdown_tables(out["methods"]))
 
 
 if __name__ == "__main__":
