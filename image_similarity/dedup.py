@@ -19,6 +19,7 @@ Step 1 calls the same code. From a shell::
         [--against ENCODINGS.npy] [--out FILE.csv] [--move-duplicates DIR]
 """
 import argparse
+import copy
 import csv
 import logging
 import math
@@ -223,8 +224,8 @@ def encode(sources, root=None, path=None, method="dhash", hash_size=16, invarian
         Hash grid side: ``hash_size**2`` bits (hash methods only).
     invariant : bool
         Also encode the 7 flips and quarter turns of :data:`VIEWS` (8 times the work and the file size).
-    model : str or Path
-        Backbone name or refined checkpoint (``'cnn'`` only).
+    model : str, Path or Embedder
+        Backbone name, refined checkpoint or a loaded :class:`~image_similarity.embedder.Embedder` (``'cnn'`` only).
     skipped : SkippedImages, optional
         Unreadable images are recorded here and logged once each, never raised.
     progress : bool
@@ -269,37 +270,30 @@ class _ViewTransform:
         return self.transform.normalize(pixels)
 
 
-def _embedder(model, device):
-    """The network for ``'cnn'``: today ``backbones.load_embedder``'s (net, transform, info)."""
-    from .backbones import load_embedder
-    return load_embedder(model, device)
-
-
-def _embed_files(paths, root, embedder, view, skipped, batch_size, n_workers, device):
-    """Yield ``(keys, features)`` batches of one view of the image files (the project's one forward loop)."""
-    from .features import iter_features
-    net, transform, info = embedder
-    yield from iter_features(paths, root, (net, _ViewTransform(transform, view), info), batch_size, n_workers,
-                             skipped, device)
+def _embed_files(paths, root, embedder, view, skipped, batch_size, n_workers):
+    """Yield ``(keys, features)`` batches of one view of the image files, through the embedder's one loop."""
+    viewed = copy.copy(embedder)
+    viewed.transform = _ViewTransform(embedder.transform, view)
+    yield from viewed.iter_files(paths, root, batch_size, n_workers, skipped)
 
 
 def _encode_cnn(sources, root, path, views, model, skipped, batch_size, n_workers, device, meta):
-    embedder = _embedder(model, device)
-    dim = embedder[2]["dim"]
-    meta.update(model_id=embedder[2]["model_id"], backbone=embedder[2]["backbone"], dim=dim)
     if root is None:
         raise ValueError("method 'cnn' needs the image folder (root) to key its features")
+    from .embedder import Embedder, load_embedder   # torch only when 'cnn' is used
+    embedder = model if isinstance(model, Embedder) else load_embedder(model, device)
+    dim = embedder.dim
+    meta.update(model_id=embedder.model_id, backbone=embedder.backbone, dim=dim)
     paths = [_resolve(source, root) for source in sources]
     keys = []
     with _EncodingsSink(path, len(paths), len(views) * dim, np.float32) as sink:
-        for batch_keys, rows in _embed_files(paths, root, embedder, views[0], skipped, batch_size, n_workers,
-                                             device):
+        for batch_keys, rows in _embed_files(paths, root, embedder, views[0], skipped, batch_size, n_workers):
             sink.array[len(keys):len(keys) + len(rows), :dim] = rows
             keys.extend(batch_keys)
         readable = [Path(root) / key for key in keys]   # the other views: only the readable files, no new warnings
         for number, view in enumerate(views[1:], 1):
             done = 0
-            for _, rows in _embed_files(readable, root, embedder, view, None, batch_size, n_workers, device):
+            for _, rows in _embed_files(readable, root, embedder, view, None, batch_size, n_workers):
                 sink.array[done:done + len(rows), number * dim:(number + 1) * dim] = rows
                 done += len(rows)
         return sink.finish(keys, meta, len(views))
