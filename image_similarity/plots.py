@@ -254,8 +254,8 @@ def plot_duplicate_groups(groups, root, path, max_groups=8, max_per_group=6, thu
                 sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
             draw.rectangle((x - 2, y - 2, x + thumb + 1, y + thumb + 1), outline="green" if column == 0 else "grey",
                            width=2)
-            draw.text((x, y + thumb + 2), f"kept {Path(key).name}"[:22] if column == 0 else
-                      f"{format_distance(distance)} {Path(key).name}"[:22], fill="black")
+            caption = "kept" if column == 0 else f"d={format_distance(distance)}"
+            draw.text((x, y + thumb + 2), f"{caption} {Path(key).name}"[:24], fill="black")
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
     return Path(path)
