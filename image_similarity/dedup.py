@@ -653,6 +653,17 @@ def _main(argv=None):
     out = args.out or args.folder.resolve().parent / f"{folder_name}_near_duplicates_{args.method}.csv"
     encodings_path = out.with_suffix(".encodings.npy")
     against = load_encodings(args.against) if args.against is not None else None
+    if against is not None:
+        if encodings_path.resolve() == args.against.resolve():
+            parser.error(f"--out {out} would overwrite the encodings given to --against; choose another --out")
+        wanted = {"method": args.method, "hash_size": None if args.method == "cnn" else args.hash_size}
+        if args.method == "cnn":
+            from .backbones import model_id
+            wanted["model_id"] = model_id(args.model)
+        differs = {k: (v, against.meta.get(k)) for k, v in wanted.items() if v != against.meta.get(k)}
+        if differs:
+            parser.error(f"--against {args.against} was encoded differently: " + ", ".join(
+                f"{k} {new!r} here, {old!r} there" for k, (new, old) in differs.items()))
     skipped = SkippedImages()
     paths = list_images(args.folder, skipped=skipped)
     if against is not None and against.meta.get("root") == str(args.folder.resolve()):

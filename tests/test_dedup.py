@@ -264,7 +264,10 @@ def test_against_finds_a_new_copy_of_an_old_image_without_re_encoding(photo_fold
     assert [(r[1], r[2]) for r in _read_csv(tmp_path / "grown.csv")[1:]] == [
         ("orig/a_original.jpg", "kept"), *((key, "duplicate") for key in COPIES[1:] + ["other/z_new_copy.jpg"])]
     other_method = _cli(new_folder, "--against", old, "--method", "phash", cwd=tmp_path)
-    assert other_method.returncode == 1 and "made differently" in other_method.stderr
+    assert other_method.returncode == 2 and "encoded differently: method 'phash' here, 'dhash' there" in \
+        other_method.stderr
+    overwrite = _cli(photo_folder, "--against", old, "--out", tmp_path / "old.csv", cwd=tmp_path)
+    assert overwrite.returncode == 2 and "would overwrite the encodings" in overwrite.stderr
 
 
 def test_cnn_groups_copies_and_the_invariant_variant_adds_flips_and_turns(copies_folder, tmp_path):
