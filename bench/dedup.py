@@ -354,21 +354,22 @@ def scale(args):
     out = {"args": vars(args), "cores": len(__import__("os").sched_getaffinity(0))}
     with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
         tmp = Path(tmp)
-        threshold = dedup.DEFAULT_THRESHOLDS["dhash"]
-        hashes, planted = tmp / "hashes.npy", tmp / "hash_pairs.npy"
-        np.save(planted, make_hashes(hashes, args.n_hashes, threshold, rng))
-        out["hashes"] = run_arm("hashes", hashes, args.n_hashes, threshold, planted, None)
-        out["flat"] = [run_arm("flat", hashes, n, threshold, planted, None) for n in args.flat_n]
-        series, n, remaining = [], 1000, args.sklearn_limit
-        while n <= args.n_hashes:
-            result = run_arm("sklearn", hashes, n, threshold, planted, args.sklearn_limit)
-            series.append(result)
-            if "seconds" not in result or 4 * result["seconds"] > args.sklearn_limit:
-                break                                      # the next doubling would not finish in time
-            n *= 2
-        out["sklearn"] = series
-        (tmp / "hashes.npy").unlink()
-        if args.n_embeddings:
+        if "hashes" in args.arms:
+            threshold = dedup.DEFAULT_THRESHOLDS["dhash"]
+            hashes, planted = tmp / "hashes.npy", tmp / "hash_pairs.npy"
+            np.save(planted, make_hashes(hashes, args.n_hashes, threshold, rng))
+            out["hashes"] = run_arm("hashes", hashes, args.n_hashes, threshold, planted, None)
+            out["flat"] = [run_arm("flat", hashes, n, threshold, planted, None) for n in args.flat_n]
+            series, n = [], 1000
+            while n <= args.n_hashes:
+                result = run_arm("sklearn", hashes, n, threshold, planted, args.sklearn_limit)
+                series.append(result)
+                if "seconds" not in result or 4 * result["seconds"] > args.sklearn_limit:
+                    break                                  # the next doubling would not finish in time
+                n *= 2
+            out["sklearn"] = series
+            (tmp / "hashes.npy").unlink()
+        if "embeddings" in args.arms and args.n_embeddings:
             embeddings, planted = tmp / "embeddings.npy", tmp / "embedding_pairs.npy"
             np.save(planted, make_embeddings(embeddings, args.n_embeddings, args.dim, rng, args.seed))
             out["embeddings"] = run_arm("embeddings", embeddings, args.n_embeddings, dedup.DEFAULT_THRESHOLDS["cnn"],
@@ -379,9 +380,9 @@ def scale(args):
 
 
 def scale_table(out):
-    rows = [("hashes: dedup (FAISS multi-index hashing)", out["hashes"])]
-    rows += [("hashes: FAISS brute force (IndexBinaryFlat)", r) for r in out["flat"]]
-    rows += [("hashes: sklearn radius_neighbors_graph (before)", r) for r in out["sklearn"]]
+    rows = [("hashes: dedup (FAISS multi-index hashing)", out["hashes"])] if "hashes" in out else []
+    rows += [("hashes: FAISS brute force (IndexBinaryFlat)", r) for r in out.get("flat", [])]
+    rows += [("hashes: sklearn radius_neighbors_graph (before)", r) for r in out.get("sklearn", [])]
     if "embeddings" in out:
         rows.append((f"embeddings, dim {out['args']['dim']}: dedup cnn (NearestNeighborIndex)", out["embeddings"]))
     lines = ["| arm | N | grouping s | peak RSS MB | planted pairs found |", "|---|---|---|---|---|"]
@@ -414,6 +415,7 @@ def main(argv=None):
     s.add_argument("--sklearn-limit", type=float, default=600, help="seconds allowed to one sklearn run")
     s.add_argument("--n-embeddings", type=int, default=200_000, help="0 = skip the embedding arm")
     s.add_argument("--dim", type=int, default=1280)
+    s.add_argument("--arms", nargs="+", default=["hashes", "embeddings"], choices=["hashes", "embeddings"])
     for p in (q, s):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--tmp-dir", default=None, help="where the generated files go (default: the system's)")
