@@ -271,15 +271,14 @@ def test_against_finds_a_new_copy_of_an_old_image_without_re_encoding(photo_fold
 
 
 def test_cnn_groups_copies_and_the_invariant_variant_adds_flips_and_turns(copies_folder, tmp_path):
-    paths = sorted(copies_folder.rglob("*.*"))
-    encodings = dedup.encode(paths, root=copies_folder, path=tmp_path / "cnn.npy", method="cnn", invariant=True,
+    keys = ["orig/a_original.jpg", "orig/c_resized.png", "other/carton.jpg", "other/flipped.jpg", "other/turned.png"]
+    encodings = dedup.encode(keys, root=copies_folder, path=tmp_path / "cnn.npy", method="cnn", invariant=True,
                              progress=False, n_workers=0)
-    assert encodings.array.shape == (8, 8, 1280) and encodings.meta["model_id"] == "pretrained:efficientnet_lite0"
+    assert encodings.array.shape == (5, 8, 1280) and encodings.meta["model_id"] == "pretrained:efficientnet_lite0"
     upright = dedup.Encodings(encodings.keys, encodings.array[:, :1], {**encodings.meta, "invariant": False})
     groups = dedup.find_duplicates(upright, 0.05, progress=False)   # the mirrored copy is 0.066 away, turned 0.32
-    assert [key for key, _ in groups[0]] == COPIES and len(groups) == 1
-    assert all(0 <= distance <= 0.05 for _, distance in groups[0])
+    assert groups == [[("orig/a_original.jpg", 0.0), ("orig/c_resized.png", pytest.approx(0.003, abs=0.01))]]
     groups = dedup.find_duplicates(dedup.load_encodings(tmp_path / "cnn.npy"), 0.05, progress=False)
-    assert [key for key, _ in groups[0]] == sorted(COPIES + ["other/flipped.jpg", "other/turned.png"])
+    assert [key for key, _ in groups[0]] == sorted(keys[:2] + keys[3:]) and len(groups) == 1
     with pytest.raises(ValueError, match="cosine distance in \\[0, 2\\]"):
         dedup.find_duplicates(upright, threshold=3)
