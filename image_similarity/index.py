@@ -33,6 +33,7 @@ import os
 import faiss
 import numpy as np
 
+from .distances import cosine_from_similarity, top_k
 from .fileio import atomic_path
 
 __all__ = ["NearestNeighborIndex", "recall_at_k", "ANN_THRESHOLD", "EXACT_BACKEND", "KINDS"]
@@ -263,12 +264,54 @@ class NearestNeighborIndex:
             else self._faiss_search
         for rows in _chunks(len(queries), index.d, rows=self.batch_size):
             sims, indices[rows] = search(_normalized(queries[rows], index.d, "queries"), k)
-            distances[rows] = np.clip(1.0 - sims, 0.0, 2.0)
+            distances[rows] = cosine_from_similarity(sims)
         missing = indices < 0
         if radius is not None:
             missing |= distances > radius
         distances[missing], indices[missing] = np.inf, -1
         return distances, indices
+
+    def range_search(self, queries, radius):
+        """Every reference within cosine distance ``radius`` of each query (FAISS range search).
+
+        Exact for an ``'exact'`` index; an IVF index scans ``nprobe`` lists, an HNSW index its candidate list.
+
+        Parameters
+        ----------
+        queries : array-like of shape (n_queries, n_dims), float
+            Normalised here; searched ``batch_size`` at a time.
+        radius : float
+            Largest cosine distance kept (``1 - cos``, in [0, 2]), inclusive.
+
+        Returns
+        -------
+        lims : ndarray of shape (n_queries + 1,), int64
+            The neighbours of query ``i`` are ``rows[lims[i]:lims[i + 1]]``.
+        distances : ndarray of shape (lims[-1],), float32
+            Their cosine distances ``1 - cos``, in no particular order.
+        rows : ndarray of shape (lims[-1],), int64
+        """
+        index = self._built()
+        if not 0 <= radius <= 2:
+            raise ValueError(f"radius is a cosine distance in [0, 2], got {radius!r}")
+        queries = np.asarray(queries)
+        if queries.ndim != 2 or queries.shape[1] != index.d:
+            raise ValueError(f"queries must have shape (n_queries, {index.d}), got {queries.shape}")
+        counts, distances, rows = [], [], []
+        for block in _chunks(len(queries), index.d, rows=self.batch_size):
+            # FAISS keeps similarities above its threshold; a little slack, then the exact cut on distances.
+            lims, sims, found = index.range_search(_normalized(queries[block], index.d, "queries"),
+                                                   1.0 - radius - 1e-5)
+            dist = np.clip(1.0 - sims, 0.0, 2.0)
+            keep = dist <= radius
+            owner = np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64))
+            counts.append(np.bincount(owner[keep], minlength=len(lims) - 1))
+            distances.append(dist[keep])
+            rows.append(found[keep].astype(np.int64))
+        if not counts:
+            return np.zeros(1, np.int64), np.empty(0, np.float32), np.empty(0, np.int64)
+        lims = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
+        return lims, np.concatenate(distances), np.concatenate(rows)
 
     def _faiss_search(self, queries, k):
         """Similarities (n, k) and rows (n, k) from FAISS, best first."""
@@ -284,16 +327,14 @@ class NearestNeighborIndex:
         per_chunk = max(k, _CHUNK_BYTES // (4 * max(n, 1)))
         for rows in _chunks(index.ntotal, index.d, rows=per_chunk):
             sims = queries @ stored[rows].T
-            kk = min(k, sims.shape[1])
-            top = np.argpartition(sims, -kk, axis=1)[:, -kk:] if kk < sims.shape[1] else \
-                np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
+            top = top_k(-sims, k)
+            # The best so far come first, so equal similarities keep the lower row number.
             cand_sims = np.concatenate([best_sims, np.take_along_axis(sims, top, axis=1)], axis=1)
             cand_rows = np.concatenate([best_rows, top + rows.start], axis=1)
-            keep = np.argpartition(cand_sims, -k, axis=1)[:, -k:]
+            keep = top_k(-cand_sims, k)
             best_sims = np.take_along_axis(cand_sims, keep, axis=1)
             best_rows = np.take_along_axis(cand_rows, keep, axis=1)
-        order = np.argsort(-best_sims, axis=1, kind="stable")
-        return np.take_along_axis(best_sims, order, axis=1), np.take_along_axis(best_rows, order, axis=1)
+        return best_sims, best_rows
 
     def calibrate_recall(self, sample_queries, target=0.95, k=10):
         """Raise ``nprobe`` (IVF) or ``efSearch`` (HNSW) until recall@k against exact search reaches ``target``.
