@@ -128,6 +128,27 @@ def require_features(features, keys, path):
                          "run 3_featurizeImages.py again")
 
 
+def training_exclusions(P, keys_by_split):
+    """The train/val keys that ``P.labelIssuesExcludeFile`` leaves out of training (steps 2 and 4); set() when "".
+
+    ``keys_by_split`` is ``{split: iterable of keys}``. Test keys in the file are ignored with a warning; a key that
+    is not in the splits is refused (ValueError naming it).
+    """
+    from image_similarity import fileio, label_issues
+
+    if P.labelIssuesExcludePath is None:
+        return set()
+    if not P.labelIssuesExcludePath.is_file():
+        raise UsageError(f"labelIssuesExcludeFile {P.labelIssuesExcludePath} not found (set labelIssuesExcludeFile='' "
+                         "to train on every image)")
+    split_of = {key: split for split, keys in keys_by_split.items() for key in keys}
+    excluded = label_issues.read_exclude_file(fileio.read_tsv(P.labelIssuesExcludePath), split_of,
+                                              str(P.labelIssuesExcludePath))
+    print(f"labelIssuesExcludeFile: leaving {len(excluded)} train/val image(s) of {P.labelIssuesExcludePath} "
+          "out of training")
+    return excluded
+
+
 @contextmanager
 def clean_exit():
     """Turn expected failures into one-line messages and a non-zero exit instead of a traceback."""

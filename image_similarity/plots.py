@@ -10,7 +10,8 @@ from matplotlib.ticker import MaxNLocator
 from .fileio import atomic_path
 
 __all__ = ["DPI", "plot_top_n_curves", "plot_rank_histogram", "format_distance", "plot_query_result",
-           "plot_retrieval_grid", "plot_score_vs_probability", "plot_refine_curves", "plot_table"]
+           "plot_retrieval_grid", "plot_score_vs_probability", "plot_refine_curves", "plot_table",
+           "plot_contact_sheet"]
 
 DPI = 100  # figure inches * DPI = PNG pixels (no tight bounding box, so sizes are exact)
 
@@ -213,4 +214,30 @@ def plot_table(header, rows, path, title="", bold_last_row=False):
         cell.PAD = 0.05
     if title:
         fig.suptitle(title, fontsize=12, y=1 - 0.12 / height)
+    return _save(fig, path)
+
+
+def plot_contact_sheet(tiles, path, columns=6, title=""):
+    """A grid of thumbnails, each with a caption of a few short lines (the label-issue suspects).
+
+    Parameters
+    ----------
+    tiles : list of (PIL.Image.Image or None, str)
+        ``(image, caption)`` in reading order; None leaves the tile blank (an unreadable image).
+    path : str or Path
+        PNG written, ``columns * 2`` inches wide (200 px per column), 2.6 inches (260 px) per row.
+    """
+    n_rows = max(1, int(np.ceil(len(tiles) / columns)))
+    fig = Figure(figsize=(2 * columns, 2.6 * n_rows + (0.4 if title else 0)))
+    axes = fig.subplots(n_rows, columns, squeeze=False, gridspec_kw={"hspace": 0.45, "left": 0.02, "right": 0.98,
+                                                                    "bottom": 0.02})
+    for ax in axes.ravel():
+        ax.axis("off")
+    for n, (img, caption) in enumerate(tiles):
+        ax = axes[n // columns, n % columns]
+        if img is not None:
+            ax.imshow(img)
+        ax.set_title(caption, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
