@@ -128,16 +128,18 @@ def require_features(features, keys, path):
                          "run 3_featurizeImages.py again")
 
 
-def training_exclusions(P, keys_by_split):
+def training_exclusions(P):
     """The train/val keys that ``P.labelIssuesExcludeFile`` leaves out of training (steps 2 and 4); set() when "".
 
-    ``keys_by_split`` is ``{split: iterable of keys}``. Test keys in the file are ignored with a warning; a key that
-    is not in the splits is refused (ValueError naming it).
+    Test keys in the file are ignored with a warning; a key that is not in step 1's splits is refused (ValueError
+    naming it).
     """
     from image_similarity import fileio, label_issues
 
     if P.labelIssuesExcludePath is None:
         return set()
+    keys_by_split = {split: [k for keys in fileio.load_pickle(require(path, "1_prepareData.py")).values()
+                             for k in keys] for split, path in P.imgFilenamesPath.items()}
     if not P.labelIssuesExcludePath.is_file():
         raise UsageError(f"labelIssuesExcludeFile {P.labelIssuesExcludePath} not found (set labelIssuesExcludeFile='' "
                          "to train on every image)")

@@ -20,6 +20,7 @@ Choices, and why:
 - **Suggested label: the most probable label other than the given one**, so every row says what it would be
   instead.
 """
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -31,7 +32,8 @@ from .fileio import save_csv
 from .rankers import ClassProbRanker, select_classprob_C
 
 __all__ = ["LABEL_ISSUE_COLUMNS", "RANKING_METHODS", "LabelIssues", "out_of_fold_probabilities",
-           "out_of_sample_probabilities", "find_label_issues", "different_label_duplicates", "save_label_issues", "read_exclude_file"]
+           "out_of_sample_probabilities", "find_label_issues", "different_label_duplicates", "save_label_issues", "read_exclude_file",
+           "without_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -262,3 +264,25 @@ def read_exclude_file(rows, split_of, source="labelIssuesExcludeFile"):
         logger.warning("%s: %d test image(s) ignored, e.g. %s: a test image is never excluded (the evaluation "
                        "keeps the protocol's labels)", source, len(test), test[0])
     return {key for key in keys if split_of[key] != "test"}
+
+
+def without_keys(ranking_sets, excluded):
+    """Ranking sets with the ``excluded`` images taken out (step 4 with labelIssuesExcludeFile).
+
+    A set whose query or positive is excluded is dropped; excluded negatives are removed from the others.
+
+    Parameters
+    ----------
+    ranking_sets : list of pairs.RankingSet
+    excluded : set of str
+
+    Returns
+    -------
+    list of pairs.RankingSet
+        New objects; the inputs are unchanged.
+    """
+    if not excluded:
+        return list(ranking_sets)
+    return [dataclasses.replace(s, negatives=[k for k in s.negatives if k not in excluded],
+                                references=[k for k in s.references if k not in excluded])
+            for s in ranking_sets if s.query not in excluded and s.positive not in excluded]
