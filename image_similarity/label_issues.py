@@ -20,6 +20,7 @@ Choices, and why:
 - **Suggested label: the most probable label other than the given one**, so every row says what it would be
   instead.
 """
+import csv
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from .fileio import save_csv
 from .rankers import ClassProbRanker, select_classprob_C
 
 __all__ = ["LABEL_ISSUE_COLUMNS", "RANKING_METHODS", "LabelIssues", "out_of_fold_probabilities",
-           "out_of_sample_probabilities", "find_label_issues", "different_label_duplicates", "save_label_issues", "read_exclude_file",
+           "out_of_sample_probabilities", "find_label_issues", "different_label_duplicates", "save_label_issues", "load_label_issues", "read_exclude_file",
            "without_keys"]
 
 logger = logging.getLogger(__name__)
@@ -228,6 +229,13 @@ def save_label_issues(path, issues):
     def cell(value):
         return f"{value:.4f}" if isinstance(value, float) else value
     return save_csv(path, LABEL_ISSUE_COLUMNS, [[cell(row[c]) for c in LABEL_ISSUE_COLUMNS] for row in issues.rows])
+
+
+def load_label_issues(path, n=None):
+    """The first ``n`` rows (all when None) of a label_issues.csv as dicts of strings, most suspect first."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return rows if n is None else rows[:n]
 
 
 def read_exclude_file(rows, split_of, source="labelIssuesExcludeFile"):
