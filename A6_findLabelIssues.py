@@ -3,9 +3,10 @@
 After step 3, it reads the splits and features.npy; with --folder DIR it embeds that labelled folder (one sub-folder
 per label) itself with the pretrained rf_backbone and scores every image. Out-of-sample class probabilities come from
 li_nrFolds-fold cross-validation of the class-probability classifier (logistic regression on the embeddings) over the
-train + validation images; the test images are scored by a classifier fitted on train + validation only. cleanlab
-ranks them (li_rankedBy) and flags its estimate of the wrong ones; near-duplicates with different labels (step 1's
-near_duplicates.csv, or dhash with --folder) are named too. Writes label_issues.csv (every image, most suspect first)
+train + validation images (C: step 4's when classprob.pickle exists, else chosen as step 4 does); the test images
+are scored by a classifier fitted on train + validation only. cleanlab ranks them (li_rankedBy) and flags its
+estimate of the wrong ones; near-duplicates with different labels (step 1's near_duplicates.csv, or dhash with
+--folder) are named too. Writes label_issues.csv (every image, most suspect first)
 and label_issues.png (the top li_nrShown) to results/<datasetName>/ (with --folder: results/<folder name>/).
 To train without some of them, save their keys as a TSV and set labelIssuesExcludeFile (steps 2 and 4).
 """
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 import helpers
-from image_similarity import dedup, features, fileio, images, label_issues, pairs, plots
+from image_similarity import dedup, features, fileio, images, label_issues, pairs, plots, rankers
 
 
 def add_arguments(parser):
@@ -36,7 +37,7 @@ def near_duplicate_groups(path):
 
 def main(args, P):
     start = time.perf_counter()
-    skipped = images.SkippedImages()
+    skipped, candidates = images.SkippedImages(), P.svm_classProbCValCandidates
     if args.folder:
         if not args.folder.is_dir():
             raise helpers.UsageError(f"--folder {args.folder} is not a folder")
@@ -58,11 +59,13 @@ def main(args, P):
         helpers.require_features(stored, keys, P.featuresPath)
         X = stored.rows(keys)
         groups = near_duplicate_groups(P.nearDuplicatesPath)
+        if P.classifierPath.is_file():  # step 4 already chose C on these features: 4 fewer fits
+            candidates = [rankers.load_payload(P.classifierPath, stored.meta["model_id"])["ranker"].C]
         print(f"Scoring {len(keys)} images ({', '.join(f'{len(v)} {s}' for s, v in split_keys.items())}) "
               f"with features of {stored.meta['model_id']}")
     labels = [pairs.label_of(k) for k in keys]
-    proba, classes, C = label_issues.out_of_sample_probabilities(X, labels, splits, P.svm_classProbCValCandidates,
-                                                                 P.li_nrFolds, P.randomSeed)
+    proba, classes, C = label_issues.out_of_sample_probabilities(X, labels, splits, candidates, P.li_nrFolds,
+                                                                 P.randomSeed)
     duplicates = label_issues.different_label_duplicates(groups, pairs.label_of)
     issues = label_issues.find_label_issues(keys, splits, labels, proba, classes, P.li_rankedBy, duplicates)
     csv_path, sheet_path = results_dir / P.labelIssuesPath.name, results_dir / P.labelIssuesSheetPath.name
@@ -74,7 +77,8 @@ def main(args, P):
                                    f"given {row['given_label']} p={row['p_given_label']:.2f}\n"
                                    f"suggested {row['suggested_label']}") for row in shown], sheet_path,
                                  title=f"Top {len(shown)} label-issue suspects ({P.li_rankedBy})")
-    print(f"Class-probability classifier C = {C:g}, {P.li_nrFolds}-fold out-of-fold; top suspects:")
+    print(f"Class-probability classifier C = {C:g}" + (" (step 4's)" if len(candidates) == 1 else "")
+          + f", {P.li_nrFolds}-fold out-of-fold; top suspects:")
     for row in issues.rows[:10]:
         print(f"  {row['rank']:4}. {row['key']:32} {row['split']:7} given {row['given_label']:12} "
               f"p={row['p_given_label']:.3f}  suggested {row['suggested_label']}")

@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from image_similarity import evaluation, fileio, pairs, rankers  # noqa: E402
+from image_similarity import evaluation, features, fileio, pairs, rankers  # noqa: E402
 from image_similarity.features import load_features  # noqa: E402
 
 DATA = REPO.parent / "shared" / "datasets" / "fashionTexture11"
@@ -44,13 +45,20 @@ EXCLUDE_KS = (0, 10, 20, 40)
 
 
 def run_step(script, work, name, *overrides):
-    """Run one pipeline script in ``work`` with ``name`` as the dataset; returns its wall seconds."""
+    """Run one pipeline script in ``work`` with ``name`` as the dataset; returns (wall seconds, its stdout)."""
     sets = [f"workDir={work}", f"datasetName={name}", *overrides]
     command = [sys.executable, str(REPO / script)] + [a for s in sets for a in ("--set", s)]
     print(f"\n### {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
-    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    return time.perf_counter() - start
+    done = subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                          text=True)
+    print(done.stdout, end="", flush=True)
+    return time.perf_counter() - start, done.stdout
+
+
+def a6_seconds(stdout):
+    """The seconds A6 reports in its summary line (its work, without the interpreter's start-up)."""
+    return float(re.search(r"([0-9.]+) s\.$", stdout.strip()).group(1))
 
 
 def link_data(work, name, data_dir):
@@ -105,17 +113,29 @@ def plant_noise(work, fraction, seed):
 
 
 def precision_recall(issues, flipped):
-    """Precision and recall of the flipped keys among the top K train+val suspects, K = 1, 2, 3 x flipped."""
-    ranked = [row["key"] for row in issues if row["split"] in ("train", "val")]
+    """Precision and recall of the flipped keys among the top K train+val suspects, K = 1, 2, 3 x flipped.
+
+    ``issues`` ranked as A6 wrote them (li_rankedBy), and re-ranked by the other cleanlab score: normalized margin,
+    p(given) - p(best other label), which orders the same as cleanlab's rescaled version.
+    """
+    scored = [row for row in issues if row["split"] in ("train", "val")]
+    margin = sorted(scored, key=lambda row: float(row["p_given_label"]) - float(row["p_suggested_label"]))
+    out = {"self_confidence": top_k(sorted(scored, key=lambda row: float(row["p_given_label"])), flipped),
+           "normalized_margin": top_k(margin, flipped)}
+    flagged = [row["key"] for row in scored if row["flagged"] == "yes"]
+    hits = len(set(flagged) & set(flipped))
+    out["cleanlab_flagged"] = {"K": len(flagged), "precision": hits / max(len(flagged), 1),
+                               "recall": hits / len(flipped)}
+    return out
+
+
+def top_k(ranked_rows, flipped):
+    ranked = [row["key"] for row in ranked_rows]
     out = {}
     for multiple in (1, 2, 3):
         k = multiple * len(flipped)
         hits = len(set(ranked[:k]) & set(flipped))
         out[f"K={multiple}x"] = {"K": k, "precision": hits / k, "recall": hits / len(flipped)}
-    flagged = [row["key"] for row in issues if row["split"] in ("train", "val") and row["flagged"] == "yes"]
-    hits = len(set(flagged) & set(flipped))
-    out["cleanlab_flagged"] = {"K": len(flagged), "precision": hits / max(len(flagged), 1),
-                               "recall": hits / len(flipped)}
     return out
 
 
@@ -125,27 +145,36 @@ def planted(args):
     arm = work / args.arm
     link_data(arm, NAME, work / "noisy")
     common = [f"randomSeed={args.seed}", "splitFile='split.tsv'", *args.overrides]
-    seconds = {"step1": run_step("1_prepareData.py", arm, NAME, *common)}
+    seconds = {"step1": run_step("1_prepareData.py", arm, NAME, *common)[0]}
     reused = False
     if args.arm == "refined":
         if (arm / "proc" / NAME / "model.pt").exists():
             reused = True
             print(f"reusing {arm / 'proc' / NAME / 'model.pt'} (refined on these noisy labels by an earlier run)")
         else:
-            seconds["step2"] = run_step("2_refineDNN.py", arm, NAME, *common)
+            seconds["step2"] = run_step("2_refineDNN.py", arm, NAME, *common)[0]
     else:
         common.append("rf_maxEpochs=0")
-    seconds["step3"] = run_step("3_featurizeImages.py", arm, NAME, *common)
-    seconds["A6"] = run_step("A6_findLabelIssues.py", arm, NAME, *common)
+    features_path = arm / "proc" / NAME / "features.npy"
+    if features_path.exists() and (args.arm == "frozen" or reused):  # the same network on the same images
+        print(f"reusing {features_path}")
+    else:
+        seconds["step3"] = run_step("3_featurizeImages.py", arm, NAME, *common)[0]
+    seconds["A6_wall"], stdout = run_step("A6_findLabelIssues.py", arm, NAME, *common)
+    seconds["A6"] = a6_seconds(stdout)
     issues = read_issues(arm, NAME)
     scored = {row["key"] for row in issues if row["split"] in ("train", "val")}
     flipped = sorted(set(truth) & scored)  # a flipped image removed as a near-duplicate is not scored
     result = precision_recall(issues, flipped)
     print(f"\nplanted noise, {args.arm} embeddings: {len(flipped)} of {n_non_test} train+val labels flipped "
           f"({len(truth) - len(flipped)} more removed by dedup)")
-    for name, row in result.items():
-        print(f"   top {row['K']:4} ({name:16}) precision {row['precision']:.3f}  recall {row['recall']:.3f}")
-    print(f"A6 took {seconds['A6']:.1f} s (featurizing: step 3, {seconds['step3']:.1f} s)")
+    for method in ("self_confidence", "normalized_margin"):
+        for name, row in result[method].items():
+            print(f"   {method:17} top {row['K']:4} ({name}) precision {row['precision']:.3f}  "
+                  f"recall {row['recall']:.3f}")
+    row = result["cleanlab_flagged"]
+    print(f"   cleanlab flagged {row['K']}: precision {row['precision']:.3f}  recall {row['recall']:.3f}")
+    print(f"A6 took {seconds['A6']:.1f} s ({seconds['A6_wall']:.1f} s with the interpreter's start-up)")
     fileio.save_json(REPO / "bench" / "results" / f"label_issues_planted_{args.arm}.json", {
         "command": " ".join(["bench/label_issues.py", *sys.argv[1:]]), "arm": args.arm, "seed": args.seed,
         "fraction": args.fraction, "n_train_val": n_non_test, "n_flipped_scored": len(flipped),
@@ -155,12 +184,12 @@ def planted(args):
             [r for r in issues if r["split"] in ("train", "val")], 1) if row["key"] == key) for key in flipped}})
 
 
-def classprob_metrics(features, keys, sets, excluded, candidates, seed):
-    """Refit the class-probability classifier without ``excluded``; its val/test ranking metrics and accuracy."""
+def classprob_metrics(features, keys, sets, excluded, C, seed):
+    """Refit the class-probability classifier (C as given) without ``excluded``; val/test metrics and accuracy."""
     train = [k for k in keys["train"] if k not in excluded]
     xy = {split: (features.rows(ks), [pairs.label_of(k) for k in ks])
           for split, ks in (("train", train), ("val", keys["val"]), ("test", keys["test"]))}
-    classprob, _ = rankers.select_classprob_C(*xy["train"], *xy["val"], candidates, seed)
+    classprob = rankers.ClassProbRanker(C=C, random_state=seed).fit(*xy["train"])
     built = rankers.build_rankers(classprob_payload={"ranker": classprob})
     out = {}
     for split in ("val", "test"):
@@ -175,8 +204,7 @@ def classprob_metrics(features, keys, sets, excluded, candidates, seed):
 def real(args):
     labels = [label for label in args.labels.split(",") if label]
     name = NAME + (f"_{len(labels)}labels" if labels else "")
-    candidates = [0.1, 1.0, 10.0, 100.0]  # svm_classProbCValCandidates
-    runs = []
+    runs, cache = [], Path(args.work) / "frozen_features_all_labels" / "features.npy"
     for seed in [int(s) for s in args.seeds.split(",")]:
         work = Path(args.work) / f"real_{name}_seed{seed}"
         link_data(work, name, DATA)
@@ -185,20 +213,28 @@ def real(args):
             common.append(f"includeLabels={labels!r}")
         run_step("1_prepareData.py", work, name, *common)
         features_path = work / "proc" / name / "features.npy"
-        if not features_path.exists():  # frozen features do not depend on the seed: computed once per workDir
+        if not features_path.exists() and cache.exists():  # frozen features depend on neither the seed nor the split
+            for source in (cache, features.sidecar_path(cache)):
+                shutil.copyfile(source, features_path.parent / source.name)
+        if not features_path.exists():
             run_step("3_featurizeImages.py", work, name, *common)
-        a6_seconds = run_step("A6_findLabelIssues.py", work, name, *common)
+        if not labels and not cache.exists():  # every label: a superset any later run can use
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            for source in (features_path, features.sidecar_path(features_path)):
+                shutil.copyfile(source, cache.parent / source.name)
+        _, stdout = run_step("A6_findLabelIssues.py", work, name, *common)
+        seconds = a6_seconds(stdout)
         issues = read_issues(work, name)
         keys = split_keys(work, name)
         sets = {split: fileio.load_pickle(work / "proc" / name / f"imgInfos{split.title()}.pickle")
                 for split in pairs.SPLITS}
-        features = load_features(features_path)
+        stored = load_features(features_path)
         train_suspects = [row["key"] for row in issues if row["split"] == "train"]
-        effect = {k: classprob_metrics(features, keys, sets, set(train_suspects[:k]), candidates, seed)
-                  for k in EXCLUDE_KS}
+        C = float(re.search(r"classifier C = ([0-9.e+-]+)", stdout).group(1))  # A6's choice, step 4's rule
+        effect = {k: classprob_metrics(stored, keys, sets, set(train_suspects[:k]), C, seed) for k in EXCLUDE_KS}
         top20 = [{f: row[f] for f in ("rank", "key", "split", "given_label", "suggested_label", "p_given_label",
                                       "flagged")} for row in issues[:20]]
-        runs.append({"seed": seed, "a6_seconds": a6_seconds, "n_flagged": sum(r["flagged"] == "yes" for r in issues),
+        runs.append({"seed": seed, "a6_seconds": seconds, "n_flagged": sum(r["flagged"] == "yes" for r in issues),
                      "n_scored": len(issues), "top20": top20, "exclude_top_k_train": effect})
         print(f"\nseed {seed}: top 20 suspects")
         for row in top20:
@@ -222,7 +258,9 @@ def real(args):
     print("A6 seconds per seed: " + ", ".join(f"{run['a6_seconds']:.1f}" for run in runs))
     fileio.save_json(REPO / "bench" / "results" / f"label_issues_real_{name}.json", {
         "command": " ".join(["bench/label_issues.py", *sys.argv[1:]]), "dataset": name, "labels": labels or "all",
-        "embeddings": "frozen (pretrained efficientnet_lite0, rf_maxEpochs=0)", "summary": summary, "runs": runs})
+        "embeddings": "frozen (pretrained efficientnet_lite0, rf_maxEpochs=0)",
+        "classifier": "ClassProbRanker refitted on train minus the top k train suspects, C chosen by A6 as step 4 does "
+                      "(validation accuracy, k = 0), validation and test unchanged", "summary": summary, "runs": runs})
 
 
 def main():

@@ -33,8 +33,8 @@ from .fileio import save_csv
 from .rankers import ClassProbRanker, select_classprob_C
 
 __all__ = ["LABEL_ISSUE_COLUMNS", "RANKING_METHODS", "LabelIssues", "out_of_fold_probabilities",
-           "out_of_sample_probabilities", "find_label_issues", "different_label_duplicates", "save_label_issues", "load_label_issues", "read_exclude_file",
-           "without_keys"]
+           "out_of_sample_probabilities", "find_label_issues", "different_label_duplicates", "save_label_issues",
+           "load_label_issues", "read_exclude_file", "without_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,7 @@ RANKING_METHODS = ("self_confidence", "normalized_margin")
 def _full_proba(classifier, X, classes):
     """``classifier.predict_proba(X)`` with one column per entry of ``classes`` (0 for a class it never saw)."""
     proba = np.zeros((len(X), len(classes)))
-    seen = classifier.predict_proba(X)
-    columns = np.searchsorted(classes, classifier.classes_)
-    proba[:, columns] = seen
+    proba[:, np.searchsorted(classes, classifier.classes_)] = classifier.predict_proba(X)
     return proba
 
 
@@ -93,7 +91,8 @@ def out_of_sample_probabilities(X, labels, splits, C_candidates, n_folds=5, rand
     """Class probabilities that no classifier which saw the image made, for every image.
 
     The class-probability classifier's C is chosen as step 4 chooses it (best validation accuracy, train fitted,
-    'val' scored); without 'val' images, on a stratified 20% of the non-test images. Non-test images ('train',
+    'val' scored); without 'val' images, on a stratified 20% of the non-test images; a single candidate is used
+    as it is (A6 passes step 4's choice when it has one). Non-test images ('train',
     'val' or any other split name) get out-of-fold probabilities; 'test' images those of a classifier fitted on
     every non-test image.
 
@@ -118,13 +117,16 @@ def out_of_sample_probabilities(X, labels, splits, C_candidates, n_folds=5, rand
     fit_rows, test_rows = np.flatnonzero(splits != "test"), np.flatnonzero(splits == "test")
     if len(np.unique(labels[fit_rows])) < 2:
         raise ValueError(f"label issues need at least 2 labels among the {len(fit_rows)} train/val images")
-    if (splits == "val").any():
-        train, val = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val")
+    if len(C_candidates) == 1:
+        C = float(C_candidates[0])
     else:
-        train, val = train_test_split(fit_rows, test_size=0.2, stratify=_stratifiable(labels[fit_rows]),
-                                      random_state=random_state)
-    best, _ = select_classprob_C(X[train], labels[train], X[val], labels[val], C_candidates, random_state)
-    classifier = ClassProbRanker(C=best.C, random_state=random_state)
+        if (splits == "val").any():
+            train, val = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val")
+        else:
+            train, val = train_test_split(fit_rows, test_size=0.2, stratify=_stratifiable(labels[fit_rows]),
+                                          random_state=random_state)
+        C = select_classprob_C(X[train], labels[train], X[val], labels[val], C_candidates, random_state)[0].C
+    classifier = ClassProbRanker(C=C, random_state=random_state)
     proba = np.zeros((len(labels), len(np.unique(labels[fit_rows]))))
     proba[fit_rows], classes = out_of_fold_probabilities(classifier, X[fit_rows], labels[fit_rows], n_folds,
                                                          random_state)
@@ -133,7 +135,7 @@ def out_of_sample_probabilities(X, labels, splits, C_candidates, n_folds=5, rand
         if unknown:
             raise ValueError(f"test label(s) {', '.join(unknown)} have no train/val image")
         proba[test_rows] = _full_proba(clone(classifier).fit(X[fit_rows], labels[fit_rows]), X[test_rows], classes)
-    return proba, classes, best.C
+    return proba, classes, C
 
 
 def _stratifiable(labels):
