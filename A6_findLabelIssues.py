@@ -65,7 +65,7 @@ def main(args, P):
               f"with features of {stored.meta['model_id']}")
     labels = [pairs.label_of(k) for k in keys]
     proba, classes, C = label_issues.out_of_sample_probabilities(X, labels, splits, candidates, P.li_nrFolds,
-                                                                 P.randomSeed)
+                                                                 P.randomSeed, n_jobs=-1)
     duplicates = label_issues.different_label_duplicates(groups, pairs.label_of)
     issues = label_issues.find_label_issues(keys, splits, labels, proba, classes, P.li_rankedBy, duplicates)
     csv_path, sheet_path = results_dir / P.labelIssuesPath.name, results_dir / P.labelIssuesSheetPath.name

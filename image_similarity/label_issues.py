@@ -23,9 +23,11 @@ Choices, and why:
 import csv
 import dataclasses
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from joblib import Parallel, delayed
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
@@ -43,14 +45,7 @@ LABEL_ISSUE_COLUMNS = ("rank", "key", "split", "given_label", "suggested_label",
 RANKING_METHODS = ("self_confidence", "normalized_margin")
 
 
-def _full_proba(classifier, X, classes):
-    """``classifier.predict_proba(X)`` with one column per entry of ``classes`` (0 for a class it never saw)."""
-    proba = np.zeros((len(X), len(classes)))
-    proba[:, np.searchsorted(classes, classifier.classes_)] = classifier.predict_proba(X)
-    return proba
-
-
-def out_of_fold_probabilities(classifier, X, labels, n_folds=5, random_state=None):
+def out_of_fold_probabilities(classifier, X, labels, n_folds=5, random_state=None, n_jobs=None):
     """Class probabilities of every image from a clone of ``classifier`` fitted on the other folds.
 
     Parameters
@@ -64,30 +59,33 @@ def out_of_fold_probabilities(classifier, X, labels, n_folds=5, random_state=Non
         Stratified folds; lowered to the size of the largest label when that is smaller (at least 2).
     random_state : int or None
         Seeds the fold assignment.
+    n_jobs : int or None
+        Folds fitted in parallel (joblib; -1 = one per core).
 
     Returns
     -------
     proba : ndarray of shape (n_images, n_classes), float64
-        Rows sum to 1; columns in ``classes`` order.
+        Rows sum to 1; columns in ``classes`` order (0 for a label a fold's classifier never saw).
     classes : ndarray of str
         The sorted labels.
     """
     labels = np.asarray(labels)
-    classes = np.unique(labels)
-    counts = np.unique(labels, return_counts=True)[1]
+    classes, counts = np.unique(labels, return_counts=True)
     n_splits = max(2, min(n_folds, int(counts.max())))
     if counts.min() < n_splits:
         logger.warning("label(s) %s have fewer than %d images: some folds hold none of them",
                        ", ".join(classes[counts < n_splits]), n_splits)
+    with warnings.catch_warnings():  # the small-label warning above says it once, in words
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        folds = list(StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=random_state).split(X, labels))
+    fitted = Parallel(n_jobs=n_jobs)(delayed(clone(classifier).fit)(X[rows], labels[rows]) for rows, _ in folds)
     proba = np.zeros((len(labels), len(classes)))
-    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
-    for fit_rows, held_rows in folds.split(X, labels):
-        fitted = clone(classifier).fit(X[fit_rows], labels[fit_rows])
-        proba[held_rows] = _full_proba(fitted, X[held_rows], classes)
+    for model, (_, held) in zip(fitted, folds):
+        proba[np.ix_(held, np.searchsorted(classes, model.classes_))] = model.predict_proba(X[held])
     return proba, classes
 
 
-def out_of_sample_probabilities(X, labels, splits, C_candidates, n_folds=5, random_state=None):
+def out_of_sample_probabilities(X, labels, splits, C_candidates, n_folds=5, random_state=None, n_jobs=None):
     """Class probabilities that no classifier which saw the image made, for every image.
 
     The class-probability classifier's C is chosen as step 4 chooses it (best validation accuracy, train fitted,
@@ -104,6 +102,8 @@ def out_of_sample_probabilities(X, labels, splits, C_candidates, n_folds=5, rand
         ``svm_classProbCValCandidates``.
     n_folds : int
     random_state : int or None
+    n_jobs : int or None
+        Folds fitted in parallel (:func:`out_of_fold_probabilities`).
 
     Returns
     -------
@@ -129,12 +129,12 @@ def out_of_sample_probabilities(X, labels, splits, C_candidates, n_folds=5, rand
     classifier = ClassProbRanker(C=C, random_state=random_state)
     proba = np.zeros((len(labels), len(np.unique(labels[fit_rows]))))
     proba[fit_rows], classes = out_of_fold_probabilities(classifier, X[fit_rows], labels[fit_rows], n_folds,
-                                                         random_state)
+                                                         random_state, n_jobs)
     if len(test_rows):
         unknown = sorted(set(labels[test_rows]) - set(classes))
         if unknown:
             raise ValueError(f"test label(s) {', '.join(unknown)} have no train/val image")
-        proba[test_rows] = _full_proba(clone(classifier).fit(X[fit_rows], labels[fit_rows]), X[test_rows], classes)
+        proba[test_rows] = clone(classifier).fit(X[fit_rows], labels[fit_rows]).predict_proba(X[test_rows])
     return proba, classes, C
 
 
