@@ -179,7 +179,7 @@ def planted(args):
         "command": " ".join(["bench/label_issues.py", *sys.argv[1:]]), "arm": args.arm, "seed": args.seed,
         "fraction": args.fraction, "n_train_val": n_non_test, "n_flipped_scored": len(flipped),
         "n_flipped": len(truth), "refined_model_reused": reused, "overrides": args.overrides,
-        "seconds": seconds, "results": result,
+        "seconds": seconds, "load_avg_at_end": os.getloadavg(), "cpu_count": os.cpu_count(), "results": result,
         "flipped_found_at_rank": {key: next(i for i, row in enumerate(
             [r for r in issues if r["split"] in ("train", "val")], 1) if row["key"] == key) for key in flipped}})
 
@@ -258,7 +258,7 @@ def real(args):
     print("A6 seconds per seed: " + ", ".join(f"{run['a6_seconds']:.1f}" for run in runs))
     fileio.save_json(REPO / "bench" / "results" / f"label_issues_real_{name}.json", {
         "command": " ".join(["bench/label_issues.py", *sys.argv[1:]]), "dataset": name, "labels": labels or "all",
-        "embeddings": "frozen (pretrained efficientnet_lite0, rf_maxEpochs=0)",
+        "embeddings": "frozen (pretrained efficientnet_lite0, rf_maxEpochs=0)", "load_avg_at_end": os.getloadavg(),
         "classifier": "ClassProbRanker refitted on train minus the top k train suspects, C chosen by A6 as step 4 does "
                       "(validation accuracy, k = 0), validation and test unchanged", "summary": summary, "runs": runs})
 
