@@ -201,6 +201,11 @@ def classprob_metrics(features, keys, sets, excluded, C, seed):
     return out
 
 
+def rankers_C(xy, seed):
+    """The C that A6 (and step 4) choose: best validation accuracy among svm_classProbCValCandidates."""
+    return rankers.select_classprob_C(*xy["train"], *xy["val"], [0.1, 1.0, 10.0, 100.0], seed)[0].C
+
+
 def real(args):
     labels = [label for label in args.labels.split(",") if label]
     name = NAME + (f"_{len(labels)}labels" if labels else "")
@@ -222,15 +227,22 @@ def real(args):
             cache.parent.mkdir(parents=True, exist_ok=True)
             for source in (features_path, features.sidecar_path(features_path)):
                 shutil.copyfile(source, cache.parent / source.name)
-        _, stdout = run_step("A6_findLabelIssues.py", work, name, *common)
-        seconds = a6_seconds(stdout)
-        issues = read_issues(work, name)
+        issues_path = work / "results" / name / "label_issues.csv"
         keys = split_keys(work, name)
+        stored = load_features(features_path)
+        if args.reuse and issues_path.exists():  # an earlier run's A6 on this seed's split (step 1 is seeded)
+            print(f"reusing {issues_path}")
+            seconds = None
+            xy = {s: (stored.rows(keys[s]), [pairs.label_of(k) for k in keys[s]]) for s in ("train", "val")}
+            C = rankers_C(xy, seed)
+        else:
+            _, stdout = run_step("A6_findLabelIssues.py", work, name, *common)
+            seconds = a6_seconds(stdout)
+            C = float(re.search(r"classifier C = ([0-9.e+-]+)", stdout).group(1))  # A6's choice, step 4's rule
+        issues = read_issues(work, name)
         sets = {split: fileio.load_pickle(work / "proc" / name / f"imgInfos{split.title()}.pickle")
                 for split in pairs.SPLITS}
-        stored = load_features(features_path)
         train_suspects = [row["key"] for row in issues if row["split"] == "train"]
-        C = float(re.search(r"classifier C = ([0-9.e+-]+)", stdout).group(1))  # A6's choice, step 4's rule
         effect = {k: classprob_metrics(stored, keys, sets, set(train_suspects[:k]), C, seed) for k in EXCLUDE_KS}
         top20 = [{f: row[f] for f in ("rank", "key", "split", "given_label", "suggested_label", "p_given_label",
                                       "flagged")} for row in issues[:20]]
@@ -255,7 +267,7 @@ def real(args):
         s = summary[k]
         print(f"{k:>4} {100 * s['val_accuracy']:7.1f}% {100 * s['val_top1']:8.1f}% {100 * s['test_accuracy']:8.1f}% "
               f"{100 * s['test_top1']:9.1f}% {s['test_mean_rank']:15.3f}")
-    print("A6 seconds per seed: " + ", ".join(f"{run['a6_seconds']:.1f}" for run in runs))
+    print("A6 seconds per seed: " + ", ".join(f"{run['a6_seconds']}" for run in runs))
     fileio.save_json(REPO / "bench" / "results" / f"label_issues_real_{name}.json", {
         "command": " ".join(["bench/label_issues.py", *sys.argv[1:]]), "dataset": name, "labels": labels or "all",
         "embeddings": "frozen (pretrained efficientnet_lite0, rf_maxEpochs=0)", "load_avg_at_end": os.getloadavg(),
@@ -272,6 +284,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="planted: seed of the split and the flips")
     parser.add_argument("--labels", default="", help="real: comma-separated label folders (default: all)")
     parser.add_argument("--seeds", default="0,1,2", help="real: comma-separated seeds")
+    parser.add_argument("--reuse", action="store_true", help="real: reuse a label_issues.csv already in a workDir")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="PARAMETERS.py override passed to every step (repeatable)")
     args = parser.parse_args()
