@@ -145,7 +145,11 @@ def planted(args):
     arm = work / args.arm
     link_data(arm, NAME, work / "noisy")
     common = [f"randomSeed={args.seed}", "splitFile='split.tsv'", *args.overrides]
-    seconds = {"step1": run_step("1_prepareData.py", arm, NAME, *common)[0]}
+    seconds = {}
+    if args.reuse and (arm / "proc" / NAME / "imgFilenamesTest.pickle").exists():
+        print(f"reusing step 1's outputs in {arm} (same seed, same splitFile)")
+    else:
+        seconds["step1"] = run_step("1_prepareData.py", arm, NAME, *common)[0]
     reused = False
     if args.arm == "refined":
         if (arm / "proc" / NAME / "model.pt").exists():
@@ -284,7 +288,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="planted: seed of the split and the flips")
     parser.add_argument("--labels", default="", help="real: comma-separated label folders (default: all)")
     parser.add_argument("--seeds", default="0,1,2", help="real: comma-separated seeds")
-    parser.add_argument("--reuse", action="store_true", help="real: reuse a label_issues.csv already in a workDir")
+    parser.add_argument("--reuse", action="store_true", help="reuse what an earlier run left in the workDirs (planted: step 1; real: A6)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="PARAMETERS.py override passed to every step (repeatable)")
     args = parser.parse_args()
