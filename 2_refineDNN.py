@@ -37,7 +37,7 @@ def main(args, P):
         P.imgFilenamesPath[split]).items()) for key in keys] for split in ("train", "val")}
     excluded = helpers.training_exclusions(P)
     items = {split: [item for item in split_items if item[0] not in excluded] for split, split_items in items.items()}
-    config = refine.RefineConfig.from_parameters(P)
+    config = helpers.refine_config(P)
     device = refine.select_device()
     n_threads = refine.configure_threads(device)
     print(f"Refining {config.backbone} at {config.input_resolution} px on {len(items['train'])} train / "

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import helpers
-from image_similarity import dedup, features, fileio, images, label_issues, pairs, plots, rankers
+from image_similarity import dedup, embedder, features, fileio, images, label_issues, plots, rankers
+from image_similarity.splits import SPLITS, label_of
 
 
 def add_arguments(parser):
@@ -44,7 +45,8 @@ def main(args, P):
         img_dir, results_dir = args.folder, P.rootDir / "results" / args.folder.resolve().name
         paths = [p for p in images.list_images(args.folder, skipped=skipped) if len(p.relative_to(img_dir).parts) > 1]
         print(f"Embedding {len(paths)} images under {img_dir} with the pretrained {P.rf_backbone} ...")
-        keys, X = features.featurize(paths, img_dir, P.rf_backbone, P.run_mbSize, P.run_nrWorkers, skipped)
+        keys, X = embedder.load_embedder(P.rf_backbone).embed_files(paths, img_dir, P.run_mbSize, P.run_nrWorkers,
+                                                                     skipped)
         splits = ["unsplit"] * len(keys)
         groups = dedup.find_near_duplicate_groups(dedup.hash_images([img_dir / k for k in keys], img_dir,
                                                                     P.dedup_hashSize), P.dedup_maxHammingDistance)
@@ -52,9 +54,9 @@ def main(args, P):
         img_dir, results_dir = P.imgDir, P.resultsDir
         helpers.require(P.featuresPath, "3_featurizeImages.py")
         split_keys = {split: sorted(k for ks in fileio.load_pickle(helpers.require(
-            P.imgFilenamesPath[split], "1_prepareData.py")).values() for k in ks) for split in pairs.SPLITS}
-        keys = [k for split in pairs.SPLITS for k in split_keys[split]]
-        splits = [split for split in pairs.SPLITS for _ in split_keys[split]]
+            P.imgFilenamesPath[split], "1_prepareData.py")).values() for k in ks) for split in SPLITS}
+        keys = [k for split in SPLITS for k in split_keys[split]]
+        splits = [split for split in SPLITS for _ in split_keys[split]]
         stored = features.load_features(P.featuresPath)
         helpers.require_features(stored, keys, P.featuresPath)
         X = stored.rows(keys)
@@ -63,10 +65,10 @@ def main(args, P):
             candidates = [rankers.load_payload(P.classifierPath, stored.meta["model_id"])["ranker"].C]
         print(f"Scoring {len(keys)} images ({', '.join(f'{len(v)} {s}' for s, v in split_keys.items())}) "
               f"with features of {stored.meta['model_id']}")
-    labels = [pairs.label_of(k) for k in keys]
+    labels = [label_of(k) for k in keys]
     proba, classes, C = label_issues.out_of_sample_probabilities(X, labels, splits, candidates, P.li_nrFolds,
                                                                  P.randomSeed, n_jobs=-1)
-    duplicates = label_issues.different_label_duplicates(groups, pairs.label_of)
+    duplicates = label_issues.different_label_duplicates(groups, label_of)
     issues = label_issues.find_label_issues(keys, splits, labels, proba, classes, P.li_rankedBy, duplicates)
     csv_path, sheet_path = results_dir / P.labelIssuesPath.name, results_dir / P.labelIssuesSheetPath.name
     label_issues.save_label_issues(csv_path, issues)

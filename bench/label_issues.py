@@ -36,8 +36,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from image_similarity import evaluation, features, fileio, pairs, rankers  # noqa: E402
+from image_similarity import evaluation, features, fileio, rankers, training  # noqa: E402
 from image_similarity.features import load_features  # noqa: E402
+from image_similarity.splits import SPLITS, label_of  # noqa: E402
 
 DATA = REPO.parent / "shared" / "datasets" / "fashionTexture11"
 NAME = "fashionTexture11"
@@ -73,7 +74,7 @@ def split_keys(work, name):
     """``{split: [keys]}`` written by step 1 in ``work``."""
     proc = Path(work) / "proc" / name
     return {split: sorted(k for ks in fileio.load_pickle(proc / f"imgFilenames{split.title()}.pickle").values()
-                          for k in ks) for split in pairs.SPLITS}
+                          for k in ks) for split in SPLITS}
 
 
 def read_issues(work, name):
@@ -89,7 +90,7 @@ def plant_noise(work, fraction, seed):
         run_step("1_prepareData.py", clean, NAME, f"randomSeed={seed}")
     keys = split_keys(clean, NAME)
     non_test = keys["train"] + keys["val"]
-    labels = sorted({pairs.label_of(k) for k in non_test})
+    labels = sorted({label_of(k) for k in non_test})
     rng = np.random.default_rng(seed)
     flipped = set(rng.choice(non_test, size=round(fraction * len(non_test)), replace=False).tolist())
     noisy = Path(work) / "noisy"
@@ -191,7 +192,7 @@ def planted(args):
 def classprob_metrics(features, keys, sets, excluded, C, seed):
     """Refit the class-probability classifier (C as given) without ``excluded``; val/test metrics and accuracy."""
     train = [k for k in keys["train"] if k not in excluded]
-    xy = {split: (features.rows(ks), [pairs.label_of(k) for k in ks])
+    xy = {split: (features.rows(ks), [label_of(k) for k in ks])
           for split, ks in (("train", train), ("val", keys["val"]), ("test", keys["test"]))}
     classprob = rankers.ClassProbRanker(C=C, random_state=seed).fit(*xy["train"])
     built = rankers.build_rankers(classprob_payload={"ranker": classprob})
@@ -207,7 +208,7 @@ def classprob_metrics(features, keys, sets, excluded, C, seed):
 
 def rankers_C(xy, seed):
     """The C that A6 (and step 4) choose: best validation accuracy among svm_classProbCValCandidates."""
-    return rankers.select_classprob_C(*xy["train"], *xy["val"], [0.1, 1.0, 10.0, 100.0], seed)[0].C
+    return training.select_classprob_C(*xy["train"], *xy["val"], [0.1, 1.0, 10.0, 100.0], seed)[0].C
 
 
 def real(args):
@@ -237,7 +238,7 @@ def real(args):
         if args.reuse and issues_path.exists():  # an earlier run's A6 on this seed's split (step 1 is seeded)
             print(f"reusing {issues_path}")
             seconds = None
-            xy = {s: (stored.rows(keys[s]), [pairs.label_of(k) for k in keys[s]]) for s in ("train", "val")}
+            xy = {s: (stored.rows(keys[s]), [label_of(k) for k in keys[s]]) for s in ("train", "val")}
             C = rankers_C(xy, seed)
         else:
             _, stdout = run_step("A6_findLabelIssues.py", work, name, *common)
@@ -245,7 +246,7 @@ def real(args):
             C = float(re.search(r"classifier C = ([0-9.e+-]+)", stdout).group(1))  # A6's choice, step 4's rule
         issues = read_issues(work, name)
         sets = {split: fileio.load_pickle(work / "proc" / name / f"imgInfos{split.title()}.pickle")
-                for split in pairs.SPLITS}
+                for split in SPLITS}
         train_suspects = [row["key"] for row in issues if row["split"] == "train"]
         effect = {k: classprob_metrics(stored, keys, sets, set(train_suspects[:k]), C, seed) for k in EXCLUDE_KS}
         top20 = [{f: row[f] for f in ("rank", "key", "split", "given_label", "suggested_label", "p_given_label",

@@ -32,7 +32,8 @@ from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from .fileio import save_csv
-from .rankers import ClassProbRanker, select_classprob_C
+from .rankers import ClassProbRanker
+from .training import select_classprob_C
 
 __all__ = ["LABEL_ISSUE_COLUMNS", "RANKING_METHODS", "LabelIssues", "out_of_fold_probabilities",
            "out_of_sample_probabilities", "find_label_issues", "different_label_duplicates", "save_label_issues",
@@ -283,12 +284,12 @@ def without_keys(ranking_sets, excluded):
 
     Parameters
     ----------
-    ranking_sets : list of pairs.RankingSet
+    ranking_sets : list of splits.RankingSet
     excluded : set of str
 
     Returns
     -------
-    list of pairs.RankingSet
+    list of splits.RankingSet
         New objects; the inputs are unchanged.
     """
     if not excluded:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import make_labelled_images, run_script
 from image_similarity import backbones, fileio, label_issues, plots
-from image_similarity.pairs import RankingSet, label_of
+from image_similarity.splits import RankingSet, label_of
 
 LABELS = ("blue", "green", "red")
 
