@@ -5,7 +5,8 @@ SGD for rf_maxEpochs epochs (rf_lrPerMb is the per-epoch learning rate), evaluat
 every epoch and keeps the best epoch by validation accuracy (the test split is never used). Writes the best model
 to proc/<datasetName>/model.pt, refine_log.csv and refine_curves.png to results/<datasetName>/, and a resume
 checkpoint after every epoch: run again with --resume to continue an interrupted run (or to add epochs).
-rf_maxEpochs=0 skips refinement: step 3 then uses the pretrained backbone's features.
+rf_maxEpochs=0 skips refinement: step 3 then uses the pretrained backbone's features. Images listed in
+labelIssuesExcludeFile (train/val keys, e.g. from A6_findLabelIssues.py) are left out of training and validation.
 """
 import os
 
@@ -34,6 +35,8 @@ def main(args, P):
     classes = sorted(label2id, key=label2id.get)
     items = {split: [(key, label2id[label]) for label, keys in sorted(fileio.load_pickle(
         P.imgFilenamesPath[split]).items()) for key in keys] for split in ("train", "val")}
+    excluded = helpers.training_exclusions(P)
+    items = {split: [item for item in split_items if item[0] not in excluded] for split, split_items in items.items()}
     config = helpers.refine_config(P)
     device = refine.select_device()
     n_threads = refine.configure_threads(device)

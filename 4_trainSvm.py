@@ -5,9 +5,11 @@ mean rank of the positive), optional hard-negative mining adds misranked differe
 scaling is fitted on the validation pairs. A logistic regression on the embeddings (C chosen by validation accuracy)
 gives the class-probability rankers. Writes svm.pickle and classprob.pickle to proc/<datasetName>/ and
 svm_score_vs_probability.png to results/<datasetName>/. The test split is only reported, never used to choose.
+Images listed in labelIssuesExcludeFile (train/val keys, e.g. from A6_findLabelIssues.py) are left out of fitting
+and choosing; test images are never left out.
 """
 import helpers
-from image_similarity import backbones, fileio, plots, rankers, training
+from image_similarity import backbones, fileio, label_issues, plots, rankers, training
 from image_similarity.features import load_features
 from image_similarity.splits import SPLITS, label_of
 
@@ -27,6 +29,10 @@ def main(args, P):
     keys = {split: sorted(k for ks in fileio.load_pickle(P.imgFilenamesPath[split]).values() for k in ks)
             for split in SPLITS}
     helpers.require_features(features, [k for split in SPLITS for k in keys[split]], P.featuresPath)
+    excluded = helpers.training_exclusions(P)
+    for split in ("train", "val"):
+        sets[split] = label_issues.without_keys(sets[split], excluded)
+        keys[split] = [k for k in keys[split] if k not in excluded]
     print(f"Features: {len(features)} x {features.meta['dim']} from {model_id}")
 
     data = {split: training.ranking_set_pairs(features, sets[split], P.svm_boL2Normalize) for split in SPLITS}

@@ -35,6 +35,12 @@ val_maxNegImgsPerQueryImg = 100         # Negative images per validation query i
 test_maxQueryImgsPerSubdir = 20         # Query images per label used to evaluate
 test_maxNegImgsPerQueryImg = 100        # Negative images per test query image
 
+# Label issues (script: A6_findLabelIssues.py; the exclude file: steps 2 and 4)
+li_nrFolds = 5                          # Cross-validation folds for the out-of-fold class probabilities
+li_rankedBy = "self_confidence"         # cleanlab label-quality score that ranks the suspects, or "normalized_margin"
+li_nrShown = 24                         # Suspects shown in label_issues.png; 0 = no contact sheet
+labelIssuesExcludeFile = ""             # TSV of keys (first column) left out of training in steps 2 and 4, path from the root; "" = none
+
 # DNN refinement (script: 2_refineDNN.py)
 rf_backbone = "efficientnet_lite0"      # Backbone registry name (image_similarity.backbones.list_backbones())
 rf_inputResolution = 320                # Refined DNN's input width and height in pixels (resized to 256/224 of it first);
@@ -112,3 +118,6 @@ evaluationCsvPath = resultsDir / "evaluation.csv"
 topNPlotPath = resultsDir / "topN_accuracy.png"
 rankHistogramPath = resultsDir / "rank_histogram.png"
 rankingResultsPath = resultsDir / "ranking_results.csv"
+labelIssuesPath = resultsDir / "label_issues.csv"
+labelIssuesSheetPath = resultsDir / "label_issues.png"
+labelIssuesExcludePath = rootDir / labelIssuesExcludeFile if labelIssuesExcludeFile else None

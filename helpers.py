@@ -174,7 +174,8 @@ def load_service(P):
     """The web service of ``P``'s finished run (``svc_*`` knobs applied)."""
     from image_similarity.service import SimilarityService
 
-    return SimilarityService.from_run(load_run(P), P.imgDir, P.svc_maxUploadBytes, P.svc_thumbnailPx)
+    return SimilarityService.from_run(load_run(P), P.imgDir, P.svc_maxUploadBytes, P.svc_thumbnailPx,
+                                      P.labelIssuesPath)
 
 
 def require_features(features, keys, path):
@@ -183,6 +184,29 @@ def require_features(features, keys, path):
     if missing:
         raise UsageError(f"{path} lacks {len(missing)} image(s) of the splits, e.g. {missing[0]}: "
                          "run 3_featurizeImages.py again")
+
+
+def training_exclusions(P):
+    """The train/val keys that ``P.labelIssuesExcludeFile`` leaves out of training (steps 2 and 4); set() when "".
+
+    Test keys in the file are ignored with a warning; a key that is not in step 1's splits is refused (ValueError
+    naming it).
+    """
+    from image_similarity import fileio, label_issues
+
+    if P.labelIssuesExcludePath is None:
+        return set()
+    keys_by_split = {split: [k for keys in fileio.load_pickle(require(path, "1_prepareData.py")).values()
+                             for k in keys] for split, path in P.imgFilenamesPath.items()}
+    if not P.labelIssuesExcludePath.is_file():
+        raise UsageError(f"labelIssuesExcludeFile {P.labelIssuesExcludePath} not found (set labelIssuesExcludeFile='' "
+                         "to train on every image)")
+    split_of = {key: split for split, keys in keys_by_split.items() for key in keys}
+    excluded = label_issues.read_exclude_file(fileio.read_tsv(P.labelIssuesExcludePath), split_of,
+                                              str(P.labelIssuesExcludePath))
+    print(f"labelIssuesExcludeFile: leaving {len(excluded)} train/val image(s) of {P.labelIssuesExcludePath} "
+          "out of training")
+    return excluded
 
 
 @contextmanager

@@ -9,14 +9,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from PIL import Image, ImageDraw
-
 from .fileio import atomic_path
 from .images import load_image
 
 __all__ = ["DPI", "plot_top_n_curves", "plot_rank_histogram", "format_distance", "plot_query_result",
            "plot_retrieval_grid", "plot_score_vs_probability", "plot_refine_curves", "plot_table",
-           "plot_duplicate_groups"]
+           "plot_contact_sheet", "plot_duplicate_groups"]
 
 DPI = 100  # figure inches * DPI = PNG pixels (no tight bounding box, so sizes are exact)
 
@@ -222,8 +220,34 @@ def plot_table(header, rows, path, title="", bold_last_row=False):
     return _save(fig, path)
 
 
-def plot_duplicate_groups(groups, root, path, max_groups=8, max_per_group=6, thumb=128):
-    """A contact sheet of the largest groups of near-duplicates: one row per group, the kept image first (green).
+def plot_contact_sheet(tiles, path, columns=6, title=""):
+    """A grid of thumbnails, each with a caption of a few short lines (the label-issue suspects).
+
+    Parameters
+    ----------
+    tiles : list of (PIL.Image.Image or None, str)
+        ``(image, caption)`` in reading order; None leaves the tile blank (an unreadable image).
+    path : str or Path
+        PNG written, ``columns * 2`` inches wide (200 px per column), 2.6 inches (260 px) per row.
+    """
+    n_rows = max(1, int(np.ceil(len(tiles) / columns)))
+    fig = Figure(figsize=(2 * columns, 2.6 * n_rows + (0.4 if title else 0)))
+    axes = fig.subplots(n_rows, columns, squeeze=False, gridspec_kw={"hspace": 0.45, "left": 0.02, "right": 0.98,
+                                                                    "bottom": 0.02})
+    for ax in axes.ravel():
+        ax.axis("off")
+    for n, (img, caption) in enumerate(tiles):
+        ax = axes[n // columns, n % columns]
+        if img is not None:
+            ax.imshow(img)
+        ax.set_title(caption, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_duplicate_groups(groups, root, path, max_groups=8, max_per_group=6):
+    """A contact sheet of the largest groups of near-duplicates: one row per group, the kept image first.
 
     Parameters
     ----------
@@ -235,27 +259,13 @@ def plot_duplicate_groups(groups, root, path, max_groups=8, max_per_group=6, thu
         The PNG written.
     max_groups, max_per_group : int
         Rows shown (largest groups first) and images per row.
-    thumb : int
-        Thumbnail side, in pixels.
     """
-    shown = sorted(groups, key=len, reverse=True)[:max_groups]
-    label_height = 14
-    sheet = Image.new("RGB", (max(1, max_per_group) * (thumb + 4) + 4,
-                              max(1, len(shown)) * (thumb + label_height + 4) + 4), "white")
-    draw = ImageDraw.Draw(sheet)
-    if not shown:
-        draw.text((6, 6), "no near-duplicates", fill="black")
-    for row, group in enumerate(shown):
-        for column, (key, distance) in enumerate(group[:max_per_group]):
-            x, y = 4 + column * (thumb + 4), 4 + row * (thumb + label_height + 4)
-            img = load_image(Path(root) / key)
-            if img is not None:
-                img.thumbnail((thumb, thumb))
-                sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
-            draw.rectangle((x - 2, y - 2, x + thumb + 1, y + thumb + 1), outline="green" if column == 0 else "grey",
-                           width=2)
-            caption = "kept" if column == 0 else f"d={format_distance(distance)}"
-            draw.text((x, y + thumb + 2), f"{caption} {Path(key).name}"[:24], fill="black")
-    with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
-    return Path(path)
+    tiles = []
+    for group in sorted(groups, key=len, reverse=True)[:max_groups]:
+        shown = group[:max_per_group]
+        for column, (key, distance) in enumerate(shown):
+            caption = "kept" if column == 0 else f"d = {format_distance(distance)}"
+            tiles.append((load_image(Path(root) / key), f"{caption}\n{Path(key).name[:24]}"))
+        tiles += [(None, "")] * (max_per_group - len(shown))
+    return plot_contact_sheet(tiles, path, columns=max_per_group,
+                              title="near-duplicate groups" if tiles else "no near-duplicates")

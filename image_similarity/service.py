@@ -16,9 +16,11 @@ backbone, checked by ``model_id``), the features, the rankers of 4_trainSvm.py, 
 ``GET /images/{id}``
     The reference image of that id (its row in the features), or a JPEG thumbnail with ``?thumb=1``. Ids are
     opaque: unknown ids, and anything resolving outside the image folder, are 404.
+``GET /label-issues``
+    The top suspects of A6_findLabelIssues.py's label_issues.csv (:meth:`SimilarityService.label_issues`).
 ``GET /``
     A small page: drop or pick an image, see the top-k matches with labels and scores; choose k, the ranker, or
-    attributes to combine.
+    attributes to combine; open "label issues" to see the suspects with their given and suggested labels.
 
 Uploads over the size limit are refused with 413 (the declared Content-Length and the bytes actually received are
 both checked); bodies that are not a decodable image (text, truncated, decompression bomb) get 415 or 422 naming the
@@ -42,6 +44,7 @@ from starlette.datastructures import UploadFile
 from . import attributes as attribute_models
 from .distances import top_k
 from .images import ImageReadError, read_image
+from .label_issues import load_label_issues as label_issue_rows
 from .splits import label_of
 
 __all__ = ["SimilarityService", "create_app", "MAX_K", "FORM_OVERHEAD_BYTES"]
@@ -50,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 MAX_K = 100
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, headers and the small fields around the image
+LABEL_ISSUES_SHOWN = 60  # suspects listed by /label-issues and the page
 
 
 class SimilarityService:
@@ -75,10 +79,12 @@ class SimilarityService:
         Longest side of thumbnails, in pixels.
     notes : list of str, optional
         What is missing (reported by ``/health``).
+    label_issues_path : str or Path, optional
+        A label_issues.csv of A6_findLabelIssues.py, read by :meth:`label_issues` when it exists.
     """
 
     def __init__(self, embedder, features, ranker_map, image_dir, default_ranker="cosine", attribute_map=None,
-                 max_upload_bytes=10_000_000, thumb_px=160, notes=()):
+                 max_upload_bytes=10_000_000, thumb_px=160, notes=(), label_issues_path=None):
         self.embedder = embedder
         if embedder.model_id != features.meta["model_id"]:
             raise ValueError(f"the network is {embedder.model_id} but the features come from "
@@ -98,16 +104,17 @@ class SimilarityService:
         self.max_upload_bytes = int(max_upload_bytes)
         self.thumb_px = int(thumb_px)
         self.notes = list(notes)
+        self.label_issues_path = Path(label_issues_path) if label_issues_path else None
         self._net_lock = threading.Lock()  # one forward pass at a time: parallel ones only fight over the cores
         self.thumbnail = lru_cache(maxsize=4096)(self._thumbnail)
 
     @classmethod
-    def from_run(cls, run, image_dir, max_upload_bytes=10_000_000, thumb_px=160):
+    def from_run(cls, run, image_dir, max_upload_bytes=10_000_000, thumb_px=160, label_issues_path=None):
         """The service of a run loaded by :func:`.runs.load_run` (with its network)."""
         for note in run.notes:
             logger.warning(note)
         return cls(run.embedder, run.features, run.rankers, image_dir, run.default_ranker, run.attributes,
-                   max_upload_bytes, thumb_px, run.notes)
+                   max_upload_bytes, thumb_px, run.notes, label_issues_path)
 
     def health(self):
         """The ``/health`` document: a dict of plain JSON values."""
@@ -177,6 +184,21 @@ class SimilarityService:
         timings = {"decode": decoded - start, "wait": locked - decoded, "network": embedded - locked,
                    "search": searched - embedded}
         return {"ranker": name, "results": results, "timings_ms": {k: round(v * 1e3, 3) for k, v in timings.items()}}
+
+    def label_issues(self, n=LABEL_ISSUES_SHOWN):
+        """The ``/label-issues`` document: the top ``n`` suspects of label_issues.csv, with their image ids.
+
+        ``{"available": bool, "path": str or None, "suspects": [{rank, key, id, split, given_label,
+        suggested_label, p_given_label, flagged}, ...]}``; ``id`` is None for an image that is not a reference.
+        """
+        path = self.label_issues_path
+        if path is None or not path.is_file():
+            return {"available": False, "path": str(path) if path else None, "suspects": []}
+        row_of = {key: row for row, key in enumerate(self.keys)}
+        fields = ("rank", "key", "split", "given_label", "suggested_label", "p_given_label", "flagged")
+        suspects = [{**{f: row[f] for f in fields}, "id": row_of.get(row["key"])}
+                    for row in label_issue_rows(path, n)]
+        return {"available": True, "path": str(path), "suspects": suspects}
 
     def image_path(self, image_id):
         """The file of reference ``image_id`` (a row number as text), or KeyError when there is none."""
@@ -277,6 +299,10 @@ def create_app(service):
         except ImageReadError as err:
             raise HTTPException(500, f"reference image {image_id} is unreadable: {err.reason}") from None
 
+    @app.get("/label-issues")
+    def label_issues():
+        return service.label_issues()
+
     @app.get("/", response_class=HTMLResponse)
     def page():
         return PAGE.replace("{{title}}", html.escape(f"Image similarity: {len(service.keys)} references"))
@@ -296,6 +322,7 @@ body{font-family:sans-serif;margin:1.5em;max-width:70em}
 .match img{max-width:160px;max-height:160px}
 .match figcaption{font-size:.85em}
 #status.error{color:#b00}
+#issues{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:.8em;margin-top:1em}
 </style></head>
 <body>
 <h1>{{title}}</h1>
@@ -305,6 +332,8 @@ body{font-family:sans-serif;margin:1.5em;max-width:70em}
 <div id="drop">Drop an image here, or <input type="file" id="file" accept="image/*"></div>
 <p id="status"></p><div id="query"></div>
 <div id="results"></div>
+<details id="issues-view"><summary>label issues: the images whose label looks wrong</summary>
+<p id="issues-status">loading ...</p><div id="issues"></div></details>
 <script>
 const $ = id => document.getElementById(id);
 for (const n of [1, 3, 5, 10, 20, 50]) $("k").add(new Option(n, n, n === 5, n === 5));
@@ -344,6 +373,27 @@ async function search(file) {
     fig.append(link, caption); $("results").append(fig);
   });
 }
+function figure(id, alt, text) {
+  const fig = document.createElement("figure"); fig.className = "match";
+  const caption = Object.assign(document.createElement("figcaption"), {textContent: text});
+  if (id !== null) {
+    const link = Object.assign(document.createElement("a"), {href: "/images/" + id, target: "_blank"});
+    link.append(Object.assign(document.createElement("img"), {src: "/images/" + id + "?thumb=1", alt: alt}));
+    fig.append(link);
+  }
+  fig.append(caption); return fig;
+}
+$("issues-view").addEventListener("toggle", async () => {
+  if (!$("issues-view").open || $("issues").childElementCount) return;
+  const body = await (await fetch("/label-issues")).json();
+  $("issues-status").textContent = body.available ? body.suspects.length + " most suspect images, from " + body.path
+    : "No label_issues.csv yet: run A6_findLabelIssues.py.";
+  for (const s of body.suspects) {
+    const fig = figure(s.id, s.key, s.rank + ". " + s.key + " (" + s.split + "): given " + s.given_label + " (p " +
+      Number(s.p_given_label).toFixed(2) + "), suggested " + s.suggested_label);
+    fig.classList.add("suspect"); $("issues").append(fig);
+  }
+});
 $("file").addEventListener("change", e => { if (e.target.files.length) search(e.target.files[0]); });
 const drop = $("drop");
 drop.addEventListener("dragover", e => { e.preventDefault(); drop.classList.add("over"); });

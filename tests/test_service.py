@@ -268,3 +268,35 @@ def test_script_serves_and_refuses_missing_features(pipeline, tmp_path):
         process.terminate()
         output, _ = process.communicate(timeout=30)
     assert "Serving 36 references of tiny" in output and f"Open http://127.0.0.1:{port}/" in output
+
+
+def test_label_issues_view_reads_the_csv_when_present(server):
+    client, P = server
+    assert not P.labelIssuesPath.exists()
+    assert client.get("/label-issues").json() == {"available": False, "path": str(P.labelIssuesPath),
+                                                   "suspects": []}
+    write_label_issues(P.labelIssuesPath)
+    try:
+        body = client.get("/label-issues").json()
+        assert body["available"] and [s["key"] for s in body["suspects"]] == ["red/red_3.jpg", "gone/x.jpg"]
+        first = body["suspects"][0]
+        assert (first["given_label"], first["suggested_label"], first["p_given_label"]) == ("red", "blue", "0.0312")
+        assert first["id"] is not None and body["suspects"][1]["id"] is None
+        assert client.get(f"/images/{first['id']}?thumb=1").status_code == 200
+        assert 'id="issues-view"' in client.get("/").text
+    finally:
+        P.labelIssuesPath.unlink()
+
+
+def write_label_issues(path):
+    """A label_issues.csv as A6_findLabelIssues.py writes it: one real reference and one key that is not one."""
+    from image_similarity.fileio import save_csv
+    from image_similarity.label_issues import LABEL_ISSUE_COLUMNS
+
+    rows = [dict(rank=1, key="red/red_3.jpg", split="train", given_label="red", suggested_label="blue",
+                 p_given_label="0.0312", p_suggested_label="0.9", label_quality="0.0312", flagged="yes",
+                 duplicate_with_other_label=""),
+            dict(rank=2, key="gone/x.jpg", split="test", given_label="gone", suggested_label="red",
+                 p_given_label="0.2", p_suggested_label="0.7", label_quality="0.2", flagged="no",
+                 duplicate_with_other_label="")]
+    save_csv(path, LABEL_ISSUE_COLUMNS, [[row[c] for c in LABEL_ISSUE_COLUMNS] for row in rows])

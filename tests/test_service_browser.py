@@ -103,3 +103,25 @@ def test_page_combines_attributes(browser, server, tmp_path):  # noqa: F811
     assert "(attributes:tiny+again)" in browser.find_element(By.ID, "status").text
     captions = [m.text for m in browser.find_elements(By.CSS_SELECTOR, "#results figcaption")]
     assert all(", P(match) " in c for c in captions) and captions[0].startswith("1. blue - distance ")
+
+
+def test_page_shows_the_label_issue_suspects(browser, server):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from test_service import write_label_issues
+
+    client, P = server
+    write_label_issues(P.labelIssuesPath)
+    try:
+        browser.get(str(client.base_url))
+        browser.find_element(By.CSS_SELECTOR, "#issues-view summary").click()
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#issues .suspect")) == 2)
+        captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#issues figcaption")]
+        assert captions[0] == "1. red/red_3.jpg (train): given red (p 0.03), suggested blue"
+        wait.until(lambda d: d.execute_script("const i = document.querySelector('#issues img'); "
+                                              "return i.complete && i.naturalWidth > 0"))
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#issues img")) == 1  # gone/x.jpg has no image
+    finally:
+        P.labelIssuesPath.unlink()
