@@ -22,7 +22,7 @@ import numpy as np
 from .fileio import atomic_path, load_json, save_json
 
 __all__ = ["BACKENDS", "PRECISIONS", "AUTO_ORDER", "Engine", "load_engine", "export_onnx", "export_path_for",
-           "default_cache_dir", "native_bf16", "EXPORT_FORMAT"]
+           "default_cache_dir", "native_bf16", "cpu_info", "EXPORT_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +39,23 @@ def _cpu_count():
     return max(1, len(os.sched_getaffinity(0)))
 
 
+def cpu_info():
+    """``{"model": str, "flags": [...]}``: the CPU model name and its vector-arithmetic flags (/proc/cpuinfo)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {"model": "unknown", "flags": []}
+    field = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        field.setdefault(key.strip(), value.strip())
+    flags = [f for f in field.get("flags", "").split() if f.startswith(("avx", "amx", "fma"))]
+    return {"model": field.get("model name", "unknown"), "flags": flags}
+
+
 def native_bf16():
     """True when this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo), read at run time."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return any(flag in flags for flag in _BF16_FLAGS)
+    return any(flag in cpu_info()["flags"] for flag in _BF16_FLAGS)
 
 
 def default_cache_dir():
@@ -55,11 +64,11 @@ def default_cache_dir():
     return Path(root) / "image_similarity" / "engines"
 
 
-def export_path_for(model_id, checkpoint=None, cache_dir=None):
-    """The ONNX file of a model: beside its checkpoint, else ``<cache_dir>/<model_id>.onnx``."""
+def export_path_for(model_id, input_resolution, checkpoint=None, cache_dir=None):
+    """The ONNX file of a model: beside its checkpoint, else ``<cache_dir>/<model_id>-<r>px.onnx``."""
     if checkpoint is not None:
         return Path(checkpoint).with_suffix(".onnx")
-    return Path(cache_dir or default_cache_dir()) / (model_id.replace(":", "-") + ".onnx")
+    return Path(cache_dir or default_cache_dir()) / f"{model_id.replace(':', '-')}-{int(input_resolution)}px.onnx"
 
 
 def _sidecar(path):

@@ -101,8 +101,9 @@ def _torch_out(net, pixels):
 def test_export_is_reused_then_rebuilt_when_the_model_changes(tmp_path, pixels, caplog):
     checkpoint = tmp_path / "model.pt"
     first = _small_net(0)
-    export = engines.export_path_for(_save(first, checkpoint), checkpoint)
+    export = engines.export_path_for(_save(first, checkpoint), 32, checkpoint)
     assert export == tmp_path / "model.onnx"
+    assert engines.export_path_for("pretrained:x", 32, cache_dir=tmp_path) == tmp_path / "pretrained-x-32px.onnx"
     engine = engines.load_engine(first, backbones.model_id(checkpoint), 32, export, "onnxruntime")
     np.testing.assert_allclose(engine(pixels), _torch_out(first, pixels), atol=1e-5)
     written = export.stat().st_mtime_ns
