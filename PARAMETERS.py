@@ -37,7 +37,7 @@ test_maxNegImgsPerQueryImg = 100        # Negative images per test query image
 # DNN refinement (script: 2_refineDNN.py)
 rf_backbone = "efficientnet_lite0"      # Backbone registry name (image_similarity.backbones.list_backbones())
 rf_inputResolution = 320                # Refined DNN's input width and height in pixels (resized to 256/224 of it first);
-                                        # 320 beat 224 on the 11-texture validation split (README); 224 has half the pixels
+                                        # 320 beat 224 on 11-texture validation (doc/EXPERIMENTS.md); 224 has half the pixels
 rf_dropoutRate = 0.5                    # Dropout before the classification head; 0 = none
 rf_mbSize = 32                          # Minibatch size (reduce if running out of memory)
 rf_maxEpochs = 8                        # Training epochs; 0 = no refinement: pretrained features only

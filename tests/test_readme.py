@@ -1,11 +1,15 @@
-"""The README stays true: its Python examples run, and the files it links to exist."""
+"""The README and doc/ stay true: the README's Python examples run, the files they link to exist, and the accuracy
+tables match bench/results/."""
 import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
+DOCUMENTS = ["README.md", "doc/RESULTS.md", "doc/EXPERIMENTS.md"]  # doc/ARCHITECTURE.md has its own test
 
 
 def test_python_examples_run(tmp_path):
@@ -20,10 +24,12 @@ def test_python_examples_run(tmp_path):
         assert result.stdout.strip(), f"README example {n} printed nothing"
 
 
-def test_local_links_and_figures_exist():
-    targets = re.findall(r"\]\((?!https?://|#)([^)\s]+)\)", README)
-    missing = [t for t in targets if not (REPO / t.split("#")[0]).exists()]
-    assert not missing, f"README links to missing files: {missing}"
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_local_links_and_figures_exist(document):
+    path = REPO / document
+    targets = re.findall(r"\]\((?!https?://|#)([^)\s]+)\)", path.read_text(encoding="utf-8"))
+    missing = [t for t in targets if not (path.parent / t.split("#")[0]).exists()]
+    assert not missing, f"{document} links to missing files: {missing}"
 
 
 def test_scripts_named_in_the_readme_exist():
@@ -33,13 +39,14 @@ def test_scripts_named_in_the_readme_exist():
     assert not missing, f"the README names scripts that do not exist: {missing}"
 
 
-def test_accuracy_tables_match_their_bench_results():
-    """Each table between <!-- accuracy:NAME [--tutorial] --> markers is bench/accuracy_table.py's output for it."""
+@pytest.mark.parametrize("document, n_tables", [("doc/RESULTS.md", 3), ("README.md", 1)])
+def test_accuracy_tables_match_their_bench_results(document, n_tables):
+    """Each marked table (doc/RESULTS.md's per protocol, the README's summary) is bench/accuracy_table.py's output."""
     sys.path.insert(0, str(REPO / "bench"))
     import accuracy_table
 
-    blocks = re.findall(r"<!-- accuracy:(\S+)( --tutorial)? -->\n(.*?)\n<!-- /accuracy -->", README, flags=re.S)
-    assert blocks, "the README has no accuracy table"
-    for name, tutorial, table in blocks:
-        assert table.strip() == accuracy_table.render(name, bool(tutorial)).strip(), (
-            f"the README's {name} table differs from bench/accuracy_table.py {name}{tutorial}: paste its output")
+    blocks = accuracy_table.marked_blocks((REPO / document).read_text(encoding="utf-8"))
+    assert len(blocks) == n_tables, f"{document} has {len(blocks)} accuracy table(s), not {n_tables}"
+    for label, match, fresh in blocks:
+        assert match["body"].strip() == fresh.strip(), (
+            f"{document}'s table {label} differs from bench/accuracy_table.py {label}: run it with --update")
