@@ -6,14 +6,13 @@ group before splitting, so no duplicate straddles train and test. Writes the spl
 and pair CSVs to proc/<datasetName>/, and split_counts.csv, near_duplicates.csv, skipped_images.tsv to
 results/<datasetName>/.
 """
-import itertools
 import logging
 
-import numpy as np
 import pandas as pd
 
 import helpers
-from image_similarity import dedup, fileio, images, pairs
+from image_similarity import dedup, fileio, images
+from image_similarity.splits import SPLITS, label_of, splits_and_ranking_sets
 
 logger = logging.getLogger("1_prepareData")
 
@@ -36,7 +35,7 @@ def main(args, P):
         if "/" not in key:
             skipped.add(P.imgDir / key, "not inside a label folder")
         elif key not in removed:
-            keys_by_label.setdefault(pairs.label_of(key), []).append(key)
+            keys_by_label.setdefault(label_of(key), []).append(key)
     if not keys_by_label:
         skipped.save(P.skippedImagesPath)
         raise helpers.UsageError(f"no readable image in a label folder under {P.imgDir} ({P.skippedImagesPath})")
@@ -47,35 +46,21 @@ def main(args, P):
     for label in sorted(label for label, keys in keys_by_label.items() if len(keys) < 2):
         logger.warning("label %r has only %d image: it gives no query images", label, len(keys_by_label[label]))
 
-    if P.splitFilePath is not None and not P.splitFilePath.is_file():
-        raise helpers.UsageError(f"splitFile {P.splitFilePath} not found (set splitFile=None for a random split)")
-    split_rows = fileio.read_tsv(P.splitFilePath) if P.splitFilePath is not None else None
     excluded = removed | {images.image_key(path, P.imgDir) for path, _ in skipped}
-    splits = pairs.split_images(keys_by_label, P.ratioTrainTest, P.ratioValFromTrain, P.imagesSplitBy, split_rows,
-                                seed=P.randomSeed, excluded_keys=excluded)
-    rng = np.random.default_rng(P.randomSeed)
-    infos = {split: pairs.make_ranking_sets(splits[split], getattr(P, f"{split}_maxQueryImgsPerSubdir"),
-                                            getattr(P, f"{split}_maxNegImgsPerQueryImg"), rng)
-             for split in pairs.SPLITS}
-
-    used = {split: {k for keys in splits[split].values() for k in keys}
-            | {k for s in infos[split] for k in (s.query, *s.references)} for split in pairs.SPLITS}
-    for a, b in itertools.combinations(pairs.SPLITS, 2):
-        if used[a] & used[b]:
-            raise RuntimeError(f"{a} and {b} share {len(used[a] & used[b])} image(s), e.g. {min(used[a] & used[b])}")
+    splits, infos = splits_and_ranking_sets(keys_by_label, **helpers.split_settings(P), excluded_keys=excluded)
     print("Check passed: train, val and test share no image.")
 
     labels = sorted(keys_by_label)
     fileio.save_pickle(P.lutLabel2IdPath, {label: i for i, label in enumerate(labels)})
     fileio.save_pickle(P.lutId2LabelPath, dict(enumerate(labels)))
-    for split in pairs.SPLITS:
+    for split in SPLITS:
         fileio.save_pickle(P.imgFilenamesPath[split], splits[split])
         fileio.save_pickle(P.imgInfosPath[split], infos[split])
         fileio.save_csv(P.pairsCsvPath[split], ["query", "reference", "is_positive"], [
             (s.query, ref, int(pos)) for s in infos[split] for ref, pos in zip(s.references, s.is_positive)])
         print(f"{split:5}: {len(infos[split]):4} ranking sets -> "
               f"{P.imgFilenamesPath[split]}, {P.imgInfosPath[split]}, {P.pairsCsvPath[split]}")
-    counts = pd.DataFrame({split: {label: len(splits[split][label]) for label in labels} for split in pairs.SPLITS})
+    counts = pd.DataFrame({split: {label: len(splits[split][label]) for label in labels} for split in SPLITS})
     counts["total"] = counts.sum(axis=1)
     fileio.save_csv(P.splitCountsPath, ["label", *counts.columns], counts.reset_index().values.tolist())
     print(pd.concat([counts, counts.sum().to_frame("all").T]).to_string())
@@ -84,7 +69,7 @@ def main(args, P):
     if skipped:
         logger.warning(skipped.summary())
     print(f"Done: {counts['total'].sum()} images in {len(labels)} labels split "
-          f"{'/'.join(str(counts[split].sum()) for split in pairs.SPLITS)} (train/val/test), {len(removed)} near-duplicate(s) removed, {len(skipped)} file(s) skipped.")
+          f"{'/'.join(str(counts[split].sum()) for split in SPLITS)} (train/val/test), {len(removed)} near-duplicate(s) removed, {len(skipped)} file(s) skipped.")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def main(args, P):
     classes = sorted(label2id, key=label2id.get)
     items = {split: [(key, label2id[label]) for label, keys in sorted(fileio.load_pickle(
         P.imgFilenamesPath[split]).items()) for key in keys] for split in ("train", "val")}
-    config = refine.RefineConfig.from_parameters(P)
+    config = helpers.refine_config(P)
     device = refine.select_device()
     n_threads = refine.configure_threads(device)
     print(f"Refining {config.backbone} at {config.input_resolution} px on {len(items['train'])} train / "

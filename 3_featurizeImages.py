@@ -9,36 +9,33 @@ import logging
 
 import helpers
 from image_similarity import backbones, features, images
+from image_similarity.embedder import load_embedder
 
 logger = logging.getLogger("3_featurizeImages")
 
 
 def main(args, P):
-    if P.rf_maxEpochs == 0:
-        model = P.rf_backbone
-        if P.modelPath.exists():
-            print(f"rf_maxEpochs = 0: using the pretrained {P.rf_backbone}, not {P.modelPath}")
-    else:
-        model = helpers.require(P.modelPath, "2_refineDNN.py")
+    model = helpers.featurizing_model(P)
+    if P.rf_maxEpochs == 0 and P.modelPath.exists():
+        print(f"rf_maxEpochs = 0: using the pretrained {P.rf_backbone}, not {P.modelPath}")
     skipped = images.SkippedImages()
     paths = helpers.dataset_images(P, skipped)
-    embedder = backbones.load_embedder(model)
-    info = embedder[2]
-    print(f"Featurizing {len(paths)} images under {P.imgDir} with {info['model_id']} ({info['backbone']}, "
-          f"{info['input_resolution']} px, dim {info['dim']}), batches of {P.run_mbSize}, "
+    embedder = load_embedder(model)
+    print(f"Featurizing {len(paths)} images under {P.imgDir} with {embedder.model_id} ({embedder.backbone}, "
+          f"{embedder.input_resolution} px, dim {embedder.dim}), batches of {P.run_mbSize}, "
           f"{P.run_nrWorkers} workers ...")
     feats = features.featurize_to_file(paths, P.imgDir, embedder, P.featuresPath, P.run_mbSize, P.run_nrWorkers,
                                        skipped)
-    expected = backbones.get_backbone(info["backbone"]).embedding_dim
+    expected = backbones.get_backbone(embedder.backbone).embedding_dim
     if feats.matrix.shape[1] != expected:
-        raise ValueError(f"{P.featuresPath}: features have {feats.matrix.shape[1]} dims but {info['backbone']} "
+        raise ValueError(f"{P.featuresPath}: features have {feats.matrix.shape[1]} dims but {embedder.backbone} "
                          f"gives {expected}")
     skipped.save(P.skippedImagesPath)
     print(f"Featurized {len(feats)} of {len(paths)} images: {feats.matrix.shape[0]} x {feats.matrix.shape[1]} float32")
     print(f"Wrote {P.featuresPath}, {features.sidecar_path(P.featuresPath)}, {P.skippedImagesPath}")
     if skipped:
         logger.warning(skipped.summary())
-    print(f"Done: {len(feats)} feature vectors from {info['model_id']}, {len(skipped)} image(s) skipped.")
+    print(f"Done: {len(feats)} feature vectors from {embedder.model_id}, {len(skipped)} image(s) skipped.")
 
 
 if __name__ == "__main__":

@@ -6,75 +6,67 @@ scaling is fitted on the validation pairs. A logistic regression on the embeddin
 gives the class-probability rankers. Writes svm.pickle and classprob.pickle to proc/<datasetName>/ and
 svm_score_vs_probability.png to results/<datasetName>/. The test split is only reported, never used to choose.
 """
-import numpy as np
-from sklearn.base import clone
-
 import helpers
-from image_similarity import backbones, fileio, pairs, plots, rankers
+from image_similarity import backbones, fileio, plots, rankers, training
 from image_similarity.features import load_features
+from image_similarity.splits import SPLITS, label_of
 
 
 def main(args, P):
-    for split in pairs.SPLITS:
+    for split in SPLITS:
         helpers.require(P.imgInfosPath[split], "1_prepareData.py")
         helpers.require(P.imgFilenamesPath[split], "1_prepareData.py")
     helpers.require(P.featuresPath, "3_featurizeImages.py")
     features = load_features(P.featuresPath)
     model_id = features.meta["model_id"]
-    model = P.rf_backbone if P.rf_maxEpochs == 0 else P.modelPath if P.modelPath.is_file() else None
-    if model is not None and backbones.model_id(model) != model_id:
+    current = backbones.model_id(helpers.featurizing_model(P, fallback=True))
+    if current != model_id:
         raise helpers.UsageError(f"{P.featuresPath} holds features of {model_id} but the current model is "
-                                 f"{backbones.model_id(model)}: run 3_featurizeImages.py again")
-    sets = {split: fileio.load_pickle(P.imgInfosPath[split]) for split in pairs.SPLITS}
+                                 f"{current}: run 3_featurizeImages.py again")
+    sets = {split: fileio.load_pickle(P.imgInfosPath[split]) for split in SPLITS}
     keys = {split: sorted(k for ks in fileio.load_pickle(P.imgFilenamesPath[split]).values() for k in ks)
-            for split in pairs.SPLITS}
-    helpers.require_features(features, [k for split in pairs.SPLITS for k in keys[split]], P.featuresPath)
+            for split in SPLITS}
+    helpers.require_features(features, [k for split in SPLITS for k in keys[split]], P.featuresPath)
     print(f"Features: {len(features)} x {features.meta['dim']} from {model_id}")
 
-    data = {split: rankers.ranking_set_pairs(features, sets[split], P.svm_boL2Normalize) for split in pairs.SPLITS}
+    data = {split: training.ranking_set_pairs(features, sets[split], P.svm_boL2Normalize) for split in SPLITS}
     for split, (diffs, same) in data.items():
         print(f"{split:5}: {len(same):6} pairs ({int(same.sum())} same label) from {len(sets[split])} ranking sets")
 
     print(f"Choosing the SVM's C among {P.svm_CValCandidates} by validation mean rank ...")
-    ranker, table = rankers.select_C(*data["train"], features, sets["val"], P.svm_CValCandidates,
-                                     P.svm_boL2Normalize, P.randomSeed)
-    for C, rank in table.items():
+    fit = training.fit_weighted_l2(
+        data["train"], data["val"], features, sets["val"], P.svm_CValCandidates, P.svm_boL2Normalize,
+        P.svm_probabilityCalibrationNegPosRatio, (features.rows(keys["train"]), [label_of(k) for k in keys["train"]]),
+        P.svm_hardNegMining_nrIterations, P.svm_hardNegMining_nrAddPerIter, P.svm_hardNegMining_maxNrRoundsPerIter,
+        P.randomSeed)
+    ranker, calibrated = fit.ranker, fit.calibrated
+    for C, rank in fit.C_table.items():
         print(f"   C = {C:<8g} validation mean rank {rank:7.3f}" + ("   <- chosen" if C == ranker.C else ""))
+    for n, (added, total) in enumerate(fit.mining, 1):
+        print(f"Hard-negative mining {n} of {P.svm_hardNegMining_nrIterations}: added {added} pairs "
+              f"({total} training pairs now)")
 
-    train_diffs, train_same = data["train"]
-    train_x, train_labels = features.rows(keys["train"]), [pairs.label_of(k) for k in keys["train"]]
-    n_hard = 0
-    for iteration in range(1, P.svm_hardNegMining_nrIterations + 1):
-        hard = rankers.mine_hard_negatives(ranker, train_x, train_labels, P.svm_hardNegMining_nrAddPerIter,
-                                           P.svm_hardNegMining_maxNrRoundsPerIter, P.randomSeed + iteration)
-        train_diffs = np.vstack([train_diffs, hard])
-        train_same = np.concatenate([train_same, np.zeros(len(hard), bool)])
-        ranker = clone(ranker).fit(train_diffs, train_same)
-        n_hard += len(hard)
-        print(f"Hard-negative mining {iteration} of {P.svm_hardNegMining_nrIterations}: added {len(hard)} pairs "
-              f"({len(train_same)} training pairs now)")
-
-    calibrated = rankers.CalibratedRanker(ranker, P.svm_probabilityCalibrationNegPosRatio).fit(*data["val"])
     print("SVM pair accuracy (plain; balanced accuracy, as the tutorial's 'accuracy'):")
-    for split in pairs.SPLITS:
-        acc = rankers.pair_accuracies(ranker, *data[split])
+    for split in SPLITS:
+        acc = training.pair_accuracies(ranker, *data[split])
         print(f"   {split:5} accuracy {100 * acc['accuracy']:6.2f}%   balanced accuracy "
               f"{100 * acc['balanced_accuracy']:6.2f}%   ({acc['n_pairs']} pairs)")
 
-    xy = {split: (features.rows(keys[split]), [pairs.label_of(k) for k in keys[split]]) for split in pairs.SPLITS}
-    classprob, cp_table = rankers.select_classprob_C(*xy["train"], *xy["val"], P.svm_classProbCValCandidates,
+    xy = {split: (features.rows(keys[split]), [label_of(k) for k in keys[split]]) for split in SPLITS}
+    classprob, cp_table = training.select_classprob_C(*xy["train"], *xy["val"], P.svm_classProbCValCandidates,
                                                      P.randomSeed)
-    cp_acc = {split: classprob.score(*xy[split]) for split in pairs.SPLITS}
+    cp_acc = {split: classprob.score(*xy[split]) for split in SPLITS}
     print(f"Class-probability classifier (logistic regression, C = {classprob.C:g} of {list(cp_table)} by "
           "validation accuracy): " + ", ".join(f"{s} accuracy {100 * a:.2f}%" for s, a in cp_acc.items()))
 
-    rankers.save_payload(P.svmPath, model_id, ranker=ranker, calibrated=calibrated, C_table=table,
-                         n_hard_negatives=n_hard)
+    rankers.save_payload(P.svmPath, model_id, ranker=ranker, calibrated=calibrated, C_table=fit.C_table,
+                         n_hard_negatives=fit.n_hard_negatives)
     rankers.save_payload(P.classifierPath, model_id, ranker=classprob, C_table=cp_table, accuracy=cp_acc)
     plots.plot_score_vs_probability(calibrated, ranker.decision_function(data["val"][0]), data["val"][1],
                                     P.svmCurvePath)
     print(f"Wrote {P.svmPath}, {P.classifierPath}, {P.svmCurvePath}")
-    print(f"Done: weighted L2 SVM C = {ranker.C:g} on {len(train_same)} pairs ({n_hard} hard negatives), "
+    print(f"Done: weighted L2 SVM C = {ranker.C:g} on {fit.n_train_pairs} pairs ({fit.n_hard_negatives} hard "
+          "negatives), "
           f"Platt-calibrated on {len(data['val'][1])} validation pairs; class-probability test accuracy "
           f"{100 * cp_acc['test']:.1f}%.")
 

@@ -9,12 +9,12 @@ featurized images (ranking_results.csv).
 import numpy as np
 
 import helpers
-from image_similarity import evaluation, fileio, images, pairs, plots, rankers
-from image_similarity.features import load_features
+from image_similarity import evaluation, fileio, images, plots
+from image_similarity.splits import SPLITS, label_of
 
 
 def add_arguments(parser):
-    parser.add_argument("--on", choices=pairs.SPLITS, default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--on", choices=SPLITS, default="test", help="split to evaluate (default: test)")
 
 
 def visualize(ranker, features, ranking_sets, P, folder, skipped):
@@ -34,10 +34,8 @@ def main(args, P):
         helpers.require(P.imgInfosPath[split], "1_prepareData.py")
     for path in (P.svmPath, P.classifierPath):
         helpers.require(path, "4_trainSvm.py")
-    features = load_features(P.featuresPath)
-    model_id = features.meta["model_id"]
-    all_rankers = rankers.build_rankers(rankers.load_payload(P.svmPath, model_id),
-                                        rankers.load_payload(P.classifierPath, model_id), P.randomSeed)
+    run = helpers.load_run(P, network=False, attributes=False)
+    features, model_id, all_rankers = run.features, run.model_id, run.rankers
     sets = {split: fileio.load_pickle(P.imgInfosPath[split]) for split in {args.on, "val", "test"}}
     helpers.require_features(features, {k for ss in sets.values() for s in ss for k in (s.query, *s.references)},
                              P.featuresPath)
@@ -75,7 +73,7 @@ def main(args, P):
     queries = sorted({s.query for s in sets["test"]})
     found = evaluation.top_k_candidates(all_rankers[best], features, queries, features.keys, P.TOP_K_CANDIDATES)
     fileio.save_csv(P.rankingResultsPath, ["query", "rank", "candidate", "distance", "same_label"], [
-        (q, n, key, f"{dist:.6g}", int(pairs.label_of(key) == pairs.label_of(q)))
+        (q, n, key, f"{dist:.6g}", int(label_of(key) == label_of(q)))
         for q, matches in zip(queries, found) for n, (key, dist) in enumerate(matches, 1)])
     print(f"Wrote the top {P.TOP_K_CANDIDATES} of {len(features) - 1} candidates for {len(queries)} test queries "
           f"({best}) to {P.rankingResultsPath}")

@@ -3,38 +3,29 @@
 The image is embedded with the same network as the stored features (the pretrained rf_backbone when the
 features came from it, else the refined proc/<datasetName>/model.pt; any other model is refused), then ranked
 against every featurized image (or only the test split) with one ranker: by default the best on validation
-recorded by 5_evaluate.py, else L2; or, with --attributes a,b, by the mean of those attributes' calibrated match
-probabilities (this run's svm.pickle is the attribute named after the dataset; attributeModels adds others). Prints the top K with labels and distances and the time spent loading, in the
-network and searching, and saves results/<datasetName>/retrieval_<image stem>.png.
+recorded by 5_evaluate.py, else cosine; or, with --attributes a,b, by the mean of those attributes' calibrated
+match probabilities (this run's svm.pickle is the attribute named after the dataset; attributeModels adds others).
+Prints the top K with labels and distances and the time spent loading, in the network and searching, and saves
+results/<datasetName>/retrieval_<image stem>.png.
 """
-import csv
 import time
 from pathlib import Path
 
-import numpy as np
-
 import helpers
-from image_similarity import attributes, backbones, fileio, images, pairs, plots, rankers
-from image_similarity.features import featurize, load_features
+from image_similarity import attributes, fileio, images, plots, rankers
+from image_similarity.distances import top_k
+from image_similarity.splits import label_of
 
 
 def add_arguments(parser):
     parser.add_argument("image", type=Path, help="query image file (any location)")
     parser.add_argument("--top", type=int, default=15, help="matches shown (default: 15)")
     parser.add_argument("--ranker", choices=rankers.RANKER_NAMES, help="default: best on validation (5_evaluate.py), "
-                                                                       "else L2")
+                                                                       "else cosine")
     parser.add_argument("--attributes", help="comma-separated attribute names to combine instead of one ranker "
                                              "(the dataset's own name, plus the keys of attributeModels)")
     parser.add_argument("--references", choices=("all", "test"), default="all",
                         help="rank every featurized image (default) or only the test split")
-
-
-def best_ranker(P):
-    """The ranker 5_evaluate.py marked best on validation, or L2 when it has not run."""
-    if not P.evaluationCsvPath.is_file():
-        return "L2"
-    with open(P.evaluationCsvPath, encoding="utf-8", newline="") as handle:
-        return next((row["ranker"] for row in csv.DictReader(handle) if row.get("best_on_val") == "1"), "L2")
 
 
 def main(args, P):
@@ -43,21 +34,17 @@ def main(args, P):
         raise helpers.UsageError(f"--top must be at least 1, got {args.top}")
     query = images.read_image(args.image)
     helpers.require(P.featuresPath, "3_featurizeImages.py")
-    features = load_features(P.featuresPath)
-    model_id = features.meta["model_id"]
-    payloads = [rankers.load_payload(path, model_id) if path.is_file() else None
-                for path in (P.svmPath, P.classifierPath)]
-    available = rankers.build_rankers(*payloads, random_state=P.randomSeed)
-    name = args.ranker or best_ranker(P)
+    run = helpers.load_run(P, network=False)  # the network is loaded once the arguments are known to be good
+    features, model_id, available = run.features, run.model_id, dict(run.rankers)
+    name = args.ranker or run.default_ranker
     if args.attributes:
-        configured = attributes.configured_attributes(P.datasetName, P.svmPath, P.featuresPath, P.attributeModels)
         chosen = [a for a in args.attributes.split(",") if a]
-        unknown = [a for a in chosen if a not in configured]
+        unknown = [a for a in chosen if a not in run.attributes]
         if unknown or not chosen:
             raise helpers.UsageError(f"unknown attribute(s) {unknown or args.attributes!r}: configured are "
-                                     f"{sorted(configured) or 'none (run 4_trainSvm.py)'}")
+                                     f"{sorted(run.attributes) or 'none (run 4_trainSvm.py)'}")
         name = "attributes:" + "+".join(chosen)
-        available[name] = attributes.combine([configured[a] for a in chosen])
+        available[name] = attributes.combine([run.attributes[a] for a in chosen])
     if name not in available:
         raise helpers.UsageError(f"ranker {name} needs {P.svmPath.name} and {P.classifierPath.name}: "
                                  "run 4_trainSvm.py first")
@@ -67,32 +54,28 @@ def main(args, P):
         helpers.require_features(features, keys, P.featuresPath)
     else:
         keys = list(features.keys)
-    pretrained = model_id == backbones.model_id(P.rf_backbone)
-    embedder = backbones.load_embedder(P.rf_backbone if pretrained else helpers.require(P.modelPath, "2_refineDNN.py"))
-    if embedder[2]["model_id"] != model_id:
-        raise helpers.UsageError(f"{P.featuresPath} holds features of {model_id} but the network is "
-                                 f"{embedder[2]['model_id']}: run 3_featurizeImages.py again")
+    embedder = run.embedder
     loaded = time.perf_counter()
 
-    _, vector = featurize([args.image.resolve()], args.image.resolve().parent, embedder, batch_size=1, n_workers=0)
+    _, vector = embedder.embed_files([args.image.resolve()], args.image.resolve().parent, 1, n_workers=0)
     embedded = time.perf_counter()
     distances = available[name].distances(vector, features.rows(keys))[0]
-    order = np.argsort(distances, kind="stable")[:args.top]
+    order = top_k(distances, args.top)
     searched = time.perf_counter()
 
     print(f"Top {len(order)} of {len(keys)} {args.references} references for {args.image} ({name} on {model_id}):")
     for rank, i in enumerate(order, 1):
-        print(f"{rank:4}. {distances[i]:10.4f}  {pairs.label_of(keys[i]):20} {P.imgDir / keys[i]}")
+        print(f"{rank:4}. {distances[i]:10.4f}  {label_of(keys[i]):20} {P.imgDir / keys[i]}")
     print(f"Time: loading {loaded - start:.2f} s, network {embedded - loaded:.3f} s, "
           f"search {searched - embedded:.4f} s")
     skipped = images.SkippedImages()
-    matches = [(images.load_image(P.imgDir / keys[i], skipped), pairs.label_of(keys[i]), distances[i]) for i in order]
+    matches = [(images.load_image(P.imgDir / keys[i], skipped), label_of(keys[i]), distances[i]) for i in order]
     out = plots.plot_retrieval_grid(query, matches, P.resultsDir / f"retrieval_{args.image.stem}.png",
                                     title=f"query: {args.image.name}\n({name})")
     print(f"Wrote {out}")
     if skipped:
         print(skipped.summary())
-    print(f"Done: best match {keys[order[0]]} ({pairs.label_of(keys[order[0]])}, distance {distances[order[0]]:.4f}) "
+    print(f"Done: best match {keys[order[0]]} ({label_of(keys[order[0]])}, distance {distances[order[0]]:.4f}) "
           f"among {len(keys)} references in {searched - start:.1f} s.")
 
 

@@ -1,8 +1,8 @@
 """Variant A3: the pipeline of Microsoft's "Image Similarity with SQL Server Machine Learning Services", on a database.
 
 Each step reads its inputs from tables and writes its outputs to tables in one transaction (a re-run replaces them):
-  1  ImageStore, features: every image of data/<datasetName>/ and its float32 embedding (rf_backbone with
-     rf_maxEpochs=0, else proc/<datasetName>/model.pt) as a blob
+  1  ImageStore, features: every image of data/<datasetName>/ and its float32 embedding as a blob, made by the
+     refined proc/<datasetName>/model.pt when it exists (and rf_maxEpochs > 0), else by the pretrained rf_backbone
   2  training_images, evaluation_images (validation), testing_images, query_images (ranking sets), as 1_prepareData.py
   3  model: the class-probability classifier of 4_trainSvm.py, pickled
   4  scores: every image's class probabilities (one row per image and class)
@@ -15,7 +15,8 @@ default: proc/<datasetName>/image_similarity.sqlite.
 import pandas as pd
 
 import helpers
-from image_similarity import backbones, features, fileio, images, pairs, store
+from image_similarity import images, store
+from image_similarity.embedder import load_embedder
 
 
 def add_arguments(parser):
@@ -25,7 +26,7 @@ def add_arguments(parser):
 
 
 def featurize(P, engine):
-    model = P.rf_backbone if P.rf_maxEpochs == 0 else helpers.require(P.modelPath, "2_refineDNN.py")
+    model = helpers.featurizing_model(P, fallback=True)
     skipped = images.SkippedImages()
     paths = images.list_images(P.imgDir, skipped=skipped) if P.imgDir.is_dir() else []
     labelled = [path for path in paths if len(path.relative_to(P.imgDir).parts) > 1]
@@ -33,13 +34,14 @@ def featurize(P, engine):
         skipped.add(path, "not inside a label folder")
     if not labelled:
         raise helpers.UsageError(f"no images in {P.imgDir}/<label>/: put them there or run 0_downloadImages.py")
-    embedder = backbones.load_embedder(model)
-    print(f"Step 1: featurizing {len(labelled)} images under {P.imgDir} with {embedder[2]['model_id']} ...")
-    keys, matrix = features.featurize(labelled, P.imgDir, embedder, P.run_mbSize, P.run_nrWorkers, skipped)
+    embedder = load_embedder(model)
+    which = f"the refined {model}" if embedder.checkpoint else f"the pretrained {model} (no refined network)"
+    print(f"Step 1: featurizing {len(labelled)} images under {P.imgDir} with {which}, {embedder.model_id} ...")
+    keys, matrix = embedder.embed_files(labelled, P.imgDir, P.run_mbSize, P.run_nrWorkers, skipped)
     if not keys:
         raise helpers.UsageError(f"no readable image under {P.imgDir} ({skipped.summary()})")
     store.write_image_store(engine, [images.image_key(p, P.imgDir) for p in labelled], keys, matrix,
-                            embedder[2]["model_id"])
+                            embedder.model_id)
     skipped.save(P.skippedImagesPath)
     print(f"        {len(labelled)} rows in ImageStore, {len(keys)} x {matrix.shape[1]} float32 vectors in features; "
           f"{len(skipped)} file(s) skipped ({P.skippedImagesPath})")
@@ -57,14 +59,7 @@ def main(args, P):
         if step == 1:
             featurize(P, engine)
         elif step == 2:
-            if P.splitFilePath is not None and not P.splitFilePath.is_file():
-                raise helpers.UsageError(f"splitFile {P.splitFilePath} not found "
-                                         "(set splitFile=None for a random split)")
-            rows = fileio.read_tsv(P.splitFilePath) if P.splitFilePath is not None else None
-            splits, sets = store.write_splits(
-                engine, P.ratioTrainTest, P.ratioValFromTrain, P.imagesSplitBy, rows, P.randomSeed,
-                {s: getattr(P, f"{s}_maxQueryImgsPerSubdir") for s in pairs.SPLITS},
-                {s: getattr(P, f"{s}_maxNegImgsPerQueryImg") for s in pairs.SPLITS})
+            splits, sets = store.write_splits(engine, **helpers.split_settings(P))
             print("Step 2: " + ", ".join(f"{s} {sum(map(len, splits[s].values()))} images / {len(sets[s])} ranking sets"
                                          for s in splits) + " -> training/evaluation/testing_images, query_images")
         elif step == 3:

@@ -9,7 +9,8 @@ serves until interrupted:
   GET  /images/<id>      a reference image (?thumb=1: a small JPEG)
   GET  /health           what is loaded
 
-The default ranker is the one 5_evaluate.py chose on validation, else cosine. Knobs: svc_* in PARAMETERS.py.
+The default ranker is the one 5_evaluate.py chose on validation, else cosine (runs.FALLBACK_RANKER). Knobs: svc_*
+in PARAMETERS.py.
 """
 import os
 
@@ -17,7 +18,7 @@ import torch
 import uvicorn
 
 import helpers
-from image_similarity.service import SimilarityService, create_app
+from image_similarity.service import create_app
 
 
 def add_arguments(parser):
@@ -35,7 +36,7 @@ def main(args, P):
         raise helpers.UsageError(f"--port must be in 1..65535, got {args.port}")
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))  # torch counts the host's cores, not ours
     print(f"Loading {P.featuresPath} and its network ...")
-    service = SimilarityService.from_parameters(P)
+    service = helpers.load_service(P)
     for note in service.notes:
         print(f"note: {note}")
     print(f"Serving {len(service.keys)} references of {P.datasetName} ({service.model_id}); rankers "

@@ -34,12 +34,7 @@ def main(args, P):
     except ImportError as err:
         raise helpers.UsageError(f"Ray is not installed ({err}): pip install .[scale]") from None
     root, out = args.dir or P.imgDir, args.out or P.featuresPath
-    if args.model:
-        model = args.model
-    elif P.rf_maxEpochs == 0:
-        model = P.rf_backbone
-    else:
-        model = helpers.require(P.modelPath, "2_refineDNN.py")
+    model = args.model or helpers.featurizing_model(P)
     skipped = images.SkippedImages()
     paths = images.list_images(root, skipped=skipped) if root.is_dir() else []
     if not paths:

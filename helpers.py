@@ -13,6 +13,12 @@ from pathlib import Path
 
 PARAMETERS_FILE = Path(__file__).resolve().parent / "PARAMETERS.py"
 DERIVED_MARKER = "# Derived paths"
+# image_similarity.refine.RefineConfig's fields and the PARAMETERS.py knobs that set them.
+REFINE_KNOBS = {"backbone": "rf_backbone", "input_resolution": "rf_inputResolution", "dropout": "rf_dropoutRate",
+                "batch_size": "rf_mbSize", "max_epochs": "rf_maxEpochs", "lr_per_epoch": "rf_lrPerMb",
+                "momentum": "rf_momentumPerMb", "weight_decay": "rf_l2RegWeight",
+                "freeze_backbone": "rf_boFreezeWeights", "balance": "rf_boBalanceTrainingSet", "max_train_images": "rf_maxTrainImages",
+                "n_workers": "rf_nrWorkers", "seed": "randomSeed"}
 
 
 class UsageError(Exception):
@@ -118,6 +124,57 @@ def require(path, step):
     if not Path(path).exists():
         raise UsageError(f"{path} not found: run {step} first")
     return path
+
+
+def split_settings(P):
+    """Step 1's split and ranking-set knobs as the keyword arguments of ``splits.splits_and_ranking_sets``."""
+    from image_similarity.fileio import read_tsv
+    from image_similarity.splits import SPLITS
+
+    if P.splitFilePath is not None and not P.splitFilePath.is_file():
+        raise UsageError(f"splitFile {P.splitFilePath} not found (set splitFile=None for a random split)")
+    return {"ratio_train": P.ratioTrainTest, "ratio_val": P.ratioValFromTrain,
+            "max_queries": {split: getattr(P, f"{split}_maxQueryImgsPerSubdir") for split in SPLITS},
+            "max_negatives": {split: getattr(P, f"{split}_maxNegImgsPerQueryImg") for split in SPLITS},
+            "split_by": P.imagesSplitBy, "seed": P.randomSeed,
+            "split_file_rows": read_tsv(P.splitFilePath) if P.splitFilePath is not None else None}
+
+
+def refine_config(P):
+    """The ``rf_*`` knobs (and ``randomSeed``) as a ``RefineConfig``; a bad value is a UsageError naming its knob."""
+    from image_similarity.refine import RefineConfig
+
+    try:
+        return RefineConfig(**{field: getattr(P, knob) for field, knob in REFINE_KNOBS.items()})
+    except ValueError as err:
+        field = str(err).split(" ", 1)[0]
+        raise UsageError(f"{REFINE_KNOBS[field]}: {err}" if field in REFINE_KNOBS else str(err)) from None
+
+
+def featurizing_model(P, fallback=False):
+    """The network to embed with: the refined ``P.modelPath``, or the pretrained ``P.rf_backbone``.
+
+    The pretrained backbone when ``rf_maxEpochs`` is 0, or, with ``fallback``, when no refined network exists yet;
+    else a missing checkpoint is a UsageError naming step 2.
+    """
+    if P.rf_maxEpochs > 0 and (P.modelPath.exists() or not fallback):
+        return require(P.modelPath, "2_refineDNN.py")
+    return P.rf_backbone
+
+
+def load_run(P, network=True, attributes=True):
+    """The finished run of ``P``'s dataset: :func:`image_similarity.runs.load_run` on its paths."""
+    from image_similarity.runs import load_run as load
+
+    return load(P.featuresPath, P.rf_backbone, P.modelPath, P.svmPath, P.classifierPath, P.evaluationCsvPath,
+                P.datasetName if attributes else None, P.attributeModels, P.randomSeed, network)
+
+
+def load_service(P):
+    """The web service of ``P``'s finished run (``svc_*`` knobs applied)."""
+    from image_similarity.service import SimilarityService
+
+    return SimilarityService.from_run(load_run(P), P.imgDir, P.svc_maxUploadBytes, P.svc_thumbnailPx)
 
 
 def require_features(features, keys, path):

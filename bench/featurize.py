@@ -6,7 +6,7 @@ as JPEG to a temporary folder, are embedded three ways with the same backbone:
      tutorial's loop);
   2. forward: the model's forward alone on pre-decoded tensors, in batches, as features.py runs it (channels-last,
      inference mode), i.e. the ceiling for (3);
-  3. project: features.featurize end to end from the files (DataLoader workers decode while the model runs).
+  3. project: Embedder.embed_files end to end from the files (DataLoader workers decode while the model runs).
 The three alternate for --rounds rounds and the best rate of each is kept, since the machine may be shared.
 Then (2) alone for batch sizes 1-64, which is how run_mbSize's default was chosen, and the preprocessing cost per
 image in one thread: decoding plus torchvision's Resize + CenterCrop + ToTensor + Normalize against decoding plus
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from image_similarity import backbones, features, fileio
+from image_similarity.embedder import load_embedder
 from image_similarity.images import list_images, read_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def tutorial_loop(paths, net, transform):
 
 
 def forward_only(batches, embedder):
-    net = embedder[0].to(memory_format=torch.channels_last)
+    net = embedder.net  # channels-last on CPU
     with torch.inference_mode():
         start = time.perf_counter()
         for batch in batches:
@@ -81,7 +82,7 @@ def preprocess_ms(paths, transform, rounds=3):
 
 def project_path(paths, root, embedder, batch_size, n_workers):
     start = time.perf_counter()
-    keys, _ = features.featurize(paths, root, embedder, batch_size, n_workers)
+    keys, _ = embedder.embed_files(paths, root, batch_size, n_workers)
     assert len(keys) == len(paths)
     return len(paths) / (time.perf_counter() - start)
 
@@ -98,15 +99,15 @@ def throughput(paths, root, name, batch_size, n_workers, rounds, sweep_sizes=(1,
     preprocessing : dict of str to float
         Milliseconds per image to decode and preprocess, torchvision's two steps against ``EvalTransform.to_uint8``.
     """
-    plain, fast = backbones.load_embedder(name), backbones.load_embedder(name)
+    plain, fast = backbones.create_model(name), load_embedder(name, "cpu")
     reference = backbones.torchvision_eval_transform(name)
-    tensors = torch.stack([fast[1](read_image(p)) for p in paths])
+    tensors = torch.stack([fast.transform(read_image(p)) for p in paths])
     batches = [tensors[i:i + batch_size] for i in range(0, len(tensors), batch_size)]
-    tutorial_loop(paths[:2], plain[0], reference)  # warm-up
+    tutorial_loop(paths[:2], plain, reference)  # warm-up
     forward_only(batches[:1], fast)
     runs = {"tutorial_one_at_a_time": [], "forward_only_batched": [], "project_featurize_end_to_end": []}
     for _ in range(rounds):
-        runs["tutorial_one_at_a_time"].append(tutorial_loop(paths, plain[0], reference))
+        runs["tutorial_one_at_a_time"].append(tutorial_loop(paths, plain, reference))
         runs["forward_only_batched"].append(forward_only(batches, fast))
         runs["project_featurize_end_to_end"].append(project_path(paths, root, fast, batch_size, n_workers))
     sample = tensors[:64]
@@ -147,9 +148,9 @@ def memory_run(n, name, batch_size, n_workers):
         for i in range(n):
             paths.append(root / f"img_{i:06d}.jpg")
             os.link(sources[i % len(sources)], paths[-1])
-        embedder = backbones.load_embedder(name)
+        embedder = load_embedder(name, "cpu")
         samples, done = [], threading.Event()
-        dim = embedder[2]["dim"]
+        dim = embedder.dim
 
         def sample():
             while not done.wait(0.5):

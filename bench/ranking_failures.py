@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from image_similarity import evaluation, fileio, pairs, rankers
+from image_similarity import distances, evaluation, fileio, rankers
 from image_similarity.features import load_features
+from image_similarity.splits import label_of
 
 REPO = Path(__file__).resolve().parents[1]
 CAUSES = ("query misclassified", "positive misclassified", "misclassified image among the negatives", "other")
@@ -37,20 +38,20 @@ def classified_right(probabilities, classes, images):
     """A copy of ``probabilities`` where each of ``images`` has its predicted and true labels' probabilities swapped."""
     swapped = dict(probabilities)
     for key in images:
-        p, true, guess = swapped[key].copy(), classes.index(pairs.label_of(key)), int(swapped[key].argmax())
+        p, true, guess = swapped[key].copy(), classes.index(label_of(key)), int(swapped[key].argmax())
         p[[true, guess]] = p[[guess, true]]
         swapped[key] = p
     return swapped
 
 
 def positive_ranks(probabilities, ranking_sets, metric):
-    """Rank of the positive in every ranking set, ranked by ``metric`` (``rankers.PROBABILITY_METRICS``).
+    """Rank of the positive in every ranking set, ranked by ``metric`` (``distances.PROBABILITY_METRICS``).
 
     Returns
     -------
     ndarray of shape (n_sets,), int
     """
-    return np.array([evaluation.positive_rank(rankers.probability_distances(
+    return np.array([evaluation.positive_rank(distances.probability_distances(
         probabilities[s.query][None], np.array([probabilities[k] for k in s.references]), metric)[0], s.is_positive)
         for s in ranking_sets], dtype=np.int64)
 
@@ -69,7 +70,7 @@ def failure_causes(probabilities, classes, ranking_sets, metric):
         From :func:`class_probabilities`.
     classes : list of str
         The label of each probability column.
-    ranking_sets : list of pairs.RankingSet
+    ranking_sets : list of splits.RankingSet
     metric : str
         The class-probability ranker's metric.
 
@@ -82,9 +83,9 @@ def failure_causes(probabilities, classes, ranking_sets, metric):
         Queries missing top-1 per cause (:data:`CAUSES`).
     ranks : ndarray of shape (n_sets,), int
     """
-    misclassified = [{"key": key, "label": pairs.label_of(key), "predicted": str(classes[p.argmax()]),
+    misclassified = [{"key": key, "label": label_of(key), "predicted": str(classes[p.argmax()]),
                       "probability": round(float(p.max()), 3)}
-                     for key, p in sorted(probabilities.items()) if classes[p.argmax()] != pairs.label_of(key)]
+                     for key, p in sorted(probabilities.items()) if classes[p.argmax()] != label_of(key)]
     for row in misclassified:
         fixed = positive_ranks(classified_right(probabilities, classes, [row["key"]]), ranking_sets, metric)
         row["top1_if_right"] = float(np.mean(fixed == 1))

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import helpers  # noqa: E402
 from image_similarity import backbones, fileio, images, refine  # noqa: E402
+from image_similarity.embedder import collate_good_bad  # noqa: E402
 
 TEXTURES = REPO.parent / "shared" / "datasets" / "fashionTexture11"
 LABELS = ("dotted", "striped", "leopard")
@@ -64,11 +65,11 @@ def warm_up(model, batch, memory_format):
 
 def plain_steps(model, dataset, indices, batch_size, lr, momentum, weight_decay):
     """The reference, one yield per batch: a textbook eager loop, NCHW tensors, data loaded in the main process."""
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=0,
-                        collate_fn=refine.collate_skipping_bad)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=0, collate_fn=collate_good_bad)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     model.train()
-    for batch, labels, _ in loader:
+    for kept, batch, _ in loader:
+        labels = dataset.labels[kept]
         loss = torch.nn.functional.cross_entropy(model(batch), labels)
         optimizer.zero_grad()
         loss.backward()
@@ -81,6 +82,7 @@ class Interleaved:
 
     def __init__(self, project_loader, plain):
         self.project_loader, self.plain = project_loader, plain
+        self.dataset = project_loader.dataset
         self.plain_s, self.plain_images = 0.0, 0
 
     def __len__(self):
@@ -119,10 +121,11 @@ def main():
     n_images = len(items) if args.batches is None else min(len(items), args.batches * P.rf_mbSize)
     indices = refine.epoch_indices([y for _, y in items], 0, P.randomSeed)[:n_images]
     spec = backbones.get_backbone(P.rf_backbone)
-    dataset = refine.ImageListDataset(TEXTURES, items, backbones.train_transform(spec, resolution))
+    dataset = refine.LabelledImages(TEXTURES, items, backbones.train_transform(spec, resolution))
     torch.manual_seed(P.randomSeed)
     initial = backbones.ImageClassifier(backbones.create_model(P.rf_backbone), len(LABELS), P.rf_dropoutRate)
-    warm_batch = refine.collate_skipping_bad([dataset[i] for i in indices[:P.rf_mbSize]])[:2]
+    kept, batch, _ = collate_good_bad([dataset[i] for i in indices[:P.rf_mbSize]])
+    warm_batch = batch, dataset.labels[kept]
     cpu = torch.device("cpu")
     load_before = os.getloadavg()
     print(f"{n_images} images of {TEXTURES.name} ({', '.join(LABELS)}), {P.rf_backbone} at {resolution} px, "

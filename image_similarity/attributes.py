@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import pairs, rankers
+from . import rankers, training
+from .distances import from_probability, top_k
 from .features import Features, sidecar_path
 from .fileio import load_json
 from .similarity_model import SimilarityModel
+from .splits import SPLITS, group_by_label, splits_and_ranking_sets
 
 __all__ = ["AttributeModel", "CombinedSimilarity", "combine", "configured_attributes"]
 
@@ -99,10 +101,10 @@ class AttributeModel:
             random_state=0):
         """Learn one attribute from embeddings and their labels for it.
 
-        With ``kind='weightedl2prob'`` (the tutorial's), each label's images are split (``pairs.split_images``)
-        into a training part and a held-out calibration part; ranking sets of each part
-        (``pairs.make_ranking_sets``) give (query, reference) pairs; a :class:`rankers.WeightedL2Ranker` is fitted
-        on the training pairs and Platt-calibrated (:class:`rankers.CalibratedRanker`) on the held-out ones.
+        With ``kind='weightedl2prob'`` (the tutorial's), each label's images are split into a training part and a
+        held-out calibration part, whose ranking sets give (query, reference) pairs
+        (``splits.splits_and_ranking_sets``); a :class:`rankers.WeightedL2Ranker` is fitted on the training pairs
+        and Platt-calibrated on the held-out ones (``training.fit_weighted_l2``).
         With ``kind='classprob'``, a :class:`rankers.ClassProbRanker` is fitted on all images.
 
         Parameters
@@ -116,7 +118,7 @@ class AttributeModel:
         kind : {'weightedl2prob', 'classprob'}
         C : float or list of float
             SVM (or logistic regression) penalty. A list: the weighted-L2 C with the lowest mean rank of the positive
-            on the held-out ranking sets is kept (``rankers.select_C``).
+            on the held-out ranking sets is kept (``training.select_C``).
         calibration_fraction : float
             Fraction of each label's images held out for the calibration, in (0, 1).
         max_queries_per_label, max_negatives_per_query : int
@@ -138,28 +140,22 @@ class AttributeModel:
             return cls(ranker, name, model_id)
         if kind != "weightedl2prob":
             raise ValueError(f"kind must be 'weightedl2prob' or 'classprob', got {kind!r}")
-        by_label = {}
-        for key, label in zip(keys, labels):
-            by_label.setdefault(str(label), []).append(key)
-        split = pairs.split_images(by_label, 1.0, calibration_fraction, seed=random_state)
-        rng = np.random.default_rng(random_state)
-        sets = {part: pairs.make_ranking_sets(split[part], max_queries_per_label, max_negatives_per_query, rng)
-                for part in ("train", "val")}
+        by_label = group_by_label(keys, labels)
+        _, sets = splits_and_ranking_sets(by_label, 1.0, calibration_fraction,
+                                          dict.fromkeys(SPLITS, max_queries_per_label),
+                                          dict.fromkeys(SPLITS, max_negatives_per_query), seed=random_state)
         if not sets["train"] or not sets["val"]:
             raise ValueError(f"attribute {name!r}: the training and calibration parts each need two or more images "
                              f"of some label and images of another label (labels: "
                              f"{ {label: len(ks) for label, ks in by_label.items()} }); add images or change "
                              f"calibration_fraction={calibration_fraction}")
         store = Features(keys, matrix, {})
-        train, val = (rankers.ranking_set_pairs(store, sets[part], l2_normalize) for part in ("train", "val"))
-        if np.ndim(C):
-            ranker, table = rankers.select_C(*train, store, sets["val"], C, l2_normalize, random_state)
-            logger.info("attribute %s: C %g chosen, held-out mean ranks %s", name, ranker.C, table)
-        else:
-            ranker = rankers.WeightedL2Ranker(C=C, l2_normalize=l2_normalize, random_state=random_state).fit(*train)
-        calibrated = rankers.CalibratedRanker(ranker, neg_pos_ratio).fit(*val)
-        logger.info("attribute %s: SVM on %d pairs, calibrated on %d held-out pairs", name, len(train[1]),
-                    len(val[1]))
+        train, val = (training.ranking_set_pairs(store, sets[part], l2_normalize) for part in ("train", "val"))
+        fitted = training.fit_weighted_l2(train, val, store, sets["val"], C if np.ndim(C) else [C], l2_normalize,
+                                          neg_pos_ratio, random_state=random_state)
+        logger.info("attribute %s: C %g chosen (held-out mean ranks %s), SVM on %d pairs, calibrated on %d held-out "
+                    "pairs", name, fitted.ranker.C, fitted.C_table, len(train[1]), len(val[1]))
+        calibrated = fitted.calibrated
         return cls(calibrated, name, model_id)
 
     @classmethod
@@ -272,7 +268,7 @@ class CombinedSimilarity:
 
     def distances(self, queries, references):
         """1 - combined P(match), (n_q, n_r) float64 in [0, 1]: lower is more similar."""
-        return 1.0 - self.probabilities(queries, references)
+        return from_probability(self.probabilities(queries, references))
 
     def query(self, images, k=5):
         """The ``k`` references with the highest combined P(match) for each query image.
@@ -300,7 +296,7 @@ class CombinedSimilarity:
         for start in range(0, len(names), step):
             per = self.attribute_probabilities(queries[start:start + step])
             combined = np.tensordot(self.weights, per, axes=1)
-            top = np.argsort(-combined, axis=1, kind="stable")[:, :k]
+            top = top_k(-combined, k)
             q = np.repeat(np.arange(len(top)), k)
             r = top.ravel()
             columns = {"query": np.asarray(names[start:start + step], dtype=object)[q], "reference": keys[r],

@@ -29,7 +29,7 @@ from .fileio import atomic_path
 
 __all__ = ["BackboneSpec", "register_backbone", "list_backbones", "get_backbone", "weights_path_for", "create_model",
            "ResizeCenterCrop", "EvalTransform", "eval_transform", "torchvision_eval_transform", "train_transform",
-           "ImageClassifier", "save_checkpoint", "load_checkpoint", "load_embedder", "model_id", "file_sha256",
+           "ImageClassifier", "save_checkpoint", "load_checkpoint", "model_id", "file_sha256",
            "CHECKPOINT_FORMAT"]
 
 logger = logging.getLogger(__name__)
@@ -476,33 +476,3 @@ def model_id(model):
     if not path.is_file():
         raise ValueError(f"{model!r} is neither a backbone name ({', '.join(_REGISTRY)}) nor an existing checkpoint")
     return f"sha256:{file_sha256(path, 16)}"
-
-
-def load_embedder(model, device=None):
-    """The feature extractor for a registry name (pretrained) or a refined checkpoint path.
-
-    Parameters
-    ----------
-    model : str or Path
-        A name from :func:`list_backbones` or the path of a checkpoint written by :func:`save_checkpoint`.
-    device : str or torch.device, optional
-        Where to put the network; default CPU.
-
-    Returns
-    -------
-    (nn.Module, callable, dict)
-        The network in eval mode mapping (N, 3, r, r) float32 to (N, D) features; the :class:`EvalTransform` from a
-        PIL RGB image to (3, r, r); and info with ``model_id``, ``backbone``, ``dim``, ``input_resolution``.
-    """
-    if isinstance(model, str) and model in _REGISTRY:
-        spec = get_backbone(model)
-        net, resolution = create_model(model), spec.input_size
-        info = {"model_id": model_id(model), "backbone": model}
-    else:
-        model_id(model)  # a clear error when it is neither a name nor a file
-        classifier, ckpt = load_checkpoint(model)
-        spec, net, resolution = get_backbone(ckpt["backbone"]), classifier.backbone, ckpt["input_resolution"]
-        info = {"model_id": ckpt["model_id"], "backbone": ckpt["backbone"], "checkpoint": str(model)}
-    info.update(dim=int(net.num_features), input_resolution=int(resolution))
-    net = net.to(device or "cpu").eval()
-    return net, eval_transform(spec, resolution), info

@@ -6,6 +6,8 @@ reciprocal rank, so mAP is the MRR and is not reported twice.
 """
 import numpy as np
 
+from .distances import top_k
+
 __all__ = ["positive_rank", "top_k_accuracy", "mean_rank", "median_rank", "mean_reciprocal_rank", "evaluate",
            "rank_ranking_sets", "top_k_candidates"]
 
@@ -106,7 +108,7 @@ def rank_ranking_sets(ranker, features, ranking_sets):
     ranker : object with ``distances(queries, references)``
     features : image_similarity.features.Features
         Must hold every query and reference key (``features.rows(keys)``).
-    ranking_sets : list of image_similarity.pairs.RankingSet
+    ranking_sets : list of image_similarity.splits.RankingSet
 
     Returns
     -------
@@ -149,6 +151,6 @@ def top_k_candidates(ranker, features, query_keys, candidate_keys, k, batch_size
         for row, query in zip(distances, batch):
             if query in position:
                 row[position[query]] = np.inf
-            order = np.argsort(row, kind="stable")[:k]
+        for row, order in zip(distances, top_k(distances, k)):
             results.append([(candidate_keys[j], float(row[j])) for j in order if np.isfinite(row[j])])
     return results

@@ -1,155 +1,19 @@
-"""Batched featurization of image files, and the features store (a float32 .npy plus a JSON sidecar).
+"""The one features store: a float32 .npy plus a JSON sidecar (keys, model_id, backbone, dim).
 
-Images are decoded, resized and cropped in DataLoader workers through :func:`images.load_image`, which send uint8
-pixels; each batch is normalised in this process just before the forward pass. A bad file is skipped, named and
-counted once, and a batch in which every image is bad is simply empty. Features can be streamed straight into the
-``.npy`` file, so a million images never need their matrix in memory.
+Features are keyed by the image's path relative to its folder ("label/file.jpg"). Step 3 streams them straight into
+the ``.npy`` file from an :class:`embedder.Embedder` (:func:`featurize_to_file`), so a million images never need
+their matrix in memory; A2 keeps a store up to date with a folder (:func:`update_features`); A5 and a saved
+``SimilarityModel`` write the same format (:func:`save_features`).
 """
-import logging
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from .backbones import load_embedder
 from .fileio import atomic_path, load_json, save_json, save_npy
-from .images import SkippedImages, image_key, load_image
+from .images import image_key
 
-__all__ = ["ImageFileDataset", "iter_features", "featurize", "featurize_to_file", "save_features", "load_features",
-           "Features", "sidecar_path"]
-
-logger = logging.getLogger(__name__)
-
-
-class ImageFileDataset(Dataset):
-    """Image files as ``(index, tensor or None, reason or None)``; unreadable files give ``None`` and the reason.
-
-    Parameters
-    ----------
-    paths : list of Path
-    transform : callable
-        PIL RGB image -> tensor of shape (3, r, r), e.g. ``EvalTransform.to_uint8``.
-    """
-
-    def __init__(self, paths, transform):
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        local = SkippedImages()  # workers are separate processes: the reason travels back with the item
-        image = load_image(self.paths[index], local)
-        if image is None:
-            return index, None, next(iter(local))[1]
-        return index, self.transform(image), None
-
-
-def _collate(items):
-    """Stack the readable images; bad ones travel as ``(index, reason)``. An all-bad batch gives ``None``."""
-    good = [(i, x) for i, x, _ in items if x is not None]
-    bad = [(i, reason) for i, x, reason in items if x is None]
-    batch = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], batch, bad
-
-
-@contextmanager
-def _cpu_threads():
-    """Use as many intra-op threads as this process may run on (torch counts all cores of the host)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, len(os.sched_getaffinity(0)))))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _embedder(model, device):
-    if isinstance(model, (str, os.PathLike)):
-        return load_embedder(model, device)
-    return model
-
-
-def iter_features(paths, root, model, batch_size=64, n_workers=2, skipped=None, device=None):
-    """Yield ``(keys, rows)`` batch by batch, in the order of ``paths``, skipping unreadable images.
-
-    Parameters
-    ----------
-    paths : list of Path
-        Image files under ``root``.
-    root : Path
-        Keys are the paths relative to it, with forward slashes.
-    model : str, Path or tuple
-        A backbone name, a checkpoint path, or the ``(net, transform, info)`` of ``backbones.load_embedder``.
-    batch_size : int
-        Images per forward pass.
-    n_workers : int
-        DataLoader worker processes decoding images (0 = in this process).
-    skipped : SkippedImages, optional
-        Receives every unreadable file with its reason (one entry per image).
-    device : str or torch.device, optional
-        Default: CUDA when available (with AMP and pinned memory), else CPU (channels-last).
-
-    Yields
-    ------
-    (list of str, ndarray of shape (n, D), float32)
-    """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net, transform, info = _embedder(model, device)
-    net = net.to(device).eval()
-    cuda = device.type == "cuda"
-    if not cuda:
-        net = net.to(memory_format=torch.channels_last)
-    paths = [Path(p) for p in paths]
-    keys = [image_key(p, root) for p in paths]
-    n_batches = -(-len(paths) // batch_size)
-    loader = DataLoader(ImageFileDataset(paths, transform.to_uint8), batch_size=batch_size, shuffle=False,
-                        num_workers=min(n_workers, n_batches), collate_fn=_collate, pin_memory=cuda)
-    n_bad = 0
-    with _cpu_threads(), torch.inference_mode(), tqdm(total=len(paths), unit="img", desc="featurize",
-                                                      disable=None) as bar:
-        for indices, batch, bad in loader:
-            for i, reason in bad:
-                if skipped is not None:
-                    skipped.add(paths[i], reason)
-            n_bad += len(bad)
-            bar.update(len(indices) + len(bad))
-            if batch is None:
-                continue
-            if cuda:
-                with torch.autocast("cuda", dtype=torch.float16):
-                    out = net(transform.normalize(batch.to(device, non_blocking=True)))
-            else:
-                out = net(transform.normalize(batch.contiguous(memory_format=torch.channels_last)))
-            yield [keys[i] for i in indices], out.float().cpu().numpy()
-    logger.info("featurized %d of %d images with %s (%d skipped)", len(paths) - n_bad, len(paths),
-                info["model_id"], n_bad)
-
-
-def featurize(paths, root, model, batch_size=64, n_workers=2, skipped=None, device=None):
-    """Embed image files in memory.
-
-    Parameters are those of :func:`iter_features`.
-
-    Returns
-    -------
-    keys : list of str
-        One per readable image, in the order of ``paths``.
-    matrix : ndarray of shape (len(keys), D), float32
-    """
-    model = _embedder(model, device)
-    matrix = np.empty((len(paths), model[2]["dim"]), np.float32)
-    keys = []
-    for batch_keys, rows in iter_features(paths, root, model, batch_size, n_workers, skipped, device):
-        matrix[len(keys):len(keys) + len(rows)] = rows
-        keys.extend(batch_keys)
-    return keys, (matrix if len(keys) == len(paths) else matrix[:len(keys)].copy())
+__all__ = ["featurize_to_file", "update_features", "save_features", "load_features", "Features", "sidecar_path"]
 
 
 def sidecar_path(path):
@@ -187,37 +51,118 @@ def save_features(path, keys, matrix, meta):
     return Path(path)
 
 
-def featurize_to_file(paths, root, model, path, batch_size=64, n_workers=2, skipped=None, device=None, meta=None):
+def featurize_to_file(paths, root, embedder, path, batch_size=64, n_workers=2, skipped=None, meta=None):
     """Embed image files straight into ``path`` (.npy, float32) and its sidecar; memory stays flat.
 
     Rows are appended to a temporary ``.npy`` as batches arrive; the header is fixed up to the number of readable
     images at the end (numpy leaves room for that), then the file is synced and renamed, and the sidecar is written
-    last. Parameters are those of :func:`iter_features`, plus ``meta`` (extra sidecar entries).
+    last.
+
+    Parameters
+    ----------
+    paths : list of Path
+        Image files under ``root`` (keys are the paths relative to it).
+    embedder : embedder.Embedder
+    batch_size, n_workers, skipped
+        As :meth:`embedder.Embedder.iter_batches`.
+    meta : dict, optional
+        Extra sidecar entries.
 
     Returns
     -------
     Features
         Memory-mapped.
     """
-    model = _embedder(model, device)
-    info = model[2]
+    dim = embedder.dim
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
     keys = []
     sidecar_path(path).unlink(missing_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.lib.format.write_array_header_1_0(handle, {**header, "shape": (len(paths), info["dim"])})
+        np.lib.format.write_array_header_1_0(handle, {**header, "shape": (len(paths), dim)})
         offset = handle.tell()
-        for batch_keys, rows in iter_features(paths, root, model, batch_size, n_workers, skipped, device):
+        for batch_keys, rows in embedder.iter_files(paths, root, batch_size, n_workers, skipped):
             handle.write(np.ascontiguousarray(rows, np.float32).tobytes())
             keys.extend(batch_keys)
         handle.seek(0)
-        np.lib.format.write_array_header_1_0(handle, {**header, "shape": (len(keys), info["dim"])})
+        np.lib.format.write_array_header_1_0(handle, {**header, "shape": (len(keys), dim)})
         if handle.tell() != offset:
             raise RuntimeError(f"{path}: the .npy header changed size when rewritten")
-        handle.truncate(offset + len(keys) * info["dim"] * 4)
-    meta = {"model_id": info["model_id"], "backbone": info["backbone"], **(meta or {})}
-    save_json(sidecar_path(path), _sidecar(keys, info["dim"], meta))
+        handle.truncate(offset + len(keys) * dim * 4)
+    meta = {"model_id": embedder.model_id, "backbone": embedder.backbone, **(meta or {})}
+    save_json(sidecar_path(path), _sidecar(keys, dim, meta))
     return load_features(path)
+
+
+def _stamp(path):
+    """``[size in bytes, modification time in ns]``: a file whose stamp is unchanged is not embedded again."""
+    status = Path(path).stat()
+    return [status.st_size, status.st_mtime_ns]
+
+
+def update_features(paths, root, path, model, batch_size=64, n_workers=2, skipped=None):
+    """Bring the store at ``path`` up to date with image files: embed only new or changed ones, drop removed ones.
+
+    Every file's size and modification time are kept in the sidecar (``stamps``); a file whose stamp is unchanged
+    keeps its stored row. A store made by another network is recomputed; the network is only loaded when some image
+    must be embedded.
+
+    Parameters
+    ----------
+    paths : list of Path
+        The image files the store must hold, under ``root`` (keys are the paths relative to it).
+    path : str or Path
+        The store's ``.npy`` (created if missing).
+    model : str or Path
+        A backbone name or a refined checkpoint (``embedder.load_embedder``).
+    batch_size, n_workers, skipped
+        As :meth:`embedder.Embedder.iter_batches`.
+
+    Returns
+    -------
+    features : Features
+        The store now, rows in the order of ``paths`` (unreadable images left out).
+    counts : dict
+        ``embedded``, ``reused``, ``dropped`` (keys no longer among ``paths``) and ``recomputed`` (True when the
+        store came from another network).
+
+    Raises
+    ------
+    ValueError
+        When ``path`` exists but is not a features store (it is left alone).
+    """
+    from .backbones import model_id as identify
+    from .embedder import load_embedder
+
+    path, paths = Path(path), [Path(p) for p in paths]
+    keys = [image_key(p, root) for p in paths]
+    stamps, wanted = {k: _stamp(p) for k, p in zip(keys, paths)}, identify(model)
+    rows, stored, recomputed = {}, None, False
+    if path.exists():
+        try:
+            stored = load_features(path, mmap=False)
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            raise ValueError(f"{path}: not a features store ({err}); delete it or pick another path") from None
+        recomputed = stored.meta["model_id"] != wanted
+        if not recomputed:
+            old_stamps = stored.meta.get("stamps", {})
+            rows = {k: row for k, row in zip(stored.keys, stored.matrix)
+                    if k in stamps and old_stamps.get(k) == stamps[k]}
+            meta = {"backbone": stored.meta["backbone"], "dim": stored.meta["dim"]}
+    todo = [p for k, p in zip(keys, paths) if k not in rows]
+    new_keys = []
+    if todo:
+        embedder = load_embedder(model)
+        meta = {"backbone": embedder.backbone, "dim": embedder.dim}
+        new_keys, new_rows = embedder.embed_files(todo, root, batch_size, n_workers, skipped)
+        rows.update(zip(new_keys, new_rows))
+    kept = [k for k in keys if k in rows]
+    matrix = np.array([rows[k] for k in kept], np.float32).reshape(len(kept), meta["dim"])
+    save_features(path, kept, matrix, {"model_id": wanted, "backbone": meta["backbone"],
+                                       "stamps": {k: stamps[k] for k in kept}})
+    dropped = 0 if stored is None or recomputed else len(set(stored.keys) - set(keys))
+    counts = {"embedded": len(new_keys), "reused": len(kept) - len(new_keys), "dropped": dropped,
+              "recomputed": recomputed}
+    return load_features(path), counts
 
 
 @dataclass

@@ -33,6 +33,7 @@ import os
 import faiss
 import numpy as np
 
+from .distances import cosine_from_similarity, top_k
 from .fileio import atomic_path
 
 __all__ = ["NearestNeighborIndex", "recall_at_k", "ANN_THRESHOLD", "EXACT_BACKEND", "KINDS"]
@@ -263,7 +264,7 @@ class NearestNeighborIndex:
             else self._faiss_search
         for rows in _chunks(len(queries), index.d, rows=self.batch_size):
             sims, indices[rows] = search(_normalized(queries[rows], index.d, "queries"), k)
-            distances[rows] = np.clip(1.0 - sims, 0.0, 2.0)
+            distances[rows] = cosine_from_similarity(sims)
         missing = indices < 0
         if radius is not None:
             missing |= distances > radius
@@ -284,16 +285,14 @@ class NearestNeighborIndex:
         per_chunk = max(k, _CHUNK_BYTES // (4 * max(n, 1)))
         for rows in _chunks(index.ntotal, index.d, rows=per_chunk):
             sims = queries @ stored[rows].T
-            kk = min(k, sims.shape[1])
-            top = np.argpartition(sims, -kk, axis=1)[:, -kk:] if kk < sims.shape[1] else \
-                np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
+            top = top_k(-sims, k)
+            # The best so far come first, so equal similarities keep the lower row number.
             cand_sims = np.concatenate([best_sims, np.take_along_axis(sims, top, axis=1)], axis=1)
             cand_rows = np.concatenate([best_rows, top + rows.start], axis=1)
-            keep = np.argpartition(cand_sims, -k, axis=1)[:, -k:]
+            keep = top_k(-cand_sims, k)
             best_sims = np.take_along_axis(cand_sims, keep, axis=1)
             best_rows = np.take_along_axis(cand_rows, keep, axis=1)
-        order = np.argsort(-best_sims, axis=1, kind="stable")
-        return np.take_along_axis(best_sims, order, axis=1), np.take_along_axis(best_rows, order, axis=1)
+        return best_sims, best_rows
 
     def calibrate_recall(self, sample_queries, target=0.95, k=10):
         """Raise ``nprobe`` (IVF) or ``efSearch`` (HNSW) until recall@k against exact search reaches ``target``.

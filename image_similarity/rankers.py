@@ -8,10 +8,10 @@ float64, lower is more similar, computed for all pairs in one vectorised call.
 The learned weighted L2 is the tutorial's: a linear SVM on the element-wise squared difference of two
 L2-normalised embeddings learns which dimensions matter for "same label"; its decision score is a similarity,
 so the distance is the negative score. Platt scaling (``CalibratedClassifierCV``) on the validation pairs turns
-the score into a probability of "same label".
+the score into a probability of "same label". The formulas live in :mod:`.distances`; choosing C, mining hard
+negatives and the whole weighted-L2 fit in :mod:`.training`.
 """
 import copy
-import logging
 import warnings
 
 import numpy as np
@@ -19,41 +19,27 @@ from sklearn.base import BaseEstimator
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, balanced_accuracy_score
-from sklearn.metrics.pairwise import cosine_distances, euclidean_distances, manhattan_distances
+from sklearn.metrics import accuracy_score
 from sklearn.preprocessing import normalize
 from sklearn.svm import LinearSVC
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
-from .evaluation import mean_rank, rank_ranking_sets
+from .distances import check_pair, embedding_distances, from_probability, probability_distances
 from .fileio import load_pickle, save_pickle
 
 __all__ = ["RandomRanker", "L1Ranker", "L2Ranker", "CosineRanker", "WeightedL2Ranker", "CalibratedRanker",
-           "ClassProbRanker", "probability_distances", "check_probability_metric", "PROBABILITY_METRICS",
-           "CLASSPROB_METRICS", "pair_differences", "ranking_set_pairs", "negative_sample_weights", "select_C", "mine_hard_negatives", "select_classprob_C",
-           "pair_accuracies", "save_payload", "load_payload", "build_rankers", "RANKER_NAMES"]
-
-logger = logging.getLogger(__name__)
+           "ClassProbRanker", "CLASSPROB_METRICS", "negative_sample_weights", "save_payload", "load_payload",
+           "build_rankers", "RANKER_NAMES"]
 
 RANKER_NAMES = ("random", "L1", "L2", "cosine", "weightedl2", "weightedl2prob", "classprob_L2", "classprob_cosine",
                 "classprob_same")
 # ClassProbRanker's metric for each class-probability ranker name.
 CLASSPROB_METRICS = {"classprob_L2": "l2", "classprob_cosine": "cosine", "classprob_same": "same_label"}
-PROBABILITY_METRICS = tuple(CLASSPROB_METRICS.values())
-
-
-def _check_pair(queries, references):
-    """Validate two embedding matrices of equal width; returned as float64 (n_q, D), (n_r, D)."""
-    queries = check_array(queries, dtype=np.float64, ensure_min_samples=0)
-    references = check_array(references, dtype=np.float64, ensure_min_samples=0)
-    if queries.shape[1] != references.shape[1]:
-        raise ValueError(f"queries have {queries.shape[1]} dims but references have {references.shape[1]}")
-    return queries, references
 
 
 class _FixedRanker(BaseEstimator):
-    """A distance with nothing to learn: ``fit`` does nothing, ``distances`` applies :meth:`_formula`."""
+    """A distance with nothing to learn: ``fit`` does nothing, ``distances`` is ``distances.embedding_distances``."""
 
     def fit(self, X=None, y=None):
         """Nothing to learn; returns self so every ranker can be driven the same way."""
@@ -75,29 +61,25 @@ class _FixedRanker(BaseEstimator):
         ndarray of shape (n_q, n_r), float64
             Lower is more similar; computed on L2-normalised rows.
         """
-        queries, references = _check_pair(queries, references)
-        return self._formula(normalize(queries), normalize(references))
+        return embedding_distances(queries, references, self.metric)
 
 
 class L1Ranker(_FixedRanker):
     """Manhattan distance between L2-normalised embeddings."""
 
-    def _formula(self, q, r):
-        return manhattan_distances(q, r)
+    metric = "l1"
 
 
 class L2Ranker(_FixedRanker):
     """Euclidean distance between L2-normalised embeddings."""
 
-    def _formula(self, q, r):
-        return euclidean_distances(q, r)
+    metric = "l2"
 
 
 class CosineRanker(_FixedRanker):
     """One minus the cosine similarity, in [0, 2]."""
 
-    def _formula(self, q, r):
-        return cosine_distances(q, r)
+    metric = "cosine"
 
 
 class RandomRanker(BaseEstimator):
@@ -120,45 +102,8 @@ class RandomRanker(BaseEstimator):
     def distances(self, queries, references):
         """ndarray of shape (n_q, n_r), float64, uniform in [0, 1); the embeddings only give the shape."""
         check_is_fitted(self)
-        queries, references = _check_pair(queries, references)
+        queries, references = check_pair(queries, references)
         return self.random_state_.random_sample((len(queries), len(references)))
-
-
-def pair_differences(a, b, l2_normalize=True):
-    """Element-wise squared differences of paired embeddings: the weighted-L2 SVM's input.
-
-    Parameters
-    ----------
-    a, b : ndarray of shape (n_pairs, D), float
-    l2_normalize : bool
-        Normalise each row to unit L2 norm first.
-
-    Returns
-    -------
-    ndarray of shape (n_pairs, D), float32
-    """
-    a, b = _check_pair(a, b)
-    if len(a) != len(b):
-        raise ValueError(f"a has {len(a)} rows but b has {len(b)}: pairs need equal counts")
-    if l2_normalize and len(a):
-        a, b = normalize(a), normalize(b)
-    return ((a - b) ** 2).astype(np.float32)
-
-
-def ranking_set_pairs(features, ranking_sets, l2_normalize=True):
-    """The (query, reference) pairs of ranking sets as SVM training data.
-
-    Returns
-    -------
-    pair_diffs : ndarray of shape (n_pairs, D), float32
-        :func:`pair_differences` of each query with each of its references.
-    same_label : ndarray of shape (n_pairs,), bool
-        True for the (query, positive) pairs.
-    """
-    queries = [s.query for s in ranking_sets for _ in s.references]
-    references = [ref for s in ranking_sets for ref in s.references]
-    same = np.concatenate([s.is_positive for s in ranking_sets]) if ranking_sets else np.zeros(0, bool)
-    return pair_differences(features.rows(queries), features.rows(references), l2_normalize), same
 
 
 def negative_sample_weights(same_label, neg_pos_ratio):
@@ -226,7 +171,7 @@ class WeightedL2Ranker(BaseEstimator):
         Uses ``sum_d w_d (q_d - r_d)^2 = (q^2) w + (r^2) w - 2 (q * w) r^T``.
         """
         check_is_fitted(self)
-        q, r = _check_pair(queries, references)
+        q, r = check_pair(queries, references)
         if q.shape[1] != self.coef_.size:
             raise ValueError(f"the SVM was fitted on {self.coef_.size}-dim embeddings, got {q.shape[1]} dims")
         if self.l2_normalize:
@@ -287,123 +232,7 @@ class CalibratedRanker(BaseEstimator):
 
     def distances(self, queries, references):
         """1 - P(same label), (n_q, n_r) float64 in [0, 1]."""
-        return 1.0 - self.probabilities(queries, references)
-
-
-def select_C(train_diffs, train_same, features, val_sets, candidates, l2_normalize=True, random_state=None):
-    """Fit one :class:`WeightedL2Ranker` per C and keep the one with the lowest mean positive rank on ``val_sets``.
-
-    The mean rank on the validation ranking sets is what 5_evaluate.py reports (with top-N accuracies), and it is
-    smoother than top-1 on a few hundred queries. Ties keep the smaller (more regularised) C.
-
-    Returns
-    -------
-    best : WeightedL2Ranker
-        Fitted with the chosen C.
-    table : dict of float to float
-        ``{C: validation mean rank}``.
-    """
-    if not val_sets:
-        raise ValueError("no validation ranking sets to choose C on (is ratioValFromTrain 0?)")
-    table, best = {}, None
-    for C in sorted(candidates):
-        ranker = WeightedL2Ranker(C=C, l2_normalize=l2_normalize, random_state=random_state)
-        ranker.fit(train_diffs, train_same)
-        table[C] = mean_rank(rank_ranking_sets(ranker, features, val_sets))
-        logger.debug("C=%g: validation mean rank %.3f", C, table[C])
-        if best is None or table[C] < table[best.C]:
-            best = ranker
-    return best, table
-
-
-def mine_hard_negatives(ranker, embeddings, labels, n_add, max_pairs, random_state=None):
-    """Different-label pairs the current SVM finds hardest, to add to its training set.
-
-    Samples up to ``max_pairs`` distinct random pairs of images with different labels, scores them, and keeps up to
-    ``n_add`` of those with the highest scores among the ones inside the SVM's margin (score > -1: misclassified
-    as "same label", or not confidently separated). Pairs outside the margin would not change a hinge-loss SVM.
-
-    Parameters
-    ----------
-    ranker : WeightedL2Ranker, fitted
-    embeddings : ndarray of shape (n_images, D), float32
-        The training images' embeddings.
-    labels : array-like of shape (n_images,)
-    n_add, max_pairs : int
-    random_state : int, RandomState or None
-
-    Returns
-    -------
-    ndarray of shape (n_added, D), float32
-        Pair differences of the mined negatives, hardest first (n_added <= n_add).
-    """
-    check_is_fitted(ranker)
-    embeddings = check_array(embeddings, dtype=np.float32)
-    labels = np.asarray(labels)
-    n = len(embeddings)
-    rng = check_random_state(random_state)
-    i, j = rng.randint(n, size=max_pairs), rng.randint(n, size=max_pairs)
-    codes = np.unique(np.minimum(i, j) * n + np.maximum(i, j))
-    i, j = codes // n, codes % n
-    keep = labels[i] != labels[j]
-    i, j = i[keep], j[keep]
-    diffs = pair_differences(embeddings[i], embeddings[j], ranker.l2_normalize)
-    if len(diffs) == 0:
-        return diffs
-    scores = ranker.decision_function(diffs)
-    hard = np.flatnonzero(scores > -1.0)
-    hard = hard[np.argsort(-scores[hard], kind="stable")][:n_add]
-    logger.info("hard negatives: %d of %d sampled different-label pairs are inside the margin, %d added",
-                int((scores > -1.0).sum()), len(scores), len(hard))
-    return diffs[hard]
-
-
-def pair_accuracies(ranker, pair_diffs, same_label):
-    """Pair classification accuracy of a weighted-L2 SVM: plain and class-balanced (the tutorial's 'accuracy').
-
-    Returns
-    -------
-    dict
-        ``{'accuracy': fraction, 'balanced_accuracy': fraction, 'n_pairs': int}``.
-    """
-    predicted = ranker.decision_function(pair_diffs) > 0
-    return {"accuracy": float(accuracy_score(same_label, predicted)),
-            "balanced_accuracy": float(balanced_accuracy_score(same_label, predicted)),
-            "n_pairs": int(len(same_label))}
-
-
-def check_probability_metric(metric):
-    """Return ``metric`` if it is one of ``PROBABILITY_METRICS``; else raise ValueError naming the choices."""
-    if metric not in PROBABILITY_METRICS:
-        raise ValueError(f"metric must be one of {', '.join(map(repr, PROBABILITY_METRICS))}, got {metric!r}")
-    return metric
-
-
-def probability_distances(p, q, metric):
-    """Distances between class-probability vectors.
-
-    Parameters
-    ----------
-    p : ndarray of shape (n_q, n_classes), float
-    q : ndarray of shape (n_r, n_classes), float
-        Rows sum to 1.
-    metric : {'l2', 'cosine', 'same_label'}
-        ``'same_label'`` is ``1 - p . q``: the probability that the two images have different labels when each one's
-        label is drawn, independently, from its own vector. Unlike cosine it counts how sure the reference is: an
-        unsure reference whose largest probability is the query's label is not as close as a sure one.
-
-    Returns
-    -------
-    ndarray of shape (n_q, n_r), float64
-        Lower is more similar; ``'same_label'`` and ``'cosine'`` lie in [0, 1], ``'l2'`` in [0, sqrt(2)].
-    """
-    check_probability_metric(metric)
-    p, q = _check_pair(p, q)
-    if metric == "l2":
-        return euclidean_distances(p, q)
-    if metric == "cosine":
-        return cosine_distances(p, q)
-    return 1.0 - p @ q.T
+        return from_probability(self.probabilities(queries, references))
 
 
 class ClassProbRanker(BaseEstimator):
@@ -412,7 +241,7 @@ class ClassProbRanker(BaseEstimator):
     Parameters
     ----------
     metric : {'l2', 'cosine', 'same_label'}
-        Distance between the probability vectors (see :func:`probability_distances`).
+        Distance between the probability vectors (see :func:`.distances.probability_distances`).
     C : float
         Inverse regularisation strength of ``LogisticRegression``.
     random_state : int, RandomState or None
@@ -451,24 +280,6 @@ class ClassProbRanker(BaseEstimator):
         """``metric`` distance between the probability vectors, (n_q, n_r) float64."""
         check_is_fitted(self)
         return probability_distances(self.predict_proba(queries), self.predict_proba(references), self.metric)
-
-
-def select_classprob_C(X_train, y_train, X_val, y_val, candidates, random_state=None):
-    """Fit one :class:`ClassProbRanker` per C; keep the best validation accuracy (ties: smaller C).
-
-    Returns
-    -------
-    best : ClassProbRanker
-    table : dict of float to float
-        ``{C: validation accuracy}``.
-    """
-    table, best = {}, None
-    for C in sorted(candidates):
-        ranker = ClassProbRanker(C=C, random_state=random_state).fit(X_train, y_train)
-        table[C] = ranker.score(X_val, y_val)
-        if best is None or table[C] > table[best.C]:
-            best = ranker
-    return best, table
 
 
 def save_payload(path, model_id, **contents):

@@ -29,14 +29,15 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import backbones
+from .embedder import Embedder, ImageDataset, collate_good_bad
+from .embedder import default_device as select_device
 from .fileio import atomic_path, remove_stale_temporaries
-from .images import SkippedImages, load_image
 
-__all__ = ["RefineConfig", "RefineResult", "LOG_COLUMNS", "ImageListDataset", "collate_skipping_bad",
+__all__ = ["RefineConfig", "RefineResult", "LOG_COLUMNS", "LabelledImages",
            "select_device", "configure_threads", "lr_for_epoch", "epoch_indices", "make_loader", "train_one_epoch",
            "evaluate", "load_resume_checkpoint", "fine_tune"]
 
@@ -96,13 +97,6 @@ class RefineConfig:
     n_workers: int = 2
     seed: int = 0
 
-    # PARAMETERS.py names, so messages name the knob the user sets.
-    PARAMETER_NAMES = {"backbone": "rf_backbone", "input_resolution": "rf_inputResolution",
-                       "dropout": "rf_dropoutRate", "batch_size": "rf_mbSize", "max_epochs": "rf_maxEpochs",
-                       "lr_per_epoch": "rf_lrPerMb", "momentum": "rf_momentumPerMb", "weight_decay": "rf_l2RegWeight",
-                       "freeze_backbone": "rf_boFreezeWeights", "balance": "rf_boBalanceTrainingSet",
-                       "max_train_images": "rf_maxTrainImages", "n_workers": "rf_nrWorkers", "seed": "randomSeed"}
-
     def __post_init__(self):
         object.__setattr__(self, "lr_per_epoch", tuple(float(lr) for lr in (
             self.lr_per_epoch if isinstance(self.lr_per_epoch, (list, tuple)) else [self.lr_per_epoch])))
@@ -119,12 +113,7 @@ class RefineConfig:
                   ("n_workers", self.n_workers >= 0, ">= 0")]
         for name, ok, allowed in checks:
             if not ok:
-                raise ValueError(f"{self.PARAMETER_NAMES[name]} ({name}) = {getattr(self, name)!r}: must be {allowed}")
-
-    @classmethod
-    def from_parameters(cls, P):
-        """Read the ``rf_*`` knobs (and ``randomSeed``) from a PARAMETERS module."""
-        return cls(**{name: getattr(P, knob) for name, knob in cls.PARAMETER_NAMES.items()})
+                raise ValueError(f"{name} = {getattr(self, name)!r}: must be {allowed}")
 
     def as_dict(self):
         """Plain values (str, numbers, lists), e.g. for a checkpoint's ``meta``."""
@@ -169,8 +158,8 @@ class RefineResult:
 
 # ---------------------------------------------------------------- data
 
-class ImageListDataset(Dataset):
-    """Labelled images read through :func:`images.load_image`.
+class LabelledImages(ImageDataset):
+    """Labelled image files read through :func:`images.load_image`: an :class:`embedder.ImageDataset` with label ids.
 
     Parameters
     ----------
@@ -179,43 +168,15 @@ class ImageListDataset(Dataset):
     items : sequence of (str, int)
         ``(key, label_id)`` pairs, key like ``"label/file.jpg"``.
     transform : callable
-        PIL RGB image -> float32 tensor of shape (3, r, r).
+        PIL RGB image -> tensor of shape (3, r, r).
 
-    Items are ``(tensor, label_id, None)``, or ``(None, label_id, (path, reason))`` for an unreadable image, so the
-    record of bad files reaches the main process even from worker processes.
+    Items are those of :class:`embedder.ImageDataset`; ``labels`` is the int64 tensor of the label ids.
     """
 
     def __init__(self, img_dir, items, transform):
-        self.img_dir = Path(img_dir)
-        self.items = list(items)
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        key, label = self.items[index]
-        record = SkippedImages()
-        img = load_image(self.img_dir / key, record)
-        if img is None:
-            return None, label, next(iter(record))
-        return self.transform(img), label, None
-
-
-def collate_skipping_bad(batch):
-    """Stack the readable items of a batch and list the unreadable ones.
-
-    Returns
-    -------
-    images : float32 tensor of shape (n_good, 3, r, r); shape (0,) when every image was bad
-    labels : int64 tensor of shape (n_good,)
-    bad : list of (path, reason)
-    """
-    good = [(x, y) for x, y, _ in batch if x is not None]
-    bad = [b for x, _, b in batch if x is None]
-    if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
-    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good], dtype=torch.long), bad
+        items = list(items)
+        super().__init__([Path(img_dir) / key for key, _ in items], transform)
+        self.labels = torch.tensor([y for _, y in items], dtype=torch.long)
 
 
 def epoch_indices(labels, epoch, seed, balance=False, max_images=None):
@@ -255,26 +216,19 @@ def epoch_indices(labels, epoch, seed, balance=False, max_images=None):
 
 
 def make_loader(dataset, indices, batch_size, n_workers, device, seed=0, training=False):
-    """A DataLoader over ``dataset[indices]`` in that order, batches from :func:`collate_skipping_bad`.
+    """A DataLoader over ``dataset[indices]`` in that order, batches from :func:`embedder.collate_good_bad`.
 
     ``seed`` seeds the worker processes (their augmentation randomness). With ``training``, a last batch of a single
     image is dropped: batch norm cannot train on one image whose final feature map is 1x1.
     """
     indices = list(indices)
     return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=n_workers,
-                      collate_fn=collate_skipping_bad, pin_memory=device.type == "cuda",
+                      collate_fn=collate_good_bad, pin_memory=device.type == "cuda",
                       drop_last=training and len(indices) % batch_size == 1 and len(indices) > 1,
                       generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------- device
-
-def select_device(device=None):
-    """``torch.device(device)``, or CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 def configure_threads(device):
     """On CPU, let torch use every core this process may run on (unless OMP_NUM_THREADS says otherwise).
@@ -300,15 +254,15 @@ def _set_train_mode(model, freeze_backbone):
         model.backbone.eval()  # frozen batch-norm statistics too, not only frozen weights
 
 
-def _device_batches(batches, device, memory_format, skipped):
+def _device_batches(batches, dataset, device, memory_format, skipped):
     """Yield ``(images, labels)`` on ``device`` from collated batches, recording bad images, skipping empty batches."""
-    for images, labels, bad in batches:
-        for path, reason in bad:
+    for indices, images, bad in batches:
+        for i, reason in bad:
             if skipped is not None:
-                skipped.add(path, reason)
-        if len(labels):
+                skipped.add(dataset.sources[i], reason)
+        if indices:
             yield (images.to(device, memory_format=memory_format, non_blocking=True),
-                   labels.to(device, non_blocking=True))
+                   dataset.labels[indices].to(device, non_blocking=True))
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device, freeze_backbone=False,
@@ -336,7 +290,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, freeze_backbone=Fa
     use_amp = device.type == "cuda"
     total_loss, n_wrong, n_seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True)
-    for images, labels in _device_batches(bar, device, memory_format, skipped):
+    for images, labels in _device_batches(bar, loader.dataset, device, memory_format, skipped):
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             logits = model(images)
             loss = criterion(logits, labels)
@@ -354,21 +308,23 @@ def train_one_epoch(model, loader, optimizer, scaler, device, freeze_backbone=Fa
     return total_loss / n_seen, n_wrong / n_seen, n_seen
 
 
-def evaluate(model, loader, device, memory_format=torch.channels_last, skipped=None, desc="val", progress=True):
-    """Mean cross-entropy per image, error rate in [0, 1] and image count of ``model`` over ``loader``.
+def evaluate(model, dataset, batch_size, n_workers, device, skipped=None, desc="val", progress=True):
+    """Mean cross-entropy per image, error rate in [0, 1] and image count of ``model`` over ``dataset``.
 
-    NaN loss and error when the loader has no readable image.
+    The forward passes are :class:`embedder.Embedder`'s, with the classifier's logits as outputs. ``dataset`` is a
+    :class:`LabelledImages` with a ``backbones.EvalTransform``. NaN loss and error when no image is readable.
     """
     model.eval()
+    net = Embedder(model, dataset.transform, "refining", "image classifier", dataset.transform.resize_crop.size,
+                   dim=model.head[1].out_features, device=device)
     criterion = nn.CrossEntropyLoss(reduction="sum")
     total_loss, n_wrong, n_seen = 0.0, 0, 0
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-        bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress, dynamic_ncols=True)
-        for images, labels in _device_batches(bar, device, memory_format, skipped):
-            logits = model(images)
-            total_loss += criterion(logits.float(), labels).item()
-            n_wrong += (logits.argmax(1) != labels).sum().item()
-            n_seen += len(labels)
+    for indices, logits in net.iter_batches(dataset.sources, batch_size, n_workers, skipped, desc=desc,
+                                            progress=progress):
+        logits, labels = torch.from_numpy(logits), dataset.labels[indices]
+        total_loss += criterion(logits, labels).item()
+        n_wrong += (logits.argmax(1) != labels).sum().item()
+        n_seen += len(labels)
     if not n_seen:
         return math.nan, math.nan, 0
     return total_loss / n_seen, n_wrong / n_seen, n_seen
@@ -421,7 +377,7 @@ def load_resume_checkpoint(path, config, signature):
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise ValueError(f"{path}: not a refinement resume checkpoint (no {RESUME_FORMAT!r} format tag)")
     now, then = config.as_dict(), state["config"]
-    changed = [f"{RefineConfig.PARAMETER_NAMES[k]} {then.get(k)!r} -> {now[k]!r}" for k in now
+    changed = [f"{k} {then.get(k)!r} -> {now[k]!r}" for k in now
                if k not in RESUMABLE_CHANGES and then.get(k) != now[k]]
     if changed:
         raise ValueError(f"{path} was made with other settings ({'; '.join(changed)}): run without --resume to "
@@ -510,9 +466,8 @@ def fine_tune(config, train_items, val_items, img_dir, classes, device=None, che
         _restore_rng_states(state["rng"])
         logger.info("resuming %s after epoch %d of %d", checkpoint_path, start_epoch, config.max_epochs)
 
-    train_set = ImageListDataset(img_dir, train_items, backbones.train_transform(spec, config.input_resolution))
-    val_set = ImageListDataset(img_dir, val_items, backbones.eval_transform(spec, config.input_resolution))
-    val_loader = make_loader(val_set, range(len(val_set)), config.batch_size, config.n_workers, device)
+    train_set = LabelledImages(img_dir, train_items, backbones.train_transform(spec, config.input_resolution))
+    val_set = LabelledImages(img_dir, val_items, backbones.eval_transform(spec, config.input_resolution))
     labels = [y for _, y in train_items]
     n_train = len(epoch_indices(labels, 0, config.seed, config.balance, config.max_train_images))
     for epoch in range(start_epoch, config.max_epochs):
@@ -526,8 +481,8 @@ def fine_tune(config, train_items, val_items, img_dir, classes, device=None, che
         tag = f"epoch {epoch + 1}/{config.max_epochs}"
         train_loss, train_err, _ = train_one_epoch(model, loader, optimizer, scaler, device, config.freeze_backbone,
                                                    skipped=skipped, desc=f"{tag} train", progress=progress)
-        val_loss, val_err, _ = evaluate(model, val_loader, device, skipped=skipped, desc=f"{tag} val",
-                                        progress=progress)
+        val_loss, val_err, _ = evaluate(model, val_set, config.batch_size, config.n_workers, device, skipped=skipped,
+                                        desc=f"{tag} val", progress=progress)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_err": train_err,
                "val_loss": val_loss, "val_err": val_err, "seconds": time.perf_counter() - epoch_start}
         log_rows.append(row)

@@ -1,9 +1,9 @@
-"""Featurization spread over a Ray cluster (or all local cores) with Ray Data, giving what features.featurize gives.
+"""Featurization spread over a Ray cluster (or all local cores) with Ray Data, giving what one process gives.
 
 The file list becomes a Ray dataset (``ray.data.from_items``); ``map_batches`` sends batches of ``batch_size`` paths
-to a pool of actors, each of which loads the model once and runs :func:`features.featurize` on its batch, so the
-decoding (:func:`images.load_image`), the backbone's eval transform and the forward pass are the single-process code
-itself. Rows come back tagged with their index in the file list, so keys and order are those of the input however
+to a pool of actors, each of which loads the model once and runs :meth:`embedder.Embedder.embed_files` on its batch,
+so the decoding (:func:`images.load_image`), the backbone's eval transform and the forward pass are the
+single-process code itself. Rows come back tagged with their index in the file list, so keys and order are those of the input however
 the cluster schedules the batches; unreadable images come back with their reason.
 
 Ray is an optional dependency (``pip install .[scale]``): it is imported when a function here is called, not when
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .backbones import list_backbones, load_embedder
-from .features import featurize
+from .backbones import list_backbones
+from .embedder import load_embedder
 from .images import SkippedImages, image_key
 
 __all__ = ["init_ray", "featurize_ray"]
@@ -76,8 +76,8 @@ class _BatchEmbedder:
         paths = [Path(p) for p in batch["path"]]
         position = {image_key(p, self.root): n for n, p in enumerate(paths)}
         skipped = SkippedImages()
-        keys, rows = featurize(paths, self.root, self.embedder, batch_size=len(paths), n_workers=0, skipped=skipped)
-        vectors = np.zeros((len(paths), self.embedder[2]["dim"]), np.float32)
+        keys, rows = self.embedder.embed_files(paths, self.root, batch_size=len(paths), n_workers=0, skipped=skipped)
+        vectors = np.zeros((len(paths), self.embedder.dim), np.float32)
         vectors[[position[k] for k in keys]] = rows
         reasons = [skipped.items.get(str(p), "") for p in paths]
         return {"index": np.asarray(batch["index"], np.int64), "vector": vectors,
@@ -117,7 +117,7 @@ def featurize_ray(paths, root, model, batch_size=64, n_actors=None, cpus_per_act
     import ray
 
     init_ray()
-    info = load_embedder(model)[2]
+    info = load_embedder(model).info
     paths = [Path(p) for p in paths]
     keys = [image_key(p, root) for p in paths]
     if not paths:

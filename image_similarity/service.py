@@ -1,9 +1,9 @@
 """The web service: upload an image, get the most similar reference images back (FastAPI).
 
-Everything is loaded once, at start, from a pipeline run's outputs (:meth:`SimilarityService.from_parameters`):
-the network that made the stored features (refined checkpoint or pretrained backbone, checked by ``model_id``), the
-features, the rankers of 4_trainSvm.py, and the attribute models. :func:`create_app` wraps a service in a FastAPI
-app with these endpoints:
+Everything is loaded once, at start, from a pipeline run's outputs (:func:`.runs.load_run`, then
+:meth:`SimilarityService.from_run`): the network that made the stored features (refined checkpoint or pretrained
+backbone, checked by ``model_id``), the features, the rankers of 4_trainSvm.py, and the attribute models.
+:func:`create_app` wraps a service in a FastAPI app with these endpoints:
 
 ``GET /health``
     ``{"status": "ok", "n_references", "model_id", "rankers", "default_ranker", "attributes", "max_upload_bytes",
@@ -26,7 +26,6 @@ send everything before reading the reply (urllib, requests) get the 413 too, and
 sending it. Bodies that are not a decodable image (text, truncated, decompression bomb) get 415 or 422 naming the
 reason.
 """
-import csv
 import html
 import io
 import logging
@@ -37,19 +36,17 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
 from anyio import CapacityLimiter, to_thread
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from starlette.datastructures import UploadFile
 
 from . import attributes as attribute_models
-from . import backbones, rankers
-from .features import load_features
+from .distances import top_k
 from .images import ImageReadError, read_image
-from .pairs import label_of
+from .splits import label_of
 
-__all__ = ["SimilarityService", "create_app", "recommended_ranker", "MAX_K", "FORM_OVERHEAD_BYTES", "DISCARD_BYTES"]
+__all__ = ["SimilarityService", "create_app", "MAX_K", "FORM_OVERHEAD_BYTES", "DISCARD_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,39 +55,13 @@ FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, headers and the small f
 DISCARD_BYTES = 256 * 2**20  # an oversize body is read and dropped up to this size, so that its 413 reaches the client
 
 
-def recommended_ranker(evaluation_csv, available, default="cosine"):
-    """The ranker 5_evaluate.py marked ``best_on_val`` in ``evaluation_csv``, if available, else ``default``.
-
-    Parameters
-    ----------
-    evaluation_csv : str or Path
-        ``P.evaluationCsvPath``; may be missing.
-    available : iterable of str
-        Ranker names that can be used now.
-    default : str
-
-    Returns
-    -------
-    str
-    """
-    path = Path(evaluation_csv)
-    if path.is_file():
-        with open(path, encoding="utf-8", newline="") as handle:
-            best = next((row["ranker"] for row in csv.DictReader(handle) if row.get("best_on_val") == "1"), None)
-        if best in set(available):
-            return best
-        if best is not None:
-            logger.warning("%s recommends %s, which is not available: using %s", path, best, default)
-    return default
-
-
 class SimilarityService:
     """One loaded pipeline run, answering image queries; thread-safe.
 
     Parameters
     ----------
-    embedder : tuple
-        ``(net, transform, info)`` of ``backbones.load_embedder``; ``info['model_id']`` must be the features'.
+    embedder : embedder.Embedder
+        The network; its ``model_id`` must be the features'.
     features : features.Features
         The references: ``keys`` and a float32 (N, D) matrix.
     ranker_map : dict of str to ranker
@@ -111,9 +82,9 @@ class SimilarityService:
 
     def __init__(self, embedder, features, ranker_map, image_dir, default_ranker="cosine", attribute_map=None,
                  max_upload_bytes=10_000_000, thumb_px=160, notes=()):
-        self.net, self.transform, self.info = embedder
-        if self.info["model_id"] != features.meta["model_id"]:
-            raise ValueError(f"the network is {self.info['model_id']} but the features come from "
+        self.embedder = embedder
+        if embedder.model_id != features.meta["model_id"]:
+            raise ValueError(f"the network is {embedder.model_id} but the features come from "
                              f"{features.meta['model_id']}")
         if default_ranker not in ranker_map:
             raise ValueError(f"default ranker {default_ranker!r} is not one of {list(ranker_map)}")
@@ -134,47 +105,12 @@ class SimilarityService:
         self.thumbnail = lru_cache(maxsize=4096)(self._thumbnail)
 
     @classmethod
-    def from_parameters(cls, P):
-        """Load a pipeline run's outputs as configured in PARAMETERS (``P``).
-
-        Uses ``P.featuresPath``; the network named by the features' ``model_id`` (``P.rf_backbone`` pretrained, or
-        ``P.modelPath``); ``P.svmPath`` and ``P.classifierPath`` when present (else only the fixed rankers, said in
-        ``notes``); ``P.evaluationCsvPath`` for the default ranker; ``P.attributeModels`` for extra attributes.
-
-        Raises
-        ------
-        FileNotFoundError
-            When the features, or the checkpoint they came from, are missing.
-        ValueError
-            When a file belongs to another network.
-        """
-        features = load_features(P.featuresPath, mmap=False)
-        model_id = features.meta["model_id"]
-        if model_id == backbones.model_id(P.rf_backbone):
-            model = P.rf_backbone
-        elif Path(P.modelPath).is_file():
-            model = P.modelPath
-        else:
-            raise FileNotFoundError(f"{P.featuresPath} holds features of {model_id} but {P.modelPath} is missing")
-        embedder = backbones.load_embedder(model)
-        if embedder[2]["model_id"] != model_id:
-            raise ValueError(f"{P.featuresPath} holds features of {model_id} but {model} is "
-                             f"{embedder[2]['model_id']}: run 3_featurizeImages.py again")
-        notes, payloads = [], []
-        for path in (P.svmPath, P.classifierPath):
-            if Path(path).is_file():
-                payloads.append(rankers.load_payload(path, model_id))
-            else:
-                payloads.append(None)
-                notes.append(f"{path} not found: its rankers are unavailable (run 4_trainSvm.py)")
-        ranker_map = rankers.build_rankers(*payloads, random_state=P.randomSeed)
-        attribute_map = attribute_models.configured_attributes(P.datasetName, P.svmPath, P.featuresPath,
-                                                               P.attributeModels)
-        default = recommended_ranker(P.evaluationCsvPath, ranker_map)
-        for note in notes:
+    def from_run(cls, run, image_dir, max_upload_bytes=10_000_000, thumb_px=160):
+        """The service of a run loaded by :func:`.runs.load_run` (with its network)."""
+        for note in run.notes:
             logger.warning(note)
-        return cls(embedder, features, ranker_map, P.imgDir, default, attribute_map, P.svc_maxUploadBytes,
-                   P.svc_thumbnailPx, notes)
+        return cls(run.embedder, run.features, run.rankers, image_dir, run.default_ranker, run.attributes,
+                   max_upload_bytes, thumb_px, run.notes)
 
     def health(self):
         """The ``/health`` document: a dict of plain JSON values."""
@@ -228,16 +164,14 @@ class SimilarityService:
             scorer = self.rankers[name]
         start = time.perf_counter()
         image = read_image(io.BytesIO(data))
-        batch = self.transform(image).unsqueeze(0)
+        batch = self.embedder.transform(image).unsqueeze(0)
         decoded = time.perf_counter()
-        with self._net_lock, torch.inference_mode():
+        with self._net_lock:
             locked = time.perf_counter()
-            vector = self.net(batch).float().numpy()
+            vector = self.embedder.forward_batch(batch)
             embedded = time.perf_counter()
         distances = scorer.distances(vector, self.matrix)[0]
-        k = min(k, len(distances))
-        top = np.argpartition(distances, k - 1)[:k] if k < len(distances) else np.arange(len(distances))
-        top = top[np.lexsort((top, distances[top]))]
+        top = top_k(distances, k)
         with_probability = hasattr(scorer, "probabilities")
         results = [{"id": int(i), "key": self.keys[i], "label": label_of(self.keys[i]),
                     "distance": float(distances[i]),
@@ -299,20 +233,14 @@ def _limited(receive, limit, image_limit):
     return limited_receive
 
 
-def create_app(source):
+def create_app(service):
     """The FastAPI app serving one :class:`SimilarityService`.
-
-    Parameters
-    ----------
-    source : SimilarityService or module
-        A service, or the PARAMETERS module to load one from (:meth:`SimilarityService.from_parameters`).
 
     Returns
     -------
     fastapi.FastAPI
         With the service as ``app.state.service``.
     """
-    service = source if isinstance(source, SimilarityService) else SimilarityService.from_parameters(source)
     app = FastAPI(title="Image similarity", version="1")
     app.state.service = service
     body_limit = service.max_upload_bytes + FORM_OVERHEAD_BYTES

@@ -8,9 +8,8 @@ Example::
     model.save("my_model")
     same = image_similarity.load("my_model")
 
-The embeddings come from :mod:`.features` (a registry backbone or a refined checkpoint through
-``backbones.load_embedder``), the search from :class:`.index.NearestNeighborIndex` (exact below its ANN threshold,
-approximate above). Distances are cosine distances ``1 - cos`` in ``[0, 2]``, lower is more similar.
+The embeddings come from an :class:`.embedder.Embedder` (a registry backbone or a refined checkpoint), the search
+from :class:`.index.NearestNeighborIndex` (exact below its ANN threshold, approximate above). Distances are cosine distances ``1 - cos`` in ``[0, 2]``, lower is more similar.
 """
 import logging
 import os
@@ -22,16 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
-from tqdm import tqdm
 
 from . import backbones
-from .features import ImageFileDataset, featurize, load_features, save_features
+from .embedder import load_embedder
+from .features import load_features, save_features
 from .fileio import atomic_path, load_json, save_json
 from .images import ImageReadError, SkippedImages, list_images
 from .index import NearestNeighborIndex
-from .pairs import label_of
+from .splits import label_of
 
 __all__ = ["SimilarityModel", "create", "load", "MODEL_FORMAT"]
 
@@ -114,46 +112,22 @@ class SimilarityModel:
     # ------------------------------------------------------------------ embedding
     @property
     def embedder(self):
-        """``(net, transform, info)`` of ``backbones.load_embedder``, loaded on first use."""
+        """The :class:`.embedder.Embedder` of ``model``, loaded on first use."""
         if self._embedder is None:
-            embedder = backbones.load_embedder(self.model, self.device)
-            if self.info is not None and embedder[2]["model_id"] != self.info["model_id"]:
-                raise ValueError(f"{self.model} is {embedder[2]['model_id']} but the references were embedded "
+            embedder = load_embedder(self.model, self.device)
+            if self.info is not None and embedder.model_id != self.info["model_id"]:
+                raise ValueError(f"{self.model} is {embedder.model_id} but the references were embedded "
                                  f"with {self.info['model_id']}")
-            self._embedder, self.info = embedder, self.info or embedder[2]
+            self._embedder, self.info = embedder, self.info or embedder.info
         return self._embedder
 
     def _embed_files(self, paths, skipped):
-        """Rows (len(paths), D) float32 for image files (NaN rows for unreadable ones), through ``featurize``."""
+        """Rows (len(paths), D) float32 for image files (NaN rows for unreadable ones)."""
         absolute = [Path(p).absolute() for p in paths]
-        root = Path(absolute[0].anchor)
         n_workers = self.n_workers if len(paths) > self.batch_size else 0
-        keys, matrix = featurize(absolute, root, self.embedder, self.batch_size, n_workers, skipped, self.device)
-        out = np.full((len(paths), matrix.shape[1]), np.nan, np.float32)
-        position = 0
-        for key, row in zip(keys, matrix):  # readable files come back in input order: match them up
-            while absolute[position].relative_to(root).as_posix() != key:
-                position += 1
-            out[position] = row
-            position += 1
-        return out
-
-    def _embed_in_memory(self, images, names, skipped):
-        """Rows (len(images), D) float32 for PIL images / uint8 arrays (NaN rows for unusable ones)."""
-        net, transform, info = self.embedder
-        dataset = ImageFileDataset(images, transform)  # reads each through images.load_image
-        out = np.full((len(images), info["dim"]), np.nan, np.float32)
-        device = next(net.parameters()).device
-        with torch.inference_mode():
-            for start in tqdm(range(0, len(images), self.batch_size), desc="embed", unit="batch", disable=None):
-                items = [dataset[i] for i in range(start, min(start + self.batch_size, len(images)))]
-                for i, _, reason in items:
-                    if reason is not None:
-                        skipped.add(names[i], reason)
-                good = [(i, x) for i, x, _ in items if x is not None]
-                if good:
-                    batch = torch.stack([x for _, x in good]).to(device)
-                    out[[i for i, _ in good]] = net(batch).float().cpu().numpy()
+        out = np.full((len(paths), self.embedder.dim), np.nan, np.float32)
+        for indices, rows in self.embedder.iter_batches(absolute, self.batch_size, n_workers, skipped):
+            out[indices] = rows
         return out
 
     def _embed(self, items, names, use_keys):
@@ -162,7 +136,7 @@ class SimilarityModel:
         known = [use_keys and isinstance(x, str) and x in self._rows for x in items]
         files = [i for i, x in enumerate(items) if not known[i] and _is_file_source(x)]
         memory = [i for i, x in enumerate(items) if not known[i] and not _is_file_source(x)]
-        dim = self.info["dim"] if self.info else self.embedder[2]["dim"]
+        dim = self.info["dim"] if self.info else self.embedder.dim
         out = np.full((len(items), dim), np.nan, np.float32)
         for i, x in enumerate(items):
             if known[i]:
@@ -170,7 +144,8 @@ class SimilarityModel:
         if files:
             out[files] = self._embed_files([items[i] for i in files], skipped)
         if memory:
-            out[memory] = self._embed_in_memory([items[i] for i in memory], [names[i] for i in memory], skipped)
+            out[memory] = self.embedder.embed_images([items[i] for i in memory], self.batch_size, skipped,
+                                                     [names[i] for i in memory])
         return out, skipped
 
     def embed(self, images):

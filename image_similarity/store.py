@@ -32,10 +32,12 @@ from sqlalchemy import (Boolean, Column, Float, ForeignKey, Integer, LargeBinary
                         create_engine, delete, func, insert, make_url, select)
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from . import evaluation, pairs, rankers
+from . import evaluation, rankers, training
+from .distances import ProbabilityDistance
 from .features import Features
+from .splits import SPLITS, RankingSet, group_by_label, label_of, splits_and_ranking_sets
 
-__all__ = ["metadata", "STEP_TABLES", "connect", "describe_url", "ScoreDistance", "SCORE_RANKERS",
+__all__ = ["metadata", "STEP_TABLES", "connect", "describe_url", "SCORE_RANKERS",
            "write_image_store", "read_features", "write_splits", "read_split", "read_ranking_sets",
            "train_classifier", "read_model", "write_scores", "read_scores", "evaluate_scores", "rank_candidates",
            "count_rows"]
@@ -185,7 +187,7 @@ def write_image_store(engine, image_keys, feature_keys, matrix, model_id):
     dim = int(matrix.shape[1])
     with engine.begin() as conn:
         _replace(conn, 1, {
-            image_store: [{"id": i, "path": key, "label": pairs.label_of(key)} for key, i in ids.items()],
+            image_store: [{"id": i, "path": key, "label": label_of(key)} for key, i in ids.items()],
             features_table: [{"image_id": ids[key], "model_id": model_id, "dim": dim, "vector": row.tobytes()}
                              for key, row in zip(feature_keys, matrix)]})
     return ids
@@ -215,20 +217,18 @@ def read_features(conn):
     return Features([row.path for row in rows], matrix, {"model_id": model_ids.pop(), "dim": dim})
 
 
-def write_splits(engine, ratio_train, ratio_val, split_by="filename", split_file_rows=None, seed=0,
-                 max_queries=None, max_negatives=None):
+def write_splits(engine, ratio_train, ratio_val, max_queries, max_negatives, split_by="filename",
+                 split_file_rows=None, seed=0):
     """Step 2: split the featurized images and build the validation and test ranking sets, as 1_prepareData.py.
 
-    The images are those of the ``features`` table; ``ImageStore`` images without features are excluded.
-    ``pairs.split_images`` and ``pairs.make_ranking_sets`` are called exactly as 1_prepareData.py calls them (one
-    generator seeded with ``seed`` over train, val, test), so the same images give the same splits and sets.
+    The images are those of the ``features`` table; ``ImageStore`` images without features are excluded. The
+    splits and sets come from :func:`splits.splits_and_ranking_sets`, as in 1_prepareData.py, so the same images
+    give the same splits and sets.
 
     Parameters
     ----------
-    ratio_train, ratio_val, split_by, split_file_rows, seed
-        As :func:`pairs.split_images`.
-    max_queries, max_negatives : dict of str to int
-        Per split ('train', 'val', 'test'): query images per label and negatives per query.
+    ratio_train, ratio_val, max_queries, max_negatives, split_by, split_file_rows, seed
+        As :func:`splits.splits_and_ranking_sets`.
 
     Returns
     -------
@@ -241,16 +241,10 @@ def write_splits(engine, ratio_train, ratio_val, split_by="filename", split_file
         keys = read_features(conn).keys
         paths = _paths(conn)
     ids = {key: i for i, key in paths.items()}
-    keys_by_label = {}
-    for key in keys:
-        keys_by_label.setdefault(pairs.label_of(key), []).append(key)
-    splits = pairs.split_images(keys_by_label, ratio_train, ratio_val, split_by, split_file_rows, seed=seed,
-                                excluded_keys=set(ids) - set(keys))
-    rng = np.random.default_rng(seed)
-    sets = {split: pairs.make_ranking_sets(splits[split], max_queries[split], max_negatives[split], rng)
-            for split in pairs.SPLITS}
+    splits, sets = splits_and_ranking_sets(group_by_label(keys), ratio_train, ratio_val, max_queries, max_negatives,
+                                           split_by, split_file_rows, seed, excluded_keys=set(ids) - set(keys))
     rows = {split_tables[split]: [{"image_id": ids[k]} for label in sorted(splits[split]) for k in splits[split][label]]
-            for split in pairs.SPLITS}
+            for split in SPLITS}
     rows[query_images] = [{"split": split, "set_id": n, "position": position, "query_id": ids[s.query],
                            "reference_id": ids[ref], "is_positive": bool(positive)}
                           for split in ("val", "test") for n, s in enumerate(sets[split])
@@ -281,7 +275,7 @@ def read_ranking_sets(conn, split):
     for row in conn.execute(select(query_images).where(query_images.c.split == split)
                             .order_by(query_images.c.set_id, query_images.c.position)).all():
         if row.position == 0:
-            sets.append(pairs.RankingSet(paths[row.query_id], None))
+            sets.append(RankingSet(paths[row.query_id], None))
         ranking_set, reference = sets[-1], paths[row.reference_id]
         ranking_set.references.append(reference)
         if row.is_positive:
@@ -292,7 +286,7 @@ def read_ranking_sets(conn, split):
 
 
 def train_classifier(engine, C_candidates, random_state=None):
-    """Step 3: the class-probability classifier of 4_trainSvm.py (``rankers.select_classprob_C``) into ``model``.
+    """Step 3: the class-probability classifier of 4_trainSvm.py (``training.select_classprob_C``) into ``model``.
 
     Trained on ``training_images``, C chosen by accuracy on ``evaluation_images`` (the validation split).
 
@@ -304,14 +298,14 @@ def train_classifier(engine, C_candidates, random_state=None):
     with engine.connect() as conn:
         feats = read_features(conn)
         keys = {split: [k for label in sorted(d) for k in d[label]]
-                for split, d in ((s, read_split(conn, s)) for s in pairs.SPLITS)}
+                for split, d in ((s, read_split(conn, s)) for s in SPLITS)}
     _require_rows(keys["train"], split_tables["train"], 2)
     if not keys["val"]:
         raise ValueError("table evaluation_images is empty: the classifier's C is chosen on the validation split "
                          "(run step 2 with ratioValFromTrain > 0)")
-    xy = {split: (feats.rows(keys[split]), [pairs.label_of(k) for k in keys[split]])
-          for split in pairs.SPLITS if keys[split]}
-    classifier, table = rankers.select_classprob_C(*xy["train"], *xy["val"], C_candidates, random_state)
+    xy = {split: (feats.rows(keys[split]), [label_of(k) for k in keys[split]])
+          for split in SPLITS if keys[split]}
+    classifier, table = training.select_classprob_C(*xy["train"], *xy["val"], C_candidates, random_state)
     payload = {"model_id": feats.meta["model_id"], "ranker": classifier, "C_table": table,
                "accuracy": {split: classifier.score(*data) for split, data in xy.items()}}
     with engine.begin() as conn:
@@ -364,23 +358,6 @@ def read_scores(conn):
     return Features([row.path for row in rows[::len(classes)]], matrix, {"classes": list(classes.values())})
 
 
-class ScoreDistance:
-    """A distance between stored class-probability vectors (the ``distances`` interface of rankers).
-
-    Parameters
-    ----------
-    metric : {'l2', 'cosine', 'same_label'}
-        See :func:`image_similarity.rankers.probability_distances`.
-    """
-
-    def __init__(self, metric):
-        self.metric = rankers.check_probability_metric(metric)
-
-    def distances(self, queries, references):
-        """(n_q, n_r) float64 distances between score vectors (n_q, C) and (n_r, C); lower is more similar."""
-        return rankers.probability_distances(queries, references, self.metric)
-
-
 def evaluate_scores(engine, top_ns, splits=("val", "test")):
     """Step 5: rank every ranking set's references by each distance of ``SCORE_RANKERS``; ``evaluation.evaluate``.
 
@@ -397,7 +374,7 @@ def evaluate_scores(engine, top_ns, splits=("val", "test")):
         raise ValueError(f"table query_images holds no {' or '.join(splits)} ranking sets: run step 2 (a label "
                          "needs two images in a split to give queries)")
     results = {split: {name: evaluation.evaluate(
-        evaluation.rank_ranking_sets(ScoreDistance(metric), scores, sets[split]), top_ns)
+        evaluation.rank_ranking_sets(ProbabilityDistance(metric), scores, sets[split]), top_ns)
         for name, metric in SCORE_RANKERS.items()} for split in splits if sets[split]}
     with engine.begin() as conn:
         _replace(conn, 5, {evaluation_results: [
@@ -422,13 +399,13 @@ def rank_candidates(engine, k):
     if not queries:
         raise ValueError("table query_images holds no test ranking sets: run step 2 (a label needs two test images "
                          "to give queries)")
-    found = {name: dict(zip(queries, evaluation.top_k_candidates(ScoreDistance(metric), scores, queries,
+    found = {name: dict(zip(queries, evaluation.top_k_candidates(ProbabilityDistance(metric), scores, queries,
                                                                  scores.keys, k)))
              for name, metric in SCORE_RANKERS.items()}
     with engine.begin() as conn:
         _replace(conn, 6, {ranking_results: [
             {"ranker": name, "query_id": ids[query], "rank": n, "candidate_id": ids[key], "distance": distance,
-             "same_label": pairs.label_of(key) == pairs.label_of(query)}
+             "same_label": label_of(key) == label_of(query)}
             for name, by_query in found.items() for query, matches in by_query.items()
             for n, (key, distance) in enumerate(matches, 1)]})
     return found

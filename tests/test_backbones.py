@@ -10,6 +10,7 @@ from torchvision import transforms
 
 from conftest import REPO, SAMPLE_DIR
 from image_similarity import backbones
+from image_similarity.embedder import load_embedder
 from image_similarity.images import read_image
 
 GOLDEN = REPO / "tests" / "data" / "lite0_can_1.npy"  # Lite0 embedding of data/fridgeObjects/can/can_1.jpg
@@ -199,11 +200,10 @@ def test_transforms_give_normalised_tensors_at_any_resolution():
 
 def test_golden_lite0_embedding():
     """The shipped weights on one real photo give the stored embedding (guards the mapping and the transform)."""
-    net, transform, info = backbones.load_embedder("efficientnet_lite0")
-    with torch.inference_mode():
-        vector = net(transform(read_image(SAMPLE_DIR / "can" / "can_1.jpg"))[None])[0].numpy()
+    embedder = load_embedder("efficientnet_lite0", "cpu")
+    vector = embedder.forward_batch(embedder.transform(read_image(SAMPLE_DIR / "can" / "can_1.jpg"))[None])[0]
     golden = np.load(GOLDEN)
-    assert info == {"model_id": "pretrained:efficientnet_lite0", "backbone": "efficientnet_lite0", "dim": 1280,
+    assert embedder.info == {"model_id": "pretrained:efficientnet_lite0", "backbone": "efficientnet_lite0", "dim": 1280,
                     "input_resolution": 224}
     # The golden vector came from torchvision's Resize + CenterCrop; the one-step box resize rounds a few pixels
     # differently, which moves single elements by up to 2.4e-3.
@@ -228,11 +228,12 @@ def test_checkpoint_round_trip(tmp_path, lite0):
     assert len(info["model_id"]) == len("sha256:") + 16
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary left behind
 
-    net, transform, emb_info = backbones.load_embedder(path)
-    assert emb_info["dim"] == 1280 and emb_info["input_resolution"] == 192
-    assert transform(Image.new("RGB", (90, 70))).shape == (3, 192, 192)
+    embedder = load_embedder(path, "cpu")
+    assert embedder.dim == 1280 and embedder.input_resolution == 192 and embedder.checkpoint == str(path)
+    assert embedder.transform(Image.new("RGB", (90, 70))).shape == (3, 192, 192)
     with torch.inference_mode():
-        assert torch.equal(net(x), model.backbone(x))
+        expected = model.backbone(x).numpy()
+    np.testing.assert_allclose(embedder.forward_batch(x), expected, atol=1e-5)
 
 
 def test_foreign_files_are_not_checkpoints(tmp_path):
@@ -246,7 +247,7 @@ def test_foreign_files_are_not_checkpoints(tmp_path):
         with pytest.raises(ValueError, match=str(path)):
             backbones.load_checkpoint(path)
     with pytest.raises(ValueError, match="neither a backbone name"):
-        backbones.load_embedder(str(tmp_path / "missing.pt"))
+        load_embedder(str(tmp_path / "missing.pt"))
 
 
 def test_model_id():

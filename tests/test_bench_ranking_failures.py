@@ -6,8 +6,8 @@ import numpy as np
 
 from conftest import REPO
 from image_similarity.features import Features
-from image_similarity.pairs import RankingSet
 from image_similarity.rankers import ClassProbRanker
+from image_similarity.splits import RankingSet
 
 sys.path.insert(0, str(REPO / "bench"))
 import ranking_failures  # noqa: E402

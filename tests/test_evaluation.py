@@ -5,7 +5,7 @@ import pytest
 from image_similarity.evaluation import (evaluate, mean_rank, mean_reciprocal_rank, median_rank, positive_rank,
                                          rank_ranking_sets, top_k_accuracy, top_k_candidates)
 from image_similarity.features import load_features, save_features
-from image_similarity.pairs import RankingSet
+from image_similarity.splits import RankingSet
 
 
 def test_positive_rank_counts_closer_negatives():

@@ -1,76 +1,13 @@
-"""Batched featurization from files, skipped images, and the features store."""
+"""The features store: streamed from an embedder, saved, loaded, refused when incomplete."""
 import json
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import SAMPLE_DIR, make_image
-from image_similarity import backbones, features
+from image_similarity import features
 from image_similarity.fileio import save_npy
-from image_similarity.images import SkippedImages, image_key, read_image
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return backbones.load_embedder("efficientnet_lite0")
-
-
-@pytest.fixture
-def folder(tmp_path):
-    """5 real photos (two labels) and 2 generated images, plus a corrupt file and an empty one."""
-    root = tmp_path / "imgs"
-    for label in ("can", "carton"):
-        for src in sorted((SAMPLE_DIR / label).glob("*.jpg"))[:2]:
-            (root / label).mkdir(parents=True, exist_ok=True)
-            (root / label / src.name).write_bytes(src.read_bytes())
-    make_image(root / "gen" / "a.png", (200, 30, 30), pattern="stripes")
-    make_image(root / "gen" / "b.jpg", (30, 40, 200), pattern="dots", size=(90, 60))
-    (root / "gen" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    (root / "gen" / "empty.png").write_bytes(b"")
-    return root
-
-
-def _good(root):
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name not in ("corrupt.jpg", "empty.png"))
-
-
-def test_featurize_skips_and_names_bad_images(folder, embedder):
-    paths = sorted(p for p in folder.rglob("*") if p.is_file())
-    skipped = SkippedImages()
-    keys, matrix = features.featurize(paths, folder, embedder, batch_size=3, n_workers=2, skipped=skipped)
-    assert keys == [image_key(p, folder) for p in _good(folder)]  # 8 files in, 6 vectors out, input order kept
-    assert matrix.shape == (6, 1280) and matrix.dtype == np.float32 and np.isfinite(matrix).all()
-    assert sorted(skipped.items) == [str(folder / "gen" / "corrupt.jpg"), str(folder / "gen" / "empty.png")]
-    assert "empty" in skipped.items[str(folder / "gen" / "empty.png")]
-
-
-def test_all_bad_batch_survives(folder, embedder):
-    """With batches of 2, [corrupt, empty] is a batch with no readable image: it is skipped, not fatal."""
-    paths = [folder / "gen" / "corrupt.jpg", folder / "gen" / "empty.png", folder / "gen" / "a.png"]
-    skipped = SkippedImages()
-    keys, matrix = features.featurize(paths, folder, embedder, batch_size=2, n_workers=0, skipped=skipped)
-    assert keys == ["gen/a.png"] and matrix.shape == (1, 1280) and len(skipped) == 2
-    keys, matrix = features.featurize(paths[:2], folder, embedder, batch_size=2, n_workers=0)
-    assert keys == [] and matrix.shape == (0, 1280)
-
-
-def test_batched_equals_unbatched_and_the_plain_forward(folder, embedder):
-    paths = _good(folder)
-    _, batched = features.featurize(paths, folder, embedder, batch_size=4, n_workers=2)
-    _, single = features.featurize(paths, folder, embedder, batch_size=1, n_workers=0)
-    np.testing.assert_allclose(batched, single, atol=1e-4)
-    net, transform, _ = backbones.load_embedder("efficientnet_lite0")
-    with torch.inference_mode():
-        plain = net(transform(read_image(paths[0]))[None])[0].numpy()
-    np.testing.assert_allclose(batched[0], plain, atol=1e-4)
-
-
-def test_features_are_deterministic(folder, embedder):
-    paths = _good(folder)
-    _, a = features.featurize(paths, folder, embedder, batch_size=4, n_workers=0)
-    _, b = features.featurize(paths, folder, embedder, batch_size=4, n_workers=2)
-    assert a.tobytes() == b.tobytes()
+from image_similarity.images import SkippedImages
+from test_embedder import embedder, folder  # noqa: F401 (fixtures)
 
 
 def test_featurize_to_file_streams_and_round_trips(folder, embedder, tmp_path):
@@ -78,7 +15,7 @@ def test_featurize_to_file_streams_and_round_trips(folder, embedder, tmp_path):
     out = tmp_path / "proc" / "features.npy"
     skipped = SkippedImages()
     stored = features.featurize_to_file(paths, folder, embedder, out, batch_size=3, n_workers=0, skipped=skipped)
-    keys, matrix = features.featurize(paths, folder, embedder, batch_size=3, n_workers=0)
+    keys, matrix = embedder.embed_files(paths, folder, batch_size=3, n_workers=0)
     assert len(skipped) == 2 and stored.keys == keys
     assert isinstance(stored.matrix, np.memmap) and stored.matrix.shape == (6, 1280)
     assert stored.matrix.tobytes() == matrix.tobytes()

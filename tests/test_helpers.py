@@ -85,6 +85,26 @@ def test_require(tmp_path):
     assert str(info.value) == f"{missing} not found: run 3_featurizeImages.py first"
 
 
+def test_refine_config_names_the_knob_at_fault():
+    P = helpers.load_parameters(["rf_mbSize=0"])
+    with pytest.raises(helpers.UsageError, match=r"^rf_mbSize: batch_size = 0: must be >= 1$"):
+        helpers.refine_config(P)
+    config = helpers.refine_config(helpers.load_parameters(["rf_lrPerMb=[0.5]"]))
+    assert config.lr_per_epoch == (0.5,) and config.backbone == "efficientnet_lite0"
+
+
+def test_featurizing_model(tmp_path):
+    P = helpers.load_parameters([f"workDir={tmp_path}"])
+    with pytest.raises(helpers.UsageError, match="model.pt not found: run 2_refineDNN.py first"):
+        helpers.featurizing_model(P)
+    assert helpers.featurizing_model(P, fallback=True) == P.rf_backbone
+    P.modelPath.parent.mkdir(parents=True)
+    P.modelPath.write_bytes(b"")
+    assert helpers.featurizing_model(P) == helpers.featurizing_model(P, fallback=True) == P.modelPath
+    pretrained = helpers.load_parameters([f"workDir={tmp_path}", "rf_maxEpochs=0"])
+    assert helpers.featurizing_model(pretrained) == "efficientnet_lite0"
+
+
 @pytest.mark.parametrize("error, status", [
     (helpers.UsageError("bad input"), 2), (ValueError("bad value"), 1), (FileNotFoundError("no such file"), 1),
 ])

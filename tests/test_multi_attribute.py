@@ -7,8 +7,9 @@ import pytest
 
 import image_similarity
 from conftest import SAMPLE_DIR
-from image_similarity import evaluation, features, pairs, rankers
+from image_similarity import evaluation, features, rankers, training
 from image_similarity.attributes import AttributeModel, combine
+from image_similarity.splits import make_ranking_sets
 
 N_LABELS, BLOCK, DIM = 4, 8, 24
 
@@ -55,7 +56,7 @@ def test_probabilities_not_raw_scores_are_averaged(synthetic):
     """Multiply B's SVM scores by 1000 and recalibrate: the combination does not move, a raw-score mean would."""
     attribute_a, attribute_b, queries, references, (held_x, held_b) = synthetic
     i, j = np.triu_indices(len(held_x), 1)
-    diffs, same = rankers.pair_differences(held_x[i], held_x[j]), held_b[i] == held_b[j]
+    diffs, same = training.pair_differences(held_x[i], held_x[j]), held_b[i] == held_b[j]
     svm = attribute_b.ranker.ranker
     loud = copy.deepcopy(svm)
     for owner in (loud, loud.svm_):
@@ -157,7 +158,7 @@ def test_two_labelings_of_real_photos(photos):
     by_label = {}
     for key, label in zip(photos.keys, photos.labels):
         by_label.setdefault(label, []).append(key)
-    sets = pairs.make_ranking_sets(by_label, 3, 10, 0)
+    sets = make_ranking_sets(by_label, 3, 10, 0)
     store = features.Features(photos.keys, photos.features, {})
     ranks = evaluation.rank_ranking_sets(both, store, sets)
     assert len(ranks) == 12 and evaluation.mean_rank(ranks) < 3.0  # chance would be 6

@@ -5,9 +5,8 @@ from sklearn.exceptions import NotFittedError
 
 from image_similarity.evaluation import mean_rank, positive_rank
 from image_similarity.rankers import (RANKER_NAMES, CalibratedRanker, ClassProbRanker, CosineRanker, L1Ranker,
-                                      L2Ranker, RandomRanker, WeightedL2Ranker, build_rankers, mine_hard_negatives,
-                                      negative_sample_weights, pair_accuracies, pair_differences,
-                                      probability_distances)
+                                      L2Ranker, RandomRanker, WeightedL2Ranker, build_rankers, negative_sample_weights)
+from image_similarity.training import pair_differences
 
 
 def unit(x):
@@ -157,33 +156,6 @@ def test_more_weight_on_negatives_lowers_the_probabilities(trained):
     assert heavy[0] < light[0]
 
 
-def test_hard_negative_mining_adds_the_hardest_different_label_pairs():
-    x, labels = make_clusters(seed=3)
-    rng = np.random.default_rng(0)
-    diffs, same = random_pairs(x, labels, 30, rng)
-    weak = WeightedL2Ranker(C=0.001, random_state=0).fit(diffs, same)
-    mined = mine_hard_negatives(weak, x, labels, n_add=50, max_pairs=5000, random_state=0)
-    assert 0 < len(mined) <= 50 and mined.shape[1] == x.shape[1]
-    scores = weak.decision_function(mined)
-    assert (scores > -1).all() and (np.diff(scores) <= 1e-12).all()  # inside the margin, hardest first
-    again = mine_hard_negatives(weak, x, labels, n_add=50, max_pairs=5000, random_state=0)
-    np.testing.assert_array_equal(mined, again)
-    refit = WeightedL2Ranker(C=0.001, random_state=0).fit(np.vstack([diffs, mined]),
-                                                          np.concatenate([same, np.zeros(len(mined), bool)]))
-    assert (refit.decision_function(mined) < scores).mean() > 0.9
-
-
-def test_hard_negative_mining_with_one_label_finds_nothing(trained):
-    x, _, ranker, _, _ = trained
-    assert len(mine_hard_negatives(ranker, x[:20], np.zeros(20), 10, 100, random_state=0)) == 0
-
-
-def test_pair_accuracies(trained):
-    _, _, ranker, val_diffs, val_same = trained
-    acc = pair_accuracies(ranker, val_diffs, val_same)
-    assert 0.9 < acc["balanced_accuracy"] <= 1 and 0.9 < acc["accuracy"] <= 1 and acc["n_pairs"] == len(val_same)
-
-
 def test_classprob_ranker_compares_probability_vectors():
     x, labels = make_clusters(n_noise=4)
     names = np.array(["a", "b", "c", "d", "e"])[labels]
@@ -199,20 +171,6 @@ def test_classprob_ranker_compares_probability_vectors():
     assert 0 <= same < 0.1 < other <= 1
     with pytest.raises(ValueError, match="metric"):
         ranker.set_params(metric="chi2").distances(x[:1], x[:1])
-
-
-def test_same_label_distance_is_the_probability_of_different_labels():
-    p = np.array([[0.9, 0.1, 0.0], [1 / 3, 1 / 3, 1 / 3]])
-    q = np.array([[0.9, 0.1, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
-    d = probability_distances(p, q, "same_label")
-    np.testing.assert_allclose(d, [[1 - 0.82, 1 - 0.5, 1.0], [2 / 3, 2 / 3, 2 / 3]])
-    # Cosine prefers the reference shaped like the query; 1 - P(same label) the one surest of the query's labels.
-    sure, unsure = np.array([[1.0, 0.0]]), np.array([[0.6, 0.4]])
-    query = np.array([[0.6, 0.4]])
-    assert probability_distances(query, sure, "same_label") < probability_distances(query, unsure, "same_label")
-    assert probability_distances(query, unsure, "cosine") < probability_distances(query, sure, "cosine")
-    with pytest.raises(ValueError, match="metric must be one of 'l2', 'cosine', 'same_label', got 'l1'"):
-        probability_distances(p, q, "l1")
 
 
 def test_classprob_same_label_ranks_same_class_references_first():

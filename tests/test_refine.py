@@ -91,7 +91,7 @@ def test_resume_refuses_other_settings(colours, uninterrupted):
     root, train, val = colours
     _, checkpoint = uninterrupted
     signature = refine._data_signature(CLASSES, train, val)
-    with pytest.raises(ValueError, match="rf_mbSize 8 -> 4"):
+    with pytest.raises(ValueError, match="batch_size 8 -> 4"):
         refine.load_resume_checkpoint(checkpoint, config(batch_size=4), signature)
     with pytest.raises(ValueError, match="other images"):
         refine.load_resume_checkpoint(checkpoint, config(), refine._data_signature(CLASSES, train[1:], val))
@@ -107,9 +107,8 @@ def test_best_epoch_is_chosen_on_validation(colours, single_thread):
     first, second = result.log_rows
     assert first["val_err"] < second["val_err"] or math.isnan(second["val_loss"])
     assert result.best_epoch == 1
-    loader = refine.make_loader(refine.ImageListDataset(root, val, refine.backbones.eval_transform(
-        "efficientnet_lite0", 64)), range(len(val)), 8, 0, torch.device("cpu"))
-    val_loss, val_err, n = refine.evaluate(result.model, loader, torch.device("cpu"), progress=False)
+    val_set = refine.LabelledImages(root, val, refine.backbones.eval_transform("efficientnet_lite0", 64))
+    val_loss, val_err, n = refine.evaluate(result.model, val_set, 8, 0, torch.device("cpu"), progress=False)
     assert n == 9
     assert val_err == first["val_err"] and val_loss == pytest.approx(first["val_loss"], rel=1e-4)
 
@@ -142,17 +141,17 @@ def test_unreadable_images_are_skipped_and_recorded(colours, tmp_path):
     bad.parent.mkdir()
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     make_image(tmp_path / "red" / "fine.jpg", COLORS["red"])
-    dataset = refine.ImageListDataset(tmp_path, [("red/broken.jpg", 2), ("red/fine.jpg", 2)],
-                                      refine.backbones.eval_transform("efficientnet_lite0", 32))
-    images, labels, bad_items = next(iter(refine.make_loader(dataset, [0, 1], 2, 0, torch.device("cpu"))))
-    assert images.shape == (1, 3, 32, 32) and labels.tolist() == [2]
-    assert [path for path, _ in bad_items] == [str(bad)]
+    dataset = refine.LabelledImages(tmp_path, [("red/broken.jpg", 2), ("red/fine.jpg", 2)],
+                                    refine.backbones.eval_transform("efficientnet_lite0", 32))
+    indices, images, bad_items = next(iter(refine.make_loader(dataset, [0, 1], 2, 0, torch.device("cpu"))))
+    assert images.shape == (1, 3, 32, 32) and dataset.labels[indices].tolist() == [2]
+    assert [dataset.sources[i] for i, _ in bad_items] == [bad]
     # A batch in which every image is bad is empty, not an error, and its file is recorded.
     skipped = SkippedImages()
     model = refine.backbones.ImageClassifier(refine.backbones.create_model("efficientnet_lite0", pretrained=False),
                                              3, 0.0)
-    loss, err, n = refine.evaluate(model, refine.make_loader(dataset, [0], 1, 0, torch.device("cpu")),
-                                   torch.device("cpu"), skipped=skipped, progress=False)
+    broken = refine.LabelledImages(tmp_path, [("red/broken.jpg", 2)], dataset.transform)
+    loss, err, n = refine.evaluate(model, broken, 1, 0, torch.device("cpu"), skipped=skipped, progress=False)
     assert n == 0 and math.isnan(loss) and math.isnan(err)
     assert list(dict(skipped.items)) == [str(bad)]
 
@@ -175,10 +174,10 @@ def test_learning_rate_schedule_repeats_its_last_value():
     assert [refine.lr_for_epoch([0.1, 0.01], e) for e in range(4)] == [0.1, 0.01, 0.01, 0.01]
 
 
-def test_config_names_the_parameter_at_fault():
-    with pytest.raises(ValueError, match=r"rf_mbSize \(batch_size\) = 0"):
+def test_config_names_the_setting_at_fault():
+    with pytest.raises(ValueError, match="batch_size = 0: must be >= 1"):
         config(batch_size=0)
-    with pytest.raises(ValueError, match="rf_lrPerMb"):
+    with pytest.raises(ValueError, match="lr_per_epoch"):
         config(lr_per_epoch=[])
     with pytest.raises(ValueError, match="unknown backbone"):
         config(backbone="nope")

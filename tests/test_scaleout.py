@@ -4,7 +4,8 @@ import shutil
 import numpy as np
 import pytest
 
-from image_similarity import features, images, scaleout
+from image_similarity import images, scaleout
+from image_similarity.embedder import load_embedder
 from image_similarity.features import load_features
 from conftest import run_script
 
@@ -36,8 +37,8 @@ def photo_dir(tmp_path_factory, sample_dir):
 @pytest.fixture(scope="module")
 def single_process(photo_dir):
     skipped = images.SkippedImages()
-    keys, matrix = features.featurize(images.list_images(photo_dir), photo_dir, MODEL, batch_size=8, n_workers=0,
-                                      skipped=skipped)
+    keys, matrix = load_embedder(MODEL).embed_files(images.list_images(photo_dir), photo_dir, batch_size=8,
+                                                    n_workers=0, skipped=skipped)
     return keys, matrix, skipped
 
 

@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image
 
 from conftest import make_image, run_script
-from image_similarity import fileio, pairs
+from image_similarity import fileio
+from image_similarity.splits import RankingSet, SPLITS, label_of
 
 SCRIPT = "1_prepareData.py"
 
@@ -28,19 +29,19 @@ def test_tiny_dataset_outputs(tiny_dataset):
     proc, res = work / "proc" / "tiny", work / "results" / "tiny"
     assert fileio.load_pickle(proc / "lutLabel2Id.pickle") == {"blue": 0, "green": 1, "red": 2}
     assert fileio.load_pickle(proc / "lutId2Label.pickle") == {0: "blue", 1: "green", 2: "red"}
-    splits = {split: fileio.load_pickle(proc / f"imgFilenames{split.title()}.pickle") for split in pairs.SPLITS}
+    splits = {split: fileio.load_pickle(proc / f"imgFilenames{split.title()}.pickle") for split in SPLITS}
     # 8 per label: int(.75*8)=6 train, int(.2*6)=1 of them to val, 2 test
     assert {split: {label: len(keys) for label, keys in s.items()} for split, s in splits.items()} == {
         "train": {"blue": 5, "green": 5, "red": 5}, "val": {"blue": 1, "green": 1, "red": 1},
         "test": {"blue": 2, "green": 2, "red": 2}}
     all_keys = [k for s in splits.values() for keys in s.values() for k in keys]
     assert sorted(all_keys) == sorted(p.relative_to(tiny_dataset).as_posix() for p in tiny_dataset.rglob("*.jpg"))
-    infos = {split: fileio.load_pickle(proc / f"imgInfos{split.title()}.pickle") for split in pairs.SPLITS}
-    assert [len(infos[s]) for s in pairs.SPLITS] == [15, 0, 6]  # val has one image per label: no query
+    infos = {split: fileio.load_pickle(proc / f"imgInfos{split.title()}.pickle") for split in SPLITS}
+    assert [len(infos[s]) for s in SPLITS] == [15, 0, 6]  # val has one image per label: no query
     for split in ("train", "test"):
         keys = {k for v in splits[split].values() for k in v}
         for s in infos[split]:
-            assert isinstance(s, pairs.RankingSet) and len(s.references) == 101
+            assert isinstance(s, RankingSet) and len(s.references) == 101
             assert {s.query, *s.references} <= keys
         rows = _csv(proc / f"pairs_{split}.csv")
         assert rows[0] == ["query", "reference", "is_positive"] and len(rows) == 1 + 101 * len(infos[split])
@@ -78,7 +79,7 @@ def test_planted_duplicates_corrupt_files_and_odd_entries(tiny_dataset, tmp_path
     assert _csv(res / "near_duplicates.csv") == [
         ["group", "key", "kept"], ["1", "blue/zz_green_3.png", "yes"], ["1", "green/green_3.jpg", "no"],
         ["2", "red/red_0.jpg", "yes"], ["2", "red/red_0_copy.jpg", "no"]]
-    kept = {k for split in pairs.SPLITS for v in fileio.load_pickle(proc / f"imgFilenames{split.title()}.pickle")
+    kept = {k for split in SPLITS for v in fileio.load_pickle(proc / f"imgFilenames{split.title()}.pickle")
             .values() for k in v}
     assert "red/red_0.jpg" in kept and "blue/zz_green_3.png" in kept
     assert not kept & {"red/red_0_copy.jpg", "green/green_3.jpg", "green/broken.jpg", "loose.jpg", "red/link.jpg"}
@@ -112,7 +113,7 @@ def test_bundled_sample_through_a_symlinked_dataset_folder(tmp_path, sample_dir)
                                                      int(total) - n_train)
     test_sets = fileio.load_pickle(tmp_path / "proc" / "fridge" / "imgInfosTest.pickle")
     assert len(test_sets) == sum(min(20, int(row[3])) for row in counts[1:])
-    labels = np.array([pairs.label_of(s.query) for s in test_sets])
+    labels = np.array([label_of(s.query) for s in test_sets])
     assert (labels == "milk_bottle").sum() == 10
     assert "Done: 134 images in 4 labels" in result.stdout and not (tmp_path / "proc" / "fridgeObjects").exists()
 

@@ -38,7 +38,7 @@ def test_query_outside_the_data_folder(featurized, tmp_path):
         test_keys = {k for keys in pickle.load(handle).values() for k in keys}
     shown = {path.split("/data/tiny/")[1] for *_, path in ranked}
     assert shown <= test_keys
-    assert "(L2 on pretrained:" in result.stdout  # no 5_evaluate.py run yet: the default is L2
+    assert "(cosine on pretrained:" in result.stdout  # no 5_evaluate.py run yet: the one fallback, cosine
     assert re.search(r"Time: loading [\d.]+ s, network [\d.]+ s, search [\d.]+ s", result.stdout)
     grid = work / "results" / "tiny" / "retrieval_my query.png"
     with Image.open(grid) as img:

@@ -7,7 +7,8 @@ from sqlalchemy import inspect, select
 
 import helpers
 from conftest import LABEL_LOOKS, REPO, make_image, make_labelled_images, run_script
-from image_similarity import evaluation, pairs, store
+from image_similarity import evaluation, store
+from image_similarity.splits import SPLITS
 from test_store import COLUMNS, create_database, running_postgres
 
 TOP_NS = [1, 2, 4, 5, 8, 10, 15, 20, 28, 32]
@@ -17,7 +18,7 @@ N_PER_LABEL, N_NEGATIVES, K = 10, 15, 4
 def settings(work):
     return ["--set", f"workDir={work}", "--set", "datasetName=tiny", "--set", "rf_maxEpochs=0",
             "--set", "dedup_enabled=False", "--set", "ratioValFromTrain=0.3", "--set", "run_nrWorkers=0",
-            *(arg for split in pairs.SPLITS for arg in ("--set", f"{split}_maxNegImgsPerQueryImg={N_NEGATIVES}")),
+            *(arg for split in SPLITS for arg in ("--set", f"{split}_maxNegImgsPerQueryImg={N_NEGATIVES}")),
             "--set", "svm_classProbCValCandidates=[1.0, 10.0]", "--set", f"TOP_K_CANDIDATES={K}"]
 
 
@@ -69,6 +70,17 @@ def test_output_names_every_step_and_ends_with_a_summary(sqlite_run):
     assert "broken.jpg" in (work / "results" / "tiny" / "skipped_images.tsv").read_text()
 
 
+def test_runs_on_its_own_with_the_pretrained_network_and_says_so(sqlite_run, tmp_path):
+    """No rf_maxEpochs=0 and no model.pt (step 2 never ran): step 1 embeds with the pretrained backbone."""
+    work = sqlite_run[0]
+    own = settings(tmp_path)
+    del own[own.index("rf_maxEpochs=0") - 1:own.index("rf_maxEpochs=0") + 1]
+    (tmp_path / "data").symlink_to(work / "data")
+    result = run_ok(*own, "--steps", "1")
+    assert "with the pretrained efficientnet_lite0 (no refined network), pretrained:efficientnet_lite0" in result.stdout
+    assert not (tmp_path / "proc" / "tiny" / "model.pt").exists()
+
+
 def test_tables_columns_and_row_counts(sqlite_run):
     _, engine, _, _, (counts, _, _), _ = sqlite_run
     for name, columns in COLUMNS.items():
@@ -113,7 +125,7 @@ def test_splits_match_1_prepareData(sqlite_run):
     assert result.returncode == 0, result.stderr
     proc = work / "proc" / "tiny"
     with engine.connect() as conn:
-        for split in pairs.SPLITS:
+        for split in SPLITS:
             with open(proc / f"imgFilenames{split.title()}.pickle", "rb") as handle:
                 expected = pickle.load(handle)
             assert store.read_split(conn, split) == {k: v for k, v in expected.items() if v}, split

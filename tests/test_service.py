@@ -18,7 +18,7 @@ from PIL import Image
 
 import helpers
 from conftest import REPO, make_image, make_labelled_images, run_script
-from image_similarity.service import SimilarityService, create_app, recommended_ranker
+from image_similarity.service import create_app
 
 LIMIT = 200_000  # svc_maxUploadBytes in these tests
 
@@ -59,7 +59,7 @@ def server(pipeline):
     work, _ = pipeline
     P = parameters(work, f"attributeModels={{'again': '{work / 'proc' / 'tiny' / 'classprob.pickle'}'}}")
     sock = free_socket()
-    config = uvicorn.Config(create_app(P), log_level="warning", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(create_app(helpers.load_service(P)), log_level="warning", timeout_graceful_shutdown=2)
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -285,17 +285,9 @@ def test_missing_payloads_leave_the_fixed_rankers(pipeline):
     work, _ = pipeline
     P = parameters(work)
     P.svmPath, P.classifierPath = work / "none" / "svm.pickle", work / "none" / "classprob.pickle"
-    service = SimilarityService.from_parameters(P)
+    service = helpers.load_service(P)
     assert list(service.rankers) == ["random", "L1", "L2", "cosine"]
     assert service.attributes == {} and len(service.notes) == 2 and "4_trainSvm.py" in service.notes[0]
-
-
-def test_recommended_ranker(tmp_path):
-    csv_path = tmp_path / "evaluation.csv"
-    assert recommended_ranker(csv_path, ["cosine", "L2"]) == "cosine"
-    csv_path.write_text("ranker,top1,best_on_val\nL2,0.5,0\nweightedl2,0.7,1\n")
-    assert recommended_ranker(csv_path, ["cosine", "L2", "weightedl2"]) == "weightedl2"
-    assert recommended_ranker(csv_path, ["cosine", "L2"]) == "cosine"  # recommended one not available
 
 
 def test_script_serves_and_refuses_missing_features(pipeline, tmp_path):

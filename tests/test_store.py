@@ -14,7 +14,9 @@ import pytest
 from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
-from image_similarity import evaluation, pairs, store
+from image_similarity import evaluation, store
+from image_similarity.distances import ProbabilityDistance
+from image_similarity.splits import SPLITS, label_of, make_ranking_sets, split_images
 
 LABELS = ("dotted", "leopard", "striped")
 TOP_NS = [1, 2, 4, 5, 8, 10, 15, 20, 28, 32]
@@ -113,7 +115,7 @@ def synthetic(n_per_label=10, dim=16, seed=0):
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(len(LABELS), dim))
     keys = [f"{label}/{label}_{i:02d}.jpg" for label in LABELS for i in range(n_per_label)]
-    matrix = np.vstack([centres[LABELS.index(pairs.label_of(k))] + 0.6 * rng.normal(size=dim) for k in keys])
+    matrix = np.vstack([centres[LABELS.index(label_of(k))] + 0.6 * rng.normal(size=dim) for k in keys])
     return keys, matrix.astype(np.float32)
 
 
@@ -170,11 +172,11 @@ def test_full_chain_counts_and_consistency(engine):
 def test_splits_and_ranking_sets_match_pairs(engine):
     out = run_all(engine)
     keys_by_label = {label: [k for k in out["keys"] if k.startswith(label)] for label in LABELS}
-    expected = pairs.split_images(keys_by_label, 0.75, 0.3, seed=3, excluded_keys={"striped/broken.jpg"})
+    expected = split_images(keys_by_label, 0.75, 0.3, seed=3, excluded_keys={"striped/broken.jpg"})
     rng = np.random.default_rng(3)
-    expected_sets = {split: pairs.make_ranking_sets(expected[split], 4, 6, rng) for split in pairs.SPLITS}
+    expected_sets = {split: make_ranking_sets(expected[split], 4, 6, rng) for split in SPLITS}
     with engine.connect() as conn:
-        for split in pairs.SPLITS:
+        for split in SPLITS:
             assert store.read_split(conn, split) == {k: v for k, v in expected[split].items() if v}, split
         for split in ("val", "test"):
             stored = store.read_ranking_sets(conn, split)
@@ -190,7 +192,7 @@ def test_scores_are_the_classifier_probabilities(engine):
         scores = store.read_scores(conn)
         with pytest.raises(ValueError, match="trained on features of pretrained:test"):
             store.read_model(conn, "sha256:other")
-    assert payload["C_table"] == out["payload"]["C_table"] and set(payload["accuracy"]) == set(pairs.SPLITS)
+    assert payload["C_table"] == out["payload"]["C_table"] and set(payload["accuracy"]) == set(SPLITS)
     assert scores.meta["classes"] == list(LABELS)
     expected = payload["ranker"].predict_proba(np.vstack([out["matrix"][out["keys"].index(k)] for k in scores.keys]))
     np.testing.assert_array_equal(scores.matrix, expected)  # float64 stored exactly
@@ -229,10 +231,10 @@ def test_ranking_results_are_the_closest_scores(engine):
             distances = [r.distance for r in mine]
             assert distances == sorted(distances)
             others = [k for k in scores.keys if k != query]
-            everything = store.ScoreDistance(store.SCORE_RANKERS[name]).distances(scores.rows([query]),
+            everything = ProbabilityDistance(store.SCORE_RANKERS[name]).distances(scores.rows([query]),
                                                                                  scores.rows(others))[0]
             assert distances == pytest.approx(np.sort(everything)[:5], abs=1e-12)
-            assert all(r.same_label == (pairs.label_of(paths[r.candidate_id]) == pairs.label_of(query)) for r in mine)
+            assert all(r.same_label == (label_of(paths[r.candidate_id]) == label_of(query)) for r in mine)
 
 
 def test_rerun_replaces_rows_and_clears_stale_steps(engine):
@@ -299,11 +301,6 @@ def test_unreachable_server_names_it_without_the_password():
     message = str(info.value)
     assert f"cannot open the database postgresql+psycopg2://user:***@127.0.0.1:{port}/db" in message
     assert "secret" not in message and "\n" not in message
-
-
-def test_score_distance_rejects_unknown_metric():
-    with pytest.raises(ValueError, match="metric must be one of 'l2', 'cosine', 'same_label', got 'l1'"):
-        store.ScoreDistance("l1")
 
 
 def test_without_validation_or_test_sets_the_steps_say_why(engine):

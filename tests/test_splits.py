@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 
-from image_similarity import pairs
+from image_similarity.splits import SPLITS, label_of, make_ranking_sets, split_images
 
 
 def _keys(counts):
@@ -17,55 +17,55 @@ def _flat(split):
 
 
 def test_label_of():
-    assert pairs.label_of("can/can_1.jpg") == "can"
-    assert pairs.label_of("shirt/leopard/img 3.png") == "shirt"
+    assert label_of("can/can_1.jpg") == "can"
+    assert label_of("shirt/leopard/img 3.png") == "shirt"
     with pytest.raises(ValueError, match="no label folder"):
-        pairs.label_of("loose.jpg")
+        label_of("loose.jpg")
 
 
 def test_split_sizes_follow_the_ratios_per_label():
     keys = _keys({"a": 20, "b": 7, "c": 1, "d": 0})
-    splits = pairs.split_images(keys, 0.75, 0.2, seed=0)
-    sizes = {split: {label: len(v) for label, v in splits[split].items()} for split in pairs.SPLITS}
+    splits = split_images(keys, 0.75, 0.2, seed=0)
+    sizes = {split: {label: len(v) for label, v in splits[split].items()} for split in SPLITS}
     # a: int(.75*20)=15 train units, int(.2*15)=3 of them to val; b: int(5.25)=5 -> 1 val; c: int(.75)=0 train.
     assert sizes == {"train": {"a": 12, "b": 4, "c": 0, "d": 0}, "val": {"a": 3, "b": 1, "c": 0, "d": 0},
                      "test": {"a": 5, "b": 2, "c": 1, "d": 0}}
-    for a, b in itertools.combinations(pairs.SPLITS, 2):
+    for a, b in itertools.combinations(SPLITS, 2):
         assert not set(_flat(splits[a])) & set(_flat(splits[b]))
-    assert sorted(key for split in pairs.SPLITS for key in _flat(splits[split])) == sorted(_flat(keys))
+    assert sorted(key for split in SPLITS for key in _flat(splits[split])) == sorted(_flat(keys))
     assert all(v == sorted(v) for split in splits.values() for v in split.values())
-    assert all(pairs.label_of(k) == label for split in splits.values() for label, v in split.items() for k in v)
-    no_val = pairs.split_images(keys, 0.75, 0.0, seed=0)
+    assert all(label_of(k) == label for split in splits.values() for label, v in split.items() for k in v)
+    no_val = split_images(keys, 0.75, 0.0, seed=0)
     assert _flat(no_val["val"]) == [] and len(_flat(no_val["train"])) == 20
 
 
 def test_split_is_seeded():
     keys = _keys({"a": 30, "b": 30})
-    first = pairs.split_images(keys, 0.5, 0.2, seed=3)
-    assert pairs.split_images(keys, 0.5, 0.2, seed=3) == first
-    assert pairs.split_images(keys, 0.5, 0.2, seed=np.random.default_rng(3)) == first
-    assert pairs.split_images(keys, 0.5, 0.2, seed=4) != first
+    first = split_images(keys, 0.5, 0.2, seed=3)
+    assert split_images(keys, 0.5, 0.2, seed=3) == first
+    assert split_images(keys, 0.5, 0.2, seed=np.random.default_rng(3)) == first
+    assert split_images(keys, 0.5, 0.2, seed=4) != first
     # the input order does not matter, only the set of keys
     shuffled = {label: list(reversed(v)) for label, v in reversed(list(keys.items()))}
-    assert pairs.split_images(shuffled, 0.5, 0.2, seed=3) == first
+    assert split_images(shuffled, 0.5, 0.2, seed=3) == first
 
 
 def test_subdir_split_keeps_subfolders_whole():
     keys = {"shirt": [f"shirt/{sub}/{i}.jpg" for sub in "pqrstuvw" for i in range(4)] + ["shirt/loose.jpg"],
             "dress": [f"dress/{sub}/{i}.jpg" for sub in "xyz" for i in range(3)]}
-    splits = pairs.split_images(keys, 0.5, 0.25, split_by="subdir", seed=1)
+    splits = split_images(keys, 0.5, 0.25, split_by="subdir", seed=1)
     where = {}
-    for split in pairs.SPLITS:
+    for split in SPLITS:
         for key in _flat(splits[split]):
             unit = key.rsplit("/", 1)[0] if key.count("/") == 2 else key
             where.setdefault(unit, set()).add(split)
     assert all(len(s) == 1 for s in where.values()), where
     # shirt: 9 units -> int(4.5)=4 train units -> int(1.0)=1 of them to val; dress: 3 units -> 1 train, 0 val
     n_units = {split: len({k.rsplit("/", 1)[0] if k.count("/") == 2 else k for k in splits[split]["shirt"]})
-               for split in pairs.SPLITS}
+               for split in SPLITS}
     assert n_units == {"train": 3, "val": 1, "test": 5}
     assert len(splits["train"]["dress"]) == 3 and splits["val"]["dress"] == [] and len(splits["test"]["dress"]) == 6
-    by_file = pairs.split_images(keys, 0.5, 0.25, split_by="filename", seed=1)
+    by_file = split_images(keys, 0.5, 0.25, split_by="filename", seed=1)
     assert len(by_file["train"]["shirt"]) + len(by_file["val"]["shirt"]) == int(0.5 * 33)
 
 
@@ -74,14 +74,14 @@ def test_split_file_replaces_the_random_split(caplog):
     rows = [[f"a/a_{i:03d}.jpg", "train"] for i in range(6)] + [[f"a/a_{i:03d}.jpg", "TEST "] for i in (6, 7)]
     rows += [[f"b/b_{i:03d}.jpg", "test"] for i in range(10)] + [["a/a_000.jpg", "train"]]  # a repeat agrees
     with caplog.at_level(logging.WARNING):
-        splits = pairs.split_images(keys, 0.75, 0.5, split_file_rows=rows, seed=0)
+        splits = split_images(keys, 0.75, 0.5, split_file_rows=rows, seed=0)
     assert splits["test"] == {"a": ["a/a_006.jpg", "a/a_007.jpg"], "b": sorted(keys["b"])}
     assert len(splits["val"]["a"]) == 3 and len(splits["train"]["a"]) == 3
     assert sorted(splits["val"]["a"] + splits["train"]["a"]) == [f"a/a_{i:03d}.jpg" for i in range(6)]
     assert splits["train"]["b"] == splits["val"]["b"] == []
     assert "2 image(s) not in the splitFile are left out: a/a_008.jpg, a/a_009.jpg" in caplog.text
     # the seed only picks which train images go to validation
-    assert pairs.split_images(keys, 0.1, 0.5, split_file_rows=rows, seed=0)["test"] == splits["test"]
+    assert split_images(keys, 0.1, 0.5, split_file_rows=rows, seed=0)["test"] == splits["test"]
 
 
 @pytest.mark.parametrize("bad_row, message", [
@@ -93,14 +93,14 @@ def test_split_file_replaces_the_random_split(caplog):
 def test_split_file_errors_name_the_row(bad_row, message):
     rows = [["a/a_001.jpg", "train"], bad_row]
     with pytest.raises(ValueError, match=message):
-        pairs.split_images(_keys({"a": 4}), 0.75, 0.0, split_file_rows=rows)
+        split_images(_keys({"a": 4}), 0.75, 0.0, split_file_rows=rows)
 
 
 def test_split_file_rows_for_excluded_images_are_ignored():
     keys = _keys({"a": 4})
     removed = keys["a"].pop()  # a near-duplicate removed before splitting
     rows = [[k, "train"] for k in keys["a"]] + [[removed, "test"], ["a\\a_000.jpg", "train"]]
-    splits = pairs.split_images(keys, 0.75, 0.0, split_file_rows=rows, excluded_keys={removed})
+    splits = split_images(keys, 0.75, 0.0, split_file_rows=rows, excluded_keys={removed})
     assert splits["train"]["a"] == keys["a"] and splits["test"]["a"] == []
 
 
@@ -112,32 +112,32 @@ def test_split_file_rows_for_excluded_images_are_ignored():
 def test_bad_split_settings_are_refused(kwargs, message):
     args = {"ratio_train": 0.75, "ratio_val": 0.2, **kwargs}
     with pytest.raises(ValueError, match=message):
-        pairs.split_images(_keys({"a": 4}), **args)
+        split_images(_keys({"a": 4}), **args)
 
 
 def test_ranking_set_sizes_match_the_tutorial_settings():
     keys = _keys({f"label{i:02d}": 150 for i in range(11)})
-    train = pairs.make_ranking_sets(keys, 100, 100, np.random.default_rng(0))
-    test = pairs.make_ranking_sets(keys, 20, 100, np.random.default_rng(0))
+    train = make_ranking_sets(keys, 100, 100, np.random.default_rng(0))
+    test = make_ranking_sets(keys, 20, 100, np.random.default_rng(0))
     assert len(train) == 1100 and len(test) == 220
     assert {len(s.references) for s in train + test} == {101}
     assert {len(s.negatives) for s in train + test} == {100}
-    small = pairs.make_ranking_sets(_keys({"a": 5, "b": 3}), 20, 7, 0)
+    small = make_ranking_sets(_keys({"a": 5, "b": 3}), 20, 7, 0)
     assert len(small) == 8 and {len(s.references) for s in small} == {8}
 
 
 def test_ranking_sets_contents():
     keys = _keys({"a": 12, "b": 6, "single": 1, "empty": 0})
-    sets = pairs.make_ranking_sets(keys, 10, 30, np.random.default_rng(5))
+    sets = make_ranking_sets(keys, 10, 30, np.random.default_rng(5))
     queries = [s.query for s in sets]
     assert len(queries) == len(set(queries)) == 10 + 6  # single-image and empty labels give no query
-    assert {pairs.label_of(q) for q in queries} == {"a", "b"}
+    assert {label_of(q) for q in queries} == {"a", "b"}
     negative_labels = set()
     for s in sets:
-        label = pairs.label_of(s.query)
-        assert s.positive != s.query and pairs.label_of(s.positive) == label
-        assert all(pairs.label_of(n) != label for n in s.negatives)
-        negative_labels |= {pairs.label_of(n) for n in s.negatives}
+        label = label_of(s.query)
+        assert s.positive != s.query and label_of(s.positive) == label
+        assert all(label_of(n) != label for n in s.negatives)
+        negative_labels |= {label_of(n) for n in s.negatives}
         assert sorted(s.references) == sorted([s.positive, *s.negatives])
         assert s.is_positive.dtype == bool and s.is_positive.shape == (31,)
         assert s.is_positive.sum() == 1 and s.references[int(np.argmax(s.is_positive))] == s.positive
@@ -147,23 +147,23 @@ def test_ranking_sets_contents():
 
 def test_ranking_sets_are_seeded():
     keys = _keys({"a": 9, "b": 9, "c": 9})
-    first = pairs.make_ranking_sets(keys, 5, 10, np.random.default_rng(11))
-    assert pairs.make_ranking_sets(keys, 5, 10, 11) == first
-    assert pairs.make_ranking_sets(keys, 5, 10, 12) != first
+    first = make_ranking_sets(keys, 5, 10, np.random.default_rng(11))
+    assert make_ranking_sets(keys, 5, 10, 11) == first
+    assert make_ranking_sets(keys, 5, 10, 12) != first
 
 
 def test_negative_labels_are_drawn_uniformly_not_by_image_count():
     keys = _keys({"a": 2, "big": 1000, "c": 2})
-    sets = pairs.make_ranking_sets(keys, 2, 1000, np.random.default_rng(0))
-    from_a = [n for s in sets if pairs.label_of(s.query) == "a" for n in s.negatives]
-    share_c = np.mean([pairs.label_of(n) == "c" for n in from_a])
+    sets = make_ranking_sets(keys, 2, 1000, np.random.default_rng(0))
+    from_a = [n for s in sets if label_of(s.query) == "a" for n in s.negatives]
+    share_c = np.mean([label_of(n) == "c" for n in from_a])
     assert len(from_a) == 2000 and 0.45 < share_c < 0.55  # image-uniform sampling would give about 0.002
-    positives = {s.query: s.positive for s in sets if pairs.label_of(s.query) == "a"}
+    positives = {s.query: s.positive for s in sets if label_of(s.query) == "a"}
     assert positives == {"a/a_000.jpg": "a/a_001.jpg", "a/a_001.jpg": "a/a_000.jpg"}
 
 
 def test_a_lone_label_has_no_negatives_to_draw():
     with pytest.raises(ValueError, match="'a' is the only label with images"):
-        pairs.make_ranking_sets(_keys({"a": 3, "b": 0}), 5, 1, 0)
-    sets = pairs.make_ranking_sets(_keys({"a": 3}), 5, 0, 0)
+        make_ranking_sets(_keys({"a": 3, "b": 0}), 5, 1, 0)
+    sets = make_ranking_sets(_keys({"a": 3}), 5, 0, 0)
     assert len(sets) == 3 and all(len(s.references) == 1 and s.is_positive.all() for s in sets)

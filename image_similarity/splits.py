@@ -1,16 +1,19 @@
 """Train, validation and test splits, and the ranking sets (query, one positive, many negatives) built from them.
 
-This is the tutorial's algorithm (``1_prepareData.py`` and ``getImagePairs`` in its ``helpers.py``). All randomness
-comes from one ``numpy.random.default_rng(seed)`` passed in by the caller, never from global seeding, and labels
-are always visited in sorted order, so the same seed and the same images give the same splits and sets.
+This is the tutorial's algorithm (``1_prepareData.py`` and ``getImagePairs`` in its ``helpers.py``); step 1, the SQL
+variant and the attributes all go through :func:`splits_and_ranking_sets`. All randomness comes from one
+``numpy.random.default_rng(seed)`` passed in by the caller, never from global seeding, and labels are always visited
+in sorted order, so the same seed and the same images give the same splits and sets.
 """
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 import numpy as np
 
-__all__ = ["SPLITS", "label_of", "split_images", "RankingSet", "make_ranking_sets"]
+__all__ = ["SPLITS", "label_of", "group_by_label", "split_images", "RankingSet", "make_ranking_sets",
+           "splits_and_ranking_sets"]
 
 logger = logging.getLogger(__name__)
 
@@ -198,3 +201,49 @@ def make_ranking_sets(keys_by_label, max_queries_per_label, max_negatives_per_qu
                 negatives.append(other[rng.integers(len(other))])
             sets.append(RankingSet(query, positive, negatives, _shuffled([positive, *negatives], rng)))
     return sets
+
+
+def group_by_label(keys, labels=None):
+    """``{label: [keys]}`` in the order of ``keys``: each key's label is ``labels[i]`` or, by default, its folder."""
+    grouped = {}
+    for i, key in enumerate(keys):
+        grouped.setdefault(label_of(key) if labels is None else str(labels[i]), []).append(key)
+    return grouped
+
+
+def splits_and_ranking_sets(keys_by_label, ratio_train, ratio_val, max_queries, max_negatives, split_by="filename",
+                            split_file_rows=None, seed=0, excluded_keys=()):
+    """The splits (:func:`split_images`) and the ranking sets of each (:func:`make_ranking_sets`), from one seed.
+
+    The tutorial's recipe as step 1, the SQL variant and the attributes all follow it: one generator seeded with
+    ``seed`` draws the ranking sets of train, val and test in that order, so the same images give the same sets.
+
+    Parameters
+    ----------
+    keys_by_label, ratio_train, ratio_val, split_by, split_file_rows, seed, excluded_keys
+        As :func:`split_images`.
+    max_queries, max_negatives : dict of str to int
+        Per split ('train', 'val', 'test'): query images per label, and negatives per query.
+
+    Returns
+    -------
+    splits : dict
+        ``{split: {label: sorted keys}}``.
+    sets : dict
+        ``{split: list of RankingSet}``.
+
+    Raises
+    ------
+    RuntimeError
+        If two splits share an image (a query, a reference or a split member): the tutorial's check.
+    """
+    splits = split_images(keys_by_label, ratio_train, ratio_val, split_by, split_file_rows, seed=seed,
+                          excluded_keys=excluded_keys)
+    rng = np.random.default_rng(seed)
+    sets = {split: make_ranking_sets(splits[split], max_queries[split], max_negatives[split], rng) for split in SPLITS}
+    used = {split: {k for keys in splits[split].values() for k in keys}
+            | {k for s in sets[split] for k in (s.query, *s.references)} for split in SPLITS}
+    for a, b in itertools.combinations(SPLITS, 2):
+        if used[a] & used[b]:
+            raise RuntimeError(f"{a} and {b} share {len(used[a] & used[b])} image(s), e.g. {min(used[a] & used[b])}")
+    return splits, sets

@@ -1,0 +1,145 @@
+"""Every distance between images, and the one top-k selection over them. Lower is always more similar.
+
+Distances between embeddings (L1, L2 and cosine on L2-normalised rows), between class-probability vectors (L2,
+cosine, and ``1 - p . q``, the probability of different labels), from a probability of a match (``1 - P``), and
+cosine distances from the inner products of normalised vectors (what FAISS returns). The rankers
+(:mod:`.rankers`), the index, the attributes, the SQL variant and the service all compute their distances here, and
+pick their nearest ``k`` with :func:`top_k`.
+"""
+import numpy as np
+from sklearn.metrics.pairwise import cosine_distances, euclidean_distances, manhattan_distances
+from sklearn.preprocessing import normalize
+from sklearn.utils.validation import check_array
+
+__all__ = ["check_pair", "EMBEDDING_METRICS", "embedding_distances", "PROBABILITY_METRICS", "check_probability_metric",
+           "probability_distances", "ProbabilityDistance", "from_probability", "cosine_from_similarity", "top_k"]
+
+# Distances between L2-normalised embeddings.
+EMBEDDING_METRICS = {"l1": manhattan_distances, "l2": euclidean_distances, "cosine": cosine_distances}
+PROBABILITY_METRICS = ("l2", "cosine", "same_label")
+
+
+def check_pair(queries, references):
+    """Validate two matrices of equal width; returned as float64 (n_q, D), (n_r, D)."""
+    queries = check_array(queries, dtype=np.float64, ensure_min_samples=0)
+    references = check_array(references, dtype=np.float64, ensure_min_samples=0)
+    if queries.shape[1] != references.shape[1]:
+        raise ValueError(f"queries have {queries.shape[1]} dims but references have {references.shape[1]}")
+    return queries, references
+
+
+def embedding_distances(queries, references, metric):
+    """Distances between L2-normalised embeddings.
+
+    Parameters
+    ----------
+    queries : ndarray of shape (n_q, D), float32
+    references : ndarray of shape (n_r, D), float32
+        Normalised here (rows of zeros stay zero).
+    metric : {'l1', 'l2', 'cosine'}
+
+    Returns
+    -------
+    ndarray of shape (n_q, n_r), float64
+        Lower is more similar; cosine is ``1 - cos`` in [0, 2].
+    """
+    _check_metric(metric, EMBEDDING_METRICS)
+    queries, references = check_pair(queries, references)
+    return EMBEDDING_METRICS[metric](normalize(queries), normalize(references))
+
+
+def _check_metric(metric, choices):
+    if metric not in choices:
+        raise ValueError(f"metric must be one of {', '.join(map(repr, choices))}, got {metric!r}")
+    return metric
+
+
+def check_probability_metric(metric):
+    """Return ``metric`` if it is one of ``PROBABILITY_METRICS``; else raise ValueError naming the choices."""
+    return _check_metric(metric, PROBABILITY_METRICS)
+
+
+def probability_distances(p, q, metric):
+    """Distances between class-probability vectors.
+
+    Parameters
+    ----------
+    p : ndarray of shape (n_q, n_classes), float
+    q : ndarray of shape (n_r, n_classes), float
+        Rows sum to 1.
+    metric : {'l2', 'cosine', 'same_label'}
+        ``'same_label'`` is ``1 - p . q``: the probability that the two images have different labels when each one's
+        label is drawn, independently, from its own vector. Unlike cosine it counts how sure the reference is: an
+        unsure reference whose largest probability is the query's label is not as close as a sure one.
+
+    Returns
+    -------
+    ndarray of shape (n_q, n_r), float64
+        Lower is more similar; ``'same_label'`` and ``'cosine'`` lie in [0, 1], ``'l2'`` in [0, sqrt(2)].
+    """
+    check_probability_metric(metric)
+    p, q = check_pair(p, q)
+    if metric == "l2":
+        return euclidean_distances(p, q)
+    if metric == "cosine":
+        return cosine_distances(p, q)
+    return 1.0 - p @ q.T
+
+
+class ProbabilityDistance:
+    """A distance between stored class-probability vectors, with the ``distances`` interface of the rankers.
+
+    Parameters
+    ----------
+    metric : {'l2', 'cosine', 'same_label'}
+        See :func:`probability_distances`.
+    """
+
+    def __init__(self, metric):
+        self.metric = check_probability_metric(metric)
+
+    def distances(self, queries, references):
+        """(n_q, n_r) float64 distances between score vectors (n_q, C) and (n_r, C); lower is more similar."""
+        return probability_distances(queries, references, self.metric)
+
+
+def from_probability(probabilities):
+    """The distance of a match probability: ``1 - P``, float64 in [0, 1], any shape."""
+    return 1.0 - np.asarray(probabilities, dtype=np.float64)
+
+
+def cosine_from_similarity(similarities):
+    """Cosine distances ``1 - s``, clipped to [0, 2], from inner products of L2-normalised vectors (same dtype)."""
+    return np.clip(1.0 - similarities, 0.0, 2.0)
+
+
+def top_k(distances, k):
+    """Positions of the ``k`` smallest distances of each row, nearest first; ties keep the lower position first.
+
+    The same as ``np.argsort(distances, axis=-1, kind="stable")[..., :k]``, without sorting every row in full.
+
+    Parameters
+    ----------
+    distances : ndarray of shape (n,) or (n_q, n)
+    k : int
+        At least 1; capped at ``n``.
+
+    Returns
+    -------
+    ndarray of shape (min(k, n),) or (n_q, min(k, n)), int64
+    """
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    values = np.asarray(distances)
+    rows = np.atleast_2d(values)
+    k = min(int(k), rows.shape[1])
+    if k < rows.shape[1]:
+        top = np.argpartition(rows, k - 1, axis=1)[:, :k]
+        kth = np.take_along_axis(rows, top, axis=1).max(axis=1, keepdims=True)
+        tied = (rows <= kth).sum(axis=1) > k  # which of the tied ones argpartition kept is arbitrary: sort those
+        top[tied] = np.argsort(rows[tied], axis=1, kind="stable")[:, :k]
+    else:
+        top = np.broadcast_to(np.arange(rows.shape[1]), rows.shape).copy()
+    order = np.lexsort((top, np.take_along_axis(rows, top, axis=1)), axis=1)
+    top = np.take_along_axis(top, order, axis=1).astype(np.int64)
+    return top[0] if values.ndim == 1 else top

@@ -1,0 +1,282 @@
+"""The embedder: one network with its preprocessing and identity, and the only forward loop over images.
+
+An :class:`Embedder` is made by :func:`load_embedder` (a registry name or a refined checkpoint) or, for features
+already on disk, by :func:`resolve_embedder`, which finds the network that made them and refuses any other.
+
+Every forward pass in the package goes through :meth:`Embedder.forward_batch`, on a prepared float32 NCHW batch:
+an inference engine (ONNX Runtime, OpenVINO ...) replaces that one method. Images reach it through one loop,
+:meth:`Embedder.iter_batches`: DataLoader workers decode and resize through :func:`images.load_image` and send uint8
+pixels (:class:`ImageDataset`), :func:`collate_good_bad` splits every batch into readable and unreadable images, and
+each batch is normalised in this process just before the forward pass. A bad image is named and counted once; a
+batch in which every image is bad is simply empty.
+"""
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import backbones
+from .images import SkippedImages, image_key, load_image
+
+__all__ = ["Embedder", "load_embedder", "resolve_embedder", "ImageDataset", "collate_good_bad", "default_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def default_device(device=None):
+    """``torch.device(device)``, or CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class ImageDataset(Dataset):
+    """Images as ``(index, tensor or None, reason or None)``; an unreadable image gives ``None`` and the reason.
+
+    Parameters
+    ----------
+    sources : list
+        Image files, PIL images or uint8 arrays (anything :func:`images.load_image` reads).
+    transform : callable
+        PIL RGB image -> tensor of shape (3, r, r), e.g. ``EvalTransform.to_uint8``.
+    """
+
+    def __init__(self, sources, transform):
+        self.sources = list(sources)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.sources)
+
+    def __getitem__(self, index):
+        local = SkippedImages()  # workers are separate processes: the reason travels back with the item
+        image = load_image(self.sources[index], local)
+        if image is None:
+            return index, None, next(iter(local))[1]
+        return index, self.transform(image), None
+
+
+def collate_good_bad(items):
+    """``(indices, batch, bad)``: the readable images stacked, the bad ones as ``(index, reason)``.
+
+    ``batch`` is None when every image of the batch is bad.
+    """
+    good = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, reason) for i, x, reason in items if x is None]
+    batch = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], batch, bad
+
+
+@contextmanager
+def _cpu_threads():
+    """Use as many intra-op threads as this process may run on (torch counts all cores of the host)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, len(os.sched_getaffinity(0)))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Embedder:
+    """A network mapping images to feature vectors, with its preprocessing and what identifies it.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        Maps a (N, 3, r, r) float32 batch to (N, dim) outputs.
+    transform : backbones.EvalTransform
+        PIL RGB image -> normalised (3, r, r) float32, in two halves (``to_uint8``, ``normalize``).
+    model_id : str
+        ``backbones.model_id`` of the network: ``"pretrained:<name>"`` or ``"sha256:<16 hex>"``.
+    backbone : str
+        Registry name of the architecture.
+    input_resolution : int
+        Input width and height in pixels.
+    dim : int, optional
+        Output length; default ``net.num_features``.
+    device : str or torch.device, optional
+        Default CUDA when available (mixed precision, pinned memory), else CPU (channels-last).
+    checkpoint : str or Path, optional
+        The refined checkpoint the network came from.
+    """
+
+    def __init__(self, net, transform, model_id, backbone, input_resolution, dim=None, device=None, checkpoint=None):
+        self.device = default_device(device)
+        net = net.to(self.device).eval()
+        self.net = net if self.device.type == "cuda" else net.to(memory_format=torch.channels_last)
+        self.transform = transform
+        self.model_id, self.backbone = model_id, backbone
+        self.input_resolution = int(input_resolution)
+        self.dim = int(net.num_features if dim is None else dim)
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+
+    @property
+    def info(self):
+        """``model_id``, ``backbone``, ``dim``, ``input_resolution`` (and ``checkpoint`` when refined), plain values."""
+        info = {"model_id": self.model_id, "backbone": self.backbone, "dim": self.dim,
+                "input_resolution": self.input_resolution}
+        return info if self.checkpoint is None else {**info, "checkpoint": self.checkpoint}
+
+    def __repr__(self):
+        return (f"Embedder({self.model_id}, {self.backbone}, {self.input_resolution} px, dim {self.dim}, "
+                f"{self.device})")
+
+    def forward_batch(self, batch):
+        """The forward pass: one prepared batch to its outputs.
+
+        Parameters
+        ----------
+        batch : float32 tensor of shape (n, 3, r, r)
+            Normalised by ``transform`` (on any device).
+
+        Returns
+        -------
+        ndarray of shape (n, dim), float32
+        """
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.float16):
+                    out = self.net(batch.to(self.device, non_blocking=True))
+            else:
+                out = self.net(batch.to(self.device).contiguous(memory_format=torch.channels_last))
+            return out.float().cpu().numpy()
+
+    def iter_batches(self, sources, batch_size=64, n_workers=2, skipped=None, names=None, desc="featurize",
+                     progress=None):
+        """Yield ``(indices, rows)`` batch by batch, in the order of ``sources``, skipping unreadable images.
+
+        Parameters
+        ----------
+        sources : list
+            Image files, PIL images or uint8 arrays.
+        batch_size : int
+            Images per forward pass.
+        n_workers : int
+            DataLoader worker processes decoding images (0 = in this process).
+        skipped : SkippedImages, optional
+            Receives every unreadable image with its reason, named by ``names`` (default: the source itself).
+        names : list of str, optional
+            One name per source for ``skipped``.
+        desc : str
+            Progress-bar label.
+        progress : bool or None
+            None: a bar only on a terminal.
+
+        Yields
+        ------
+        (list of int, ndarray of shape (n, dim), float32)
+            Positions in ``sources`` and their outputs.
+        """
+        sources = list(sources)
+        n_batches = -(-len(sources) // batch_size)
+        cuda = self.device.type == "cuda"
+        # An own generator: iterating must not draw from the global RNG (step 2 interleaves this with training).
+        loader = DataLoader(ImageDataset(sources, self.transform.to_uint8), batch_size=batch_size, shuffle=False,
+                            num_workers=min(n_workers, n_batches), collate_fn=collate_good_bad, pin_memory=cuda,
+                            generator=torch.Generator().manual_seed(0))
+        with _cpu_threads(), tqdm(total=len(sources), unit="img", desc=desc, leave=False,
+                                  disable=None if progress is None else not progress) as bar:
+            for indices, batch, bad in loader:
+                for i, reason in bad:
+                    if skipped is not None:
+                        skipped.add(sources[i] if names is None else names[i], reason)
+                bar.update(len(indices) + len(bad))
+                if batch is not None:
+                    yield indices, self.forward_batch(self.transform.normalize(batch.to(self.device,
+                                                                                        non_blocking=True)))
+
+    def iter_files(self, paths, root, batch_size=64, n_workers=2, skipped=None):
+        """Yield ``(keys, rows)`` for image files, batch by batch, in the order of ``paths``.
+
+        Keys are the paths relative to ``root``, with forward slashes; other parameters as :meth:`iter_batches`.
+        """
+        paths = [Path(p) for p in paths]
+        keys = [image_key(p, root) for p in paths]
+        n_good = 0
+        for indices, rows in self.iter_batches(paths, batch_size, n_workers, skipped):
+            n_good += len(indices)
+            yield [keys[i] for i in indices], rows
+        logger.info("featurized %d of %d images with %s (%d skipped)", n_good, len(paths), self.model_id,
+                    len(paths) - n_good)
+
+    def embed_files(self, paths, root, batch_size=64, n_workers=2, skipped=None):
+        """Embed image files in memory.
+
+        Returns
+        -------
+        keys : list of str
+            One per readable image, in the order of ``paths``, relative to ``root``.
+        matrix : ndarray of shape (len(keys), dim), float32
+        """
+        matrix = np.empty((len(paths), self.dim), np.float32)
+        keys = []
+        for batch_keys, rows in self.iter_files(paths, root, batch_size, n_workers, skipped):
+            matrix[len(keys):len(keys) + len(rows)] = rows
+            keys.extend(batch_keys)
+        return keys, (matrix if len(keys) == len(paths) else matrix[:len(keys)].copy())
+
+    def embed_images(self, images, batch_size=64, skipped=None, names=None):
+        """Embed images in memory (PIL images, uint8 arrays or files), in this process.
+
+        Returns
+        -------
+        ndarray of shape (len(images), dim), float32
+            NaN rows for the images that could not be used (recorded in ``skipped`` under ``names``).
+        """
+        out = np.full((len(images), self.dim), np.nan, np.float32)
+        for indices, rows in self.iter_batches(images, batch_size, 0, skipped, names, desc="embed"):
+            out[indices] = rows
+        return out
+
+
+def load_embedder(model, device=None):
+    """The :class:`Embedder` of a registry name (pretrained weights) or a refined checkpoint path.
+
+    Raises
+    ------
+    ValueError
+        When ``model`` is neither a backbone name nor an existing checkpoint, or the file is not a checkpoint.
+    """
+    if isinstance(model, str) and model in backbones.list_backbones():
+        spec = backbones.get_backbone(model)
+        return Embedder(backbones.create_model(model), backbones.eval_transform(spec), backbones.model_id(model),
+                        model, spec.input_size, device=device)
+    backbones.model_id(model)  # a clear error when it is neither a name nor a file
+    classifier, ckpt = backbones.load_checkpoint(model)
+    spec, resolution = backbones.get_backbone(ckpt["backbone"]), ckpt["input_resolution"]
+    return Embedder(classifier.backbone, backbones.eval_transform(spec, resolution), ckpt["model_id"],
+                    ckpt["backbone"], resolution, device=device, checkpoint=model)
+
+
+def resolve_embedder(model_id, backbone, checkpoint, features_path="the features", device=None):
+    """The network that made features of ``model_id``: the pretrained ``backbone`` or the ``checkpoint``.
+
+    Parameters
+    ----------
+    model_id : str
+        The features' ``model_id`` (their sidecar).
+    backbone : str
+        The pretrained candidate (registry name).
+    checkpoint : str or Path
+        The refined candidate (may be missing).
+    features_path : str or Path
+        Named in the error.
+
+    Raises
+    ------
+    ValueError
+        When neither candidate is that network (one message: which features, which networks, what to run).
+    """
+    if model_id == backbones.model_id(backbone):
+        return load_embedder(backbone, device)
+    found = backbones.model_id(checkpoint) if Path(checkpoint).is_file() else f"missing ({checkpoint})"
+    if found == model_id:
+        return load_embedder(checkpoint, device)
+    raise ValueError(f"{features_path} holds features of {model_id}, made by neither the pretrained {backbone} nor "
+                     f"the refined network ({found}): run 3_featurizeImages.py again")

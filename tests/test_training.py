@@ -1,0 +1,59 @@
+"""Training the learned rankers: hard negatives, pair accuracies, the one weighted-L2 fit."""
+import numpy as np
+
+from image_similarity.features import Features
+from image_similarity.rankers import WeightedL2Ranker
+from image_similarity.splits import make_ranking_sets
+from image_similarity.training import (fit_weighted_l2, mine_hard_negatives, pair_accuracies, ranking_set_pairs,
+                                       select_C)
+from test_rankers import make_clusters, random_pairs, trained  # noqa: F401 (trained is a fixture)
+
+
+def test_hard_negative_mining_adds_the_hardest_different_label_pairs():
+    x, labels = make_clusters(seed=3)
+    rng = np.random.default_rng(0)
+    diffs, same = random_pairs(x, labels, 30, rng)
+    weak = WeightedL2Ranker(C=0.001, random_state=0).fit(diffs, same)
+    mined = mine_hard_negatives(weak, x, labels, n_add=50, max_pairs=5000, random_state=0)
+    assert 0 < len(mined) <= 50 and mined.shape[1] == x.shape[1]
+    scores = weak.decision_function(mined)
+    assert (scores > -1).all() and (np.diff(scores) <= 1e-12).all()  # inside the margin, hardest first
+    again = mine_hard_negatives(weak, x, labels, n_add=50, max_pairs=5000, random_state=0)
+    np.testing.assert_array_equal(mined, again)
+    refit = WeightedL2Ranker(C=0.001, random_state=0).fit(np.vstack([diffs, mined]),
+                                                          np.concatenate([same, np.zeros(len(mined), bool)]))
+    assert (refit.decision_function(mined) < scores).mean() > 0.9
+
+
+def test_hard_negative_mining_with_one_label_finds_nothing(trained):
+    x, _, ranker, _, _ = trained
+    assert len(mine_hard_negatives(ranker, x[:20], np.zeros(20), 10, 100, random_state=0)) == 0
+
+
+def test_pair_accuracies(trained):
+    _, _, ranker, val_diffs, val_same = trained
+    acc = pair_accuracies(ranker, val_diffs, val_same)
+    assert 0.9 < acc["balanced_accuracy"] <= 1 and 0.9 < acc["accuracy"] <= 1 and acc["n_pairs"] == len(val_same)
+
+
+def test_fit_weighted_l2_chooses_C_on_validation_mines_and_calibrates():
+    x, labels = make_clusters(per_class=12)
+    keys = [f"{label}/{i}.jpg" for i, label in enumerate(labels)]
+    store = Features(keys, x, {})
+    by_label = {str(label): [k for k in keys if k.startswith(f"{label}/")] for label in set(labels)}
+    train_keys = {label: ks[:8] for label, ks in by_label.items()}
+    val_keys = {label: ks[8:] for label, ks in by_label.items()}
+    train_sets, val_sets = make_ranking_sets(train_keys, 8, 10, 0), make_ranking_sets(val_keys, 4, 10, 1)
+    train, val = ranking_set_pairs(store, train_sets), ranking_set_pairs(store, val_sets)
+    train_x = store.rows([k for ks in train_keys.values() for k in ks])
+    train_labels = [k.split("/")[0] for ks in train_keys.values() for k in ks]
+    fit = fit_weighted_l2(train, val, store, val_sets, [0.01, 1.0], mine_from=(train_x, train_labels),
+                          n_mining_rounds=2, n_mining_add=20, max_mining_pairs=500, random_state=0)
+    chosen, table = select_C(*train, store, val_sets, [0.01, 1.0], random_state=0)
+    assert fit.C_table == table and fit.ranker.C == chosen.C
+    assert len(fit.mining) == 2 and fit.n_train_pairs == len(train[1]) + fit.n_hard_negatives
+    assert fit.mining[-1][1] == fit.n_train_pairs and all(0 <= added <= 20 for added, _ in fit.mining)
+    probabilities = fit.calibrated.probabilities(x[:3], x[:3])
+    assert ((0 <= probabilities) & (probabilities <= 1)).all() and fit.calibrated.ranker is fit.ranker
+    plain = fit_weighted_l2(train, val, store, val_sets, [chosen.C], random_state=0)
+    np.testing.assert_array_equal(plain.ranker.coef_, WeightedL2Ranker(C=chosen.C, random_state=0).fit(*train).coef_)
