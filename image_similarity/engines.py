@@ -35,8 +35,10 @@ EXPORT_FORMAT = "image_similarity.onnx_export/1"
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
 
 
-def _cpu_count():
-    return max(1, len(os.sched_getaffinity(0)))
+def _n_threads():
+    """torch's intra-op threads (a Ray actor lowers them), at most the cores this process may run on."""
+    import torch
+    return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
 
 
 def cpu_info():
@@ -160,7 +162,7 @@ def _openvino(path, precision):
     core = ov.Core()
     # The hint is always set: on CPUs with AMX, OpenVINO would pick bf16 by itself.
     compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-        "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": _cpu_count(), "PERFORMANCE_HINT": "LATENCY"})
+        "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": _n_threads(), "PERFORMANCE_HINT": "LATENCY"})
     lock = threading.Lock()  # one infer request, and the service calls from several threads
 
     def run(pixels):
@@ -172,7 +174,7 @@ def _openvino(path, precision):
 def _onnxruntime(path, precision):
     ort = importlib.import_module("onnxruntime")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = _cpu_count()
+    options.intra_op_num_threads = _n_threads()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda pixels: session.run(None, {"pixels": pixels})[0]

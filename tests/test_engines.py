@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from image_similarity import backbones, engines
+from image_similarity.embedder import Embedder
 from image_similarity.images import list_images, read_image
 
 pytest.importorskip("openvino")
@@ -22,6 +23,9 @@ def _min_cosine(a, b):
     return float((a * b).sum(axis=1).min())
 
 
+MODEL_ID = "pretrained:efficientnet_lite0"
+
+
 @pytest.fixture(scope="module")
 def lite0(sample_dir, tmp_path_factory):
     """Pretrained Lite0, 8 real photos at 320 px, PyTorch's features of them, and one ONNX export for the module."""
@@ -31,8 +35,8 @@ def lite0(sample_dir, tmp_path_factory):
     batch = torch.stack([transform(read_image(p)) for p in photos])
     with torch.inference_mode():
         expected = net(batch).numpy()
-    path = tmp_path_factory.mktemp("export") / "lite0.onnx"
-    engines.export_onnx(net, path, backbones.model_id("efficientnet_lite0"), RESOLUTION)
+    path = engines.export_path_for(MODEL_ID, RESOLUTION, cache_dir=tmp_path_factory.mktemp("cache"))
+    engines.export_onnx(net, path, MODEL_ID, RESOLUTION)
     return net, batch, expected, path
 
 
@@ -40,7 +44,7 @@ def lite0(sample_dir, tmp_path_factory):
 def test_f32_engines_match_pytorch_on_real_photos(lite0, backend):
     net, batch, expected, path = lite0
     before = path.stat().st_mtime_ns
-    engine = engines.load_engine(net, "pretrained:efficientnet_lite0", RESOLUTION, path, backend)
+    engine = engines.load_engine(net, MODEL_ID, RESOLUTION, path, backend)
     assert (engine.name, engine.precision) == (backend, "f32")
     assert path.stat().st_mtime_ns == before  # the valid export was reused, not rebuilt
     out = engine(batch)
@@ -49,10 +53,24 @@ def test_f32_engines_match_pytorch_on_real_photos(lite0, backend):
     assert _min_cosine(engine(batch[:1]), expected[:1]) >= 0.99999  # any batch size
 
 
+def test_the_embedder_runs_on_the_engine_end_to_end(lite0, sample_dir):
+    """Files in, features out through Embedder.embed_files: the engine gives PyTorch's features."""
+    net, _, _, path = lite0
+    photos = list_images(sample_dir)[::9][:16]
+    embedder = Embedder(net, backbones.eval_transform("efficientnet_lite0", RESOLUTION), MODEL_ID,
+                        "efficientnet_lite0", RESOLUTION, device="cpu")
+    keys, expected = embedder.embed_files(photos, sample_dir, batch_size=8, n_workers=0)
+    embedder.use_engine("auto", cache_dir=path.parent)
+    assert embedder.runs_on == "openvino f32" and embedder.engine.path == path
+    engine_keys, rows = embedder.embed_files(photos, sample_dir, batch_size=8, n_workers=0)
+    assert engine_keys == keys and _min_cosine(rows, expected) >= 0.99999
+    assert embedder.use_engine("torch").engine is None
+
+
 def test_bf16_only_where_the_cpu_has_it(lite0, caplog):
     net, batch, expected, path = lite0
     with caplog.at_level(logging.WARNING, logger="image_similarity.engines"):
-        engine = engines.load_engine(net, "pretrained:efficientnet_lite0", RESOLUTION, path, "auto", "bf16")
+        engine = engines.load_engine(net, MODEL_ID, RESOLUTION, path, "auto", "bf16")
     if engines.native_bf16():
         assert (engine.name, engine.precision) == ("openvino", "bf16")
         assert _min_cosine(engine(batch), expected) >= 0.99  # bf16 keeps 8 bits of mantissa
@@ -64,15 +82,15 @@ def test_bf16_is_refused_where_it_cannot_run(lite0):
     net, _, _, path = lite0
     for backend in ("torch", "onnxruntime"):
         with pytest.raises(ValueError, match="OpenVINO only"):
-            engines.load_engine(net, "pretrained:efficientnet_lite0", RESOLUTION, path, backend, "bf16")
+            engines.load_engine(net, MODEL_ID, RESOLUTION, path, backend, "bf16")
     with pytest.raises(ValueError, match="run_backend='tensorrt'"):
-        engines.load_engine(net, "pretrained:efficientnet_lite0", RESOLUTION, path, "tensorrt")
+        engines.load_engine(net, MODEL_ID, RESOLUTION, path, "tensorrt")
 
 
 def test_auto_on_cuda_and_torch_keep_pytorch(lite0):
     net, _, _, path = lite0
-    assert engines.load_engine(net, "pretrained:efficientnet_lite0", RESOLUTION, path, "torch") is None
-    assert engines.load_engine(net, "pretrained:efficientnet_lite0", RESOLUTION, path, "auto", device="cuda") is None
+    assert engines.load_engine(net, MODEL_ID, RESOLUTION, path, "torch") is None
+    assert engines.load_engine(net, MODEL_ID, RESOLUTION, path, "auto", device="cuda") is None
 
 
 # ---------------------------------------------------------------- the export cache, on a small network
