@@ -21,17 +21,18 @@ def main(args, P):
     skipped = images.SkippedImages()
     paths = helpers.dataset_images(P, skipped)
     print(f"Reading and hashing {len(paths)} images under {P.imgDir} ...")
-    hashes = dedup.hash_images(paths, root=P.imgDir, hash_size=P.dedup_hashSize, skipped=skipped)
-    groups = dedup.find_near_duplicate_groups(hashes, P.dedup_maxHammingDistance)
+    encodings = dedup.encode(paths, root=P.imgDir, path=P.dedupEncodingsPath, method=P.dedup_method,
+                             hash_size=P.dedup_hashSize, skipped=skipped)
+    groups = dedup.find_duplicates(encodings, P.dedup_maxHammingDistance)
     fileio.save_csv(P.nearDuplicatesPath, ["group", "key", "kept"], [
-        (number, key, "yes" if key == dedup.kept_key(group) else "no")
-        for number, group in enumerate(groups, 1) for key in group])
-    removed = set(dedup.duplicates_to_remove(groups)) if P.dedup_enabled else set()
+        (number, key, "yes" if position == 0 else "no")
+        for number, group in enumerate(groups, 1) for position, (key, _) in enumerate(group)])
+    removed = {key for group in groups for key, _ in group[1:]} if P.dedup_enabled else set()
     print(f"{len(groups)} group(s) of near-duplicates ({P.nearDuplicatesPath}); "
           + (f"removed {len(removed)} image(s), keeping one per group" if P.dedup_enabled else "report only"))
 
     keys_by_label = {}
-    for key in hashes:
+    for key in encodings.keys:
         if "/" not in key:
             skipped.add(P.imgDir / key, "not inside a label folder")
         elif key not in removed:

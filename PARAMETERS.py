@@ -18,7 +18,8 @@ dl_maxBytes = 20_000_000                # Largest accepted response body in byte
 
 # Near-duplicate removal (script: 1_prepareData.py)
 dedup_enabled = True                    # Keep one image per group of near-duplicates; False = report only
-dedup_hashSize = 16                     # dhash size: 16 gives a 256-bit hash
+dedup_method = "dhash"                  # Perceptual hash: 'dhash', 'phash', 'ahash' or 'whash' (image_similarity.dedup)
+dedup_hashSize = 16                     # Hash grid side: 16 gives a 256-bit hash
 dedup_maxHammingDistance = 10           # Images whose hashes differ in at most this many bits are near-duplicates
 
 # Train, validation and test splits (script: 1_prepareData.py)
@@ -96,6 +97,7 @@ lutLabel2IdPath = procDir / "lutLabel2Id.pickle"
 lutId2LabelPath = procDir / "lutId2Label.pickle"
 splitCountsPath = resultsDir / "split_counts.csv"
 nearDuplicatesPath = resultsDir / "near_duplicates.csv"
+dedupEncodingsPath = procDir / "dedup_encodings.npy"   # hashes of every readable image (+ .json): for --against
 downloadFailuresPath = resultsDir / "download_failures.tsv"
 skippedImagesPath = resultsDir / "skipped_images.tsv"
 modelPath = procDir / "model.pt"

@@ -271,6 +271,48 @@ class NearestNeighborIndex:
         distances[missing], indices[missing] = np.inf, -1
         return distances, indices
 
+    def range_search(self, queries, radius):
+        """Every reference within cosine distance ``radius`` of each query (FAISS range search).
+
+        Exact for an ``'exact'`` index; an IVF index scans ``nprobe`` lists, an HNSW index its candidate list.
+
+        Parameters
+        ----------
+        queries : array-like of shape (n_queries, n_dims), float
+            Normalised here; searched ``batch_size`` at a time.
+        radius : float
+            Largest cosine distance kept (``1 - cos``, in [0, 2]), inclusive.
+
+        Returns
+        -------
+        lims : ndarray of shape (n_queries + 1,), int64
+            The neighbours of query ``i`` are ``rows[lims[i]:lims[i + 1]]``.
+        distances : ndarray of shape (lims[-1],), float32
+            Their cosine distances ``1 - cos``, in no particular order.
+        rows : ndarray of shape (lims[-1],), int64
+        """
+        index = self._built()
+        if not 0 <= radius <= 2:
+            raise ValueError(f"radius is a cosine distance in [0, 2], got {radius!r}")
+        queries = np.asarray(queries)
+        if queries.ndim != 2 or queries.shape[1] != index.d:
+            raise ValueError(f"queries must have shape (n_queries, {index.d}), got {queries.shape}")
+        counts, distances, rows = [], [], []
+        for block in _chunks(len(queries), index.d, rows=self.batch_size):
+            # FAISS keeps similarities above its threshold; a little slack, then the exact cut on distances.
+            lims, sims, found = index.range_search(_normalized(queries[block], index.d, "queries"),
+                                                   1.0 - radius - 1e-5)
+            dist = np.clip(1.0 - sims, 0.0, 2.0)
+            keep = dist <= radius
+            owner = np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64))
+            counts.append(np.bincount(owner[keep], minlength=len(lims) - 1))
+            distances.append(dist[keep])
+            rows.append(found[keep].astype(np.int64))
+        if not counts:
+            return np.zeros(1, np.int64), np.empty(0, np.float32), np.empty(0, np.int64)
+        lims = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
+        return lims, np.concatenate(distances), np.concatenate(rows)
+
     def _faiss_search(self, queries, k):
         """Similarities (n, k) and rows (n, k) from FAISS, best first."""
         return self._index.search(queries, k)

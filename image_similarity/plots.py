@@ -3,14 +3,20 @@
 Each function builds one figure with ``matplotlib.figure.Figure`` (no pyplot state), saves it atomically through
 :mod:`image_similarity.fileio` and returns the path.
 """
+from pathlib import Path
+
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from PIL import Image, ImageDraw
+
 from .fileio import atomic_path
+from .images import load_image
 
 __all__ = ["DPI", "plot_top_n_curves", "plot_rank_histogram", "format_distance", "plot_query_result",
-           "plot_retrieval_grid", "plot_score_vs_probability", "plot_refine_curves", "plot_table"]
+           "plot_retrieval_grid", "plot_score_vs_probability", "plot_refine_curves", "plot_table",
+           "plot_duplicate_groups"]
 
 DPI = 100  # figure inches * DPI = PNG pixels (no tight bounding box, so sizes are exact)
 
@@ -214,3 +220,42 @@ def plot_table(header, rows, path, title="", bold_last_row=False):
     if title:
         fig.suptitle(title, fontsize=12, y=1 - 0.12 / height)
     return _save(fig, path)
+
+
+def plot_duplicate_groups(groups, root, path, max_groups=8, max_per_group=6, thumb=128):
+    """A contact sheet of the largest groups of near-duplicates: one row per group, the kept image first (green).
+
+    Parameters
+    ----------
+    groups : list of list of (str, float)
+        From ``dedup.find_duplicates``: ``(key, distance to the kept image)``, kept first.
+    root : str or Path
+        Keys are read relative to it (absolute keys as they are).
+    path : str or Path
+        The PNG written.
+    max_groups, max_per_group : int
+        Rows shown (largest groups first) and images per row.
+    thumb : int
+        Thumbnail side, in pixels.
+    """
+    shown = sorted(groups, key=len, reverse=True)[:max_groups]
+    label_height = 14
+    sheet = Image.new("RGB", (max(1, max_per_group) * (thumb + 4) + 4,
+                              max(1, len(shown)) * (thumb + label_height + 4) + 4), "white")
+    draw = ImageDraw.Draw(sheet)
+    if not shown:
+        draw.text((6, 6), "no near-duplicates", fill="black")
+    for row, group in enumerate(shown):
+        for column, (key, distance) in enumerate(group[:max_per_group]):
+            x, y = 4 + column * (thumb + 4), 4 + row * (thumb + label_height + 4)
+            img = load_image(Path(root) / key)
+            if img is not None:
+                img.thumbnail((thumb, thumb))
+                sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
+            draw.rectangle((x - 2, y - 2, x + thumb + 1, y + thumb + 1), outline="green" if column == 0 else "grey",
+                           width=2)
+            caption = "kept" if column == 0 else f"d={format_distance(distance)}"
+            draw.text((x, y + thumb + 2), f"{caption} {Path(key).name}"[:24], fill="black")
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return Path(path)

@@ -122,3 +122,163 @@ def test_command_line_prints_the_groups(photo_folder, repo_root, capsys):
     with pytest.raises(SystemExit) as info:
         dedup._main([str(photo_folder / "nope")])
     assert info.value.code == 2 and "is not a folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ encodings, search, CLI, moves (issue 19)
+def _cli(*args, cwd, prelude=""):
+    """Run the dedup command line in a real subprocess; ``prelude`` is Python run first (e.g. a kill switch)."""
+    code = f"{prelude}\nfrom image_similarity import dedup\ndedup._main({[str(a) for a in args]!r})"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def _read_csv(path):
+    return [line.split(",") for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def copies_folder(photo_folder):
+    """photo_folder plus a mirrored and a quarter-turned copy of the original."""
+    with Image.open(photo_folder / "orig" / "a_original.jpg") as img:
+        img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photo_folder / "other" / "flipped.jpg", quality=90)
+        img.transpose(Image.Transpose.ROTATE_90).save(photo_folder / "other" / "turned.png")
+    return photo_folder
+
+
+COPIES = ["orig/a_original.jpg", "orig/b_copy.jpg", "orig/c_resized.png", "orig/d_recompressed.jpg"]
+
+
+@pytest.mark.parametrize("method", sorted(dedup.HASH_METHODS))
+def test_encodings_file_round_trip_and_groups_of_known_copies(copies_folder, tmp_path, method):
+    paths = sorted(copies_folder.rglob("*.*"))
+    plain = dedup.encode(paths, root=copies_folder, path=tmp_path / "enc.npy", method=method, progress=False)
+    assert len(plain) == 8 and plain.array.shape == (8, 1, 32) and plain.meta["method"] == method
+    loaded = dedup.load_encodings(tmp_path / "enc.npy")
+    assert loaded.keys == plain.keys and np.array_equal(loaded.array, plain.array)
+    groups = dedup.find_duplicates(loaded, progress=False)
+    assert [key for key, _ in groups[0]] == COPIES and len(groups) == 1
+    assert groups[0][0] == ("orig/a_original.jpg", 0.0) and groups[0][1] == ("orig/b_copy.jpg", 0.0)
+    assert all(0 <= distance <= dedup.DEFAULT_THRESHOLDS[method] for _, distance in groups[0][2:])
+    invariant = dedup.encode(paths, root=copies_folder, method=method, invariant=True, progress=False)
+    assert invariant.array.shape == (8, 8, 32) and np.array_equal(invariant.array[:, 0], plain.array[:, 0])
+    groups = dedup.find_duplicates(invariant, progress=False)
+    assert [key for key, _ in groups[0]] == sorted(COPIES + ["other/flipped.jpg", "other/turned.png"])
+
+
+def test_multi_index_hashing_finds_exactly_what_brute_force_finds(monkeypatch):
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2, (3000, 256), dtype=np.uint8)
+    planted = rng.choice(3000, 60, replace=False)
+    copies = bits[planted].copy()
+    for row, n_flips in zip(copies, rng.integers(0, 13, 60)):   # 0..12 flipped bits: some beyond 10
+        row[rng.choice(256, n_flips, replace=False)] ^= 1
+    packed = np.packbits(np.concatenate([bits, copies]), axis=1)[:, None, :]
+    encodings = dedup.Encodings([f"{i:05d}" for i in range(len(packed))], packed, {"method": "dhash"})
+    flat = dedup.find_duplicates(encodings, 10, progress=False)
+    monkeypatch.setattr(dedup, "MULTIHASH_FROM", 0)
+    assert isinstance(dedup._binary_index(256, 10, 3000), dedup.faiss.IndexBinaryMultiHash)
+    assert dedup.find_duplicates(encodings, 10, progress=False) == flat
+    found = {tuple(key for key, _ in group) for group in flat}
+    expected = {(f"{p:05d}", f"{3000 + i:05d}") for i, p in enumerate(planted)
+                if np.count_nonzero(bits[p] != copies[i]) <= 10}
+    assert found == expected and 0 < len(expected) < 60
+
+
+def test_command_line_writes_csv_sheet_and_encodings_and_names_bad_files_once(copies_folder, tmp_path):
+    (copies_folder / "other" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "report" / "groups.csv"
+    result = _cli(copies_folder, "--invariant", "--out", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = _read_csv(out)
+    assert rows[0] == ["group", "key", "status", "distance"]
+    assert [(r[0], r[1], r[2]) for r in rows[1:3]] == [("1", "orig/a_original.jpg", "kept"),
+                                                       ("1", "orig/b_copy.jpg", "duplicate")]
+    assert {r[1] for r in rows[1:]} == set(COPIES + ["other/flipped.jpg", "other/turned.png"])
+    assert rows[1][3] == "0" and all(r[2] == "duplicate" for r in rows[2:])
+    with Image.open(out.with_suffix(".png")) as sheet:
+        assert sheet.width > 128 and sheet.height > 128
+    assert len(dedup.load_encodings(out.with_suffix(".encodings.npy"))) == 8
+    assert "5 would be removed" in result.stdout
+    assert result.stdout.count("broken.png") == 1 and result.stderr.count("broken.png") == 1
+    assert not list(out.parent.glob(".*.tmp"))
+    default = _cli(copies_folder, "--method", "ahash", cwd=tmp_path)   # default output beside the folder
+    assert default.returncode == 0 and (copies_folder.parent / "photos_near_duplicates_ahash.csv").is_file()
+
+
+def test_groups_csv_is_replaced_atomically(tmp_path, monkeypatch):
+    out = tmp_path / "groups.csv"
+    dedup.save_groups_csv(out, [[("a.jpg", 0.0), ("b.jpg", 3.0)]])
+    before = out.read_text()
+    assert before == "group,key,status,distance\n1,a.jpg,kept,0\n1,b.jpg,duplicate,3\n"
+
+    def crash(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(dedup.os, "replace", crash)   # fileio renames the finished temporary file with os.replace
+    with pytest.raises(OSError, match="disk full"):
+        dedup.save_groups_csv(out, [[("c.jpg", 0.0), ("d.jpg", 1.0)]])
+    assert out.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["groups.csv"]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_move_duplicates_survives_kill_9_mid_move(copies_folder, tmp_path, when):
+    originals = {p.relative_to(copies_folder).as_posix(): p.read_bytes() for p in copies_folder.rglob("*.*")}
+    moved_dir = tmp_path / "moved"
+    # SIGKILL this process at the second file move, just before or just after the rename.
+    prelude = ("import os, signal\n_rename, _calls = os.rename, []\n"
+               "def rename(a, b):\n    _calls.append(a)\n"
+               f"    if len(_calls) == 2 and {when == 'after'}: _rename(a, b)\n"
+               "    if len(_calls) == 2: os.kill(os.getpid(), signal.SIGKILL)\n    _rename(a, b)\n"
+               "os.rename = rename")
+    killed = _cli(copies_folder, "--invariant", "--move-duplicates", moved_dir, cwd=tmp_path, prelude=prelude)
+    assert killed.returncode == -9
+    in_dir = lambda root: {p.relative_to(root).as_posix() for p in root.rglob("*.*") if p.name != "moved.tsv"}  # noqa: E731
+    assert len(in_dir(moved_dir)) == (2 if when == "after" else 1)
+    rerun = _cli(copies_folder, "--invariant", "--move-duplicates", moved_dir, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    left, moved = in_dir(copies_folder), in_dir(moved_dir)
+    assert not left & moved and left | moved == set(originals)          # every file exactly once
+    assert moved == set(COPIES[1:] + ["other/flipped.jpg", "other/turned.png"])
+    assert all((moved_dir / key).read_bytes() == originals[key] for key in moved)
+    again = _cli(copies_folder, "--invariant", "--move-duplicates", moved_dir, cwd=tmp_path)
+    assert again.returncode == 0 and "moved 0 duplicate(s)" in again.stdout and in_dir(moved_dir) == moved
+
+
+def test_against_finds_a_new_copy_of_an_old_image_without_re_encoding(photo_folder, tmp_path, sample_dir):
+    first = _cli(photo_folder, "--out", tmp_path / "old.csv", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    old = tmp_path / "old.encodings.npy"
+    new_folder = tmp_path / "incoming"
+    new_folder.mkdir()
+    with Image.open(photo_folder / "other" / "carton.jpg") as img:
+        img.resize((img.width * 2, img.height * 2), Image.BICUBIC).save(new_folder / "big_carton.jpg", quality=90)
+    shutil.copy(sample_dir / "milk_bottle" / "milk_bottle_100.jpg", new_folder / "milk.jpg")
+    result = _cli(new_folder, "--against", old, "--out", tmp_path / "new.csv", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "in 2 image(s) under" in result.stdout and "checked against 6" in result.stdout
+    rows = _read_csv(tmp_path / "new.csv")[1:]
+    assert [(r[1], r[2]) for r in rows] == [(str(photo_folder.resolve() / "other" / "carton.jpg"), "kept"),
+                                            ("big_carton.jpg", "duplicate")]
+    # The same folder, grown: only the new file is encoded, and it joins the old group.
+    shutil.copy(photo_folder / "orig" / "a_original.jpg", photo_folder / "other" / "z_new_copy.jpg")
+    grown = _cli(photo_folder, "--against", old, "--out", tmp_path / "grown.csv", cwd=tmp_path)
+    assert grown.returncode == 0 and "in 1 image(s) under" in grown.stdout
+    assert [(r[1], r[2]) for r in _read_csv(tmp_path / "grown.csv")[1:]] == [
+        ("orig/a_original.jpg", "kept"), *((key, "duplicate") for key in COPIES[1:] + ["other/z_new_copy.jpg"])]
+    other_method = _cli(new_folder, "--against", old, "--method", "phash", cwd=tmp_path)
+    assert other_method.returncode == 2 and "encoded differently: method 'phash' here, 'dhash' there" in \
+        other_method.stderr
+    overwrite = _cli(photo_folder, "--against", old, "--out", tmp_path / "old.csv", cwd=tmp_path)
+    assert overwrite.returncode == 2 and "would overwrite the encodings" in overwrite.stderr
+
+
+def test_cnn_groups_copies_and_the_invariant_variant_adds_flips_and_turns(copies_folder, tmp_path):
+    keys = ["orig/a_original.jpg", "orig/c_resized.png", "other/carton.jpg", "other/flipped.jpg", "other/turned.png"]
+    encodings = dedup.encode(keys, root=copies_folder, path=tmp_path / "cnn.npy", method="cnn", invariant=True,
+                             progress=False, n_workers=0)
+    assert encodings.array.shape == (5, 8, 1280) and encodings.meta["model_id"] == "pretrained:efficientnet_lite0"
+    upright = dedup.Encodings(encodings.keys, encodings.array[:, :1], {**encodings.meta, "invariant": False})
+    groups = dedup.find_duplicates(upright, 0.05, progress=False)   # the mirrored copy is 0.066 away, turned 0.32
+    assert groups == [[("orig/a_original.jpg", 0.0), ("orig/c_resized.png", pytest.approx(0.003, abs=0.01))]]
+    groups = dedup.find_duplicates(dedup.load_encodings(tmp_path / "cnn.npy"), 0.05, progress=False)
+    assert [key for key, _ in groups[0]] == sorted(keys[:2] + keys[3:]) and len(groups) == 1
+    with pytest.raises(ValueError, match="cosine distance in \\[0, 2\\]"):
+        dedup.find_duplicates(upright, threshold=3)

@@ -84,6 +84,24 @@ def test_radius_keeps_only_neighbours_within_it(references, queries):
     assert (within_r[~inside] == -1).all() and np.isinf(within_d[~inside]).all()
 
 
+def test_range_search_returns_every_reference_within_the_radius(references, queries):
+    index = NearestNeighborIndex("exact", batch_size=64).build(references)
+    truth, _ = brute_force(references, queries, N)
+    radius = float(np.quantile(truth[:, 0], 0.5)) + 0.02
+    lims, distances, rows = index.range_search(queries, radius)
+    assert lims.shape == (len(queries) + 1,) and lims[-1] == len(rows) == len(distances)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    exact = 1 - unit(queries.astype(np.float64)) @ unit(references.astype(np.float64)).T
+    for i in range(len(queries)):
+        expected = set(np.flatnonzero(exact[i] <= radius - 1e-5))
+        found = set(rows[lims[i]:lims[i + 1]].tolist())
+        assert expected <= found <= set(np.flatnonzero(exact[i] <= radius + 1e-5))
+    assert 0 < lims[-1] and (distances <= radius).all()
+    np.testing.assert_allclose(distances, exact[np.repeat(np.arange(len(queries)), np.diff(lims)), rows], atol=1e-5)
+    with pytest.raises(ValueError, match="radius"):
+        index.range_search(queries, 2.5)
+
+
 def test_add_finds_new_vectors_and_matches_rebuild(references, queries):
     for kind in ("exact", "ivf"):
         index = NearestNeighborIndex(kind).build(references[:4000])

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import make_image, run_script
-from image_similarity import fileio
+from image_similarity import dedup, fileio
 from image_similarity.splits import RankingSet, SPLITS, label_of
 
 SCRIPT = "1_prepareData.py"
@@ -51,6 +51,8 @@ def test_tiny_dataset_outputs(tiny_dataset):
     assert _csv(res / "split_counts.csv") == [["label", "train", "val", "test", "total"], ["blue", "5", "1", "2", "8"],
                                               ["green", "5", "1", "2", "8"], ["red", "5", "1", "2", "8"]]
     assert _csv(res / "near_duplicates.csv") == [["group", "key", "kept"]]
+    encodings = dedup.load_encodings(proc / "dedup_encodings.npy")   # reusable with dedup --against
+    assert len(encodings) == 24 and encodings.meta["method"] == "dhash" and encodings.array.shape == (24, 1, 32)
     assert _csv(res / "skipped_images.tsv", "\t") == [["path", "reason"]]
     lines = result.stdout.strip().splitlines()
     assert any(line.split() == ["all", "15", "3", "6", "24"] for line in lines)
