@@ -9,7 +9,6 @@ import logging
 
 import helpers
 from image_similarity import backbones, features, images
-from image_similarity.embedder import load_embedder
 
 logger = logging.getLogger("3_featurizeImages")
 
@@ -20,9 +19,9 @@ def main(args, P):
         print(f"rf_maxEpochs = 0: using the pretrained {P.rf_backbone}, not {P.modelPath}")
     skipped = images.SkippedImages()
     paths = helpers.dataset_images(P, skipped)
-    embedder = load_embedder(model)
+    embedder = helpers.load_network(P, model)
     print(f"Featurizing {len(paths)} images under {P.imgDir} with {embedder.model_id} ({embedder.backbone}, "
-          f"{embedder.input_resolution} px, dim {embedder.dim}), batches of {P.run_mbSize}, "
+          f"{embedder.input_resolution} px, dim {embedder.dim}) on {embedder.runs_on}, batches of {P.run_mbSize}, "
           f"{P.run_nrWorkers} workers ...")
     feats = features.featurize_to_file(paths, P.imgDir, embedder, P.featuresPath, P.run_mbSize, P.run_nrWorkers,
                                        skipped)

@@ -16,7 +16,6 @@ import pandas as pd
 
 import helpers
 from image_similarity import images, store
-from image_similarity.embedder import load_embedder
 
 
 def add_arguments(parser):
@@ -34,7 +33,7 @@ def featurize(P, engine):
         skipped.add(path, "not inside a label folder")
     if not labelled:
         raise helpers.UsageError(f"no images in {P.imgDir}/<label>/: put them there or run 0_downloadImages.py")
-    embedder = load_embedder(model)
+    embedder = helpers.load_network(P, model)
     which = f"the refined {model}" if embedder.checkpoint else f"the pretrained {model} (no refined network)"
     print(f"Step 1: featurizing {len(labelled)} images under {P.imgDir} with {which}, {embedder.model_id} ...")
     keys, matrix = embedder.embed_files(labelled, P.imgDir, P.run_mbSize, P.run_nrWorkers, skipped)

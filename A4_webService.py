@@ -39,7 +39,8 @@ def main(args, P):
     service = helpers.load_service(P)
     for note in service.notes:
         print(f"note: {note}")
-    print(f"Serving {len(service.keys)} references of {P.datasetName} ({service.model_id}); rankers "
+    print(f"Serving {len(service.keys)} references of {P.datasetName} ({service.model_id} on "
+          f"{service.embedder.runs_on}); rankers "
           f"{', '.join(service.rankers)} (default {service.default_ranker}); attributes "
           f"{', '.join(service.attributes) or 'none'}; uploads up to {service.max_upload_bytes:,} bytes")
     print(f"Open http://{args.host}:{args.port}/ (Ctrl+C stops)")

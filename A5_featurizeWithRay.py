@@ -43,7 +43,7 @@ def main(args, P):
     print(f"Featurizing {len(paths)} images under {root} with {backbones.model_id(model)} on Ray ({where}), "
           f"batches of {P.run_mbSize} ...")
     keys, matrix, info = scaleout.featurize_ray(paths, root, model, P.run_mbSize, args.actors, args.cpus_per_actor,
-                                                skipped)
+                                                skipped, P.run_backend, P.run_precision)
     expected = backbones.get_backbone(info["backbone"]).embedding_dim
     if matrix.shape[1] != expected:
         raise ValueError(f"{out}: features have {matrix.shape[1]} dims but {info['backbone']} gives {expected}")

@@ -56,9 +56,11 @@ rf_boFreezeWeights = False              # True = train only the head; False = re
 rf_boBalanceTrainingSet = False         # True = oversample small labels so every label has as many images as the largest
 rf_nrWorkers = 2                        # DataLoader worker processes; 0 = load in the main process
 
-# Featurization (scripts: 3_featurizeImages.py, A2_featurizeImagesInDir.py)
+# Featurization and every forward pass (scripts: 3_featurizeImages.py, A1, A2, A4_webService.py, A5)
 run_mbSize = 16                         # Images per forward pass (CPU: 8-16 is fastest, 64 overflows the cache; bench/featurize.py)
 run_nrWorkers = 2                       # DataLoader worker processes; 0 = load in the main process
+run_backend = "auto"                    # Inference engine: 'openvino', 'onnxruntime', or 'auto' (CPU: OpenVINO, else ONNX Runtime; CUDA: PyTorch); 'torch' = off
+run_precision = "f32"                   # 'bf16': OpenVINO in bfloat16, only where the CPU has it natively (else f32, with a warning); 'f32' = off
 
 # Weighted L2 distance (script: 4_trainSvm.py)
 svm_CValCandidates = [0.001, 0.01, 0.1, 1.0, 10.0]  # SVM slack penalty C: the best on the validation split is kept

@@ -167,7 +167,15 @@ def load_run(P, network=True, attributes=True):
     from image_similarity.runs import load_run as load
 
     return load(P.featuresPath, P.rf_backbone, P.modelPath, P.svmPath, P.classifierPath, P.evaluationCsvPath,
-                P.datasetName if attributes else None, P.attributeModels, P.randomSeed, network)
+                P.datasetName if attributes else None, P.attributeModels, P.randomSeed, network,
+                backend=P.run_backend, precision=P.run_precision)
+
+
+def load_network(P, model):
+    """The :class:`image_similarity.embedder.Embedder` of ``model`` on ``P``'s inference engine (``run_backend``)."""
+    from image_similarity.embedder import load_embedder
+
+    return load_embedder(model, backend=P.run_backend, precision=P.run_precision)
 
 
 def load_service(P):

@@ -16,7 +16,7 @@ if [ -f "$stamp" ] && .venv/bin/python -c "import image_similarity" 2>/dev/null;
 fi
 echo "setup: installing the project and its pinned dependencies into .venv (first time: several minutes)"
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet --editable ".[dev,scale]"
+.venv/bin/python -m pip install --quiet --editable ".[dev,scale,inference]"
 rm -f .venv/.installed-*
 touch "$stamp"
 echo "setup: done; use .venv/bin/python"

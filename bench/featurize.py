@@ -1,26 +1,31 @@
 """Featurization throughput and memory, measured in one run on the same images.
 
 Throughput (default): N copies of the bundled sample photos, resized to --size pixels on the long side and written
-as JPEG to a temporary folder, are embedded three ways with the same backbone:
-  1. tutorial: one image at a time, eager, default memory format, torchvision's Resize + CenterCrop (the 2017
-     tutorial's loop);
-  2. forward: the model's forward alone on pre-decoded tensors, in batches, as features.py runs it (channels-last,
-     inference mode), i.e. the ceiling for (3);
-  3. project: Embedder.embed_files end to end from the files (DataLoader workers decode while the model runs).
-The three alternate for --rounds rounds and the best rate of each is kept, since the machine may be shared.
-Then (2) alone for batch sizes 1-64, which is how run_mbSize's default was chosen, and the preprocessing cost per
-image in one thread: decoding plus torchvision's Resize + CenterCrop + ToTensor + Normalize against decoding plus
+as JPEG to a temporary folder, are embedded with the same backbone at --resolution (default: rf_inputResolution):
+  1. tutorial: one image at a time, PyTorch eager, default memory format, torchvision's Resize + CenterCrop (the
+     2017 tutorial's loop);
+  2. forward_<arm>: Embedder.forward_batch alone on pre-decoded tensors in batches of --batch, i.e. the ceiling for
+     (3), for each arm: torch (channels-last, inference mode), and every installed engine of image_similarity.engines
+     in f32 (openvino, onnxruntime), plus openvino in bf16 where the CPU has native bf16;
+  3. project_<arm>: Embedder.embed_files end to end from the files (DataLoader workers decode while the network
+     runs), what 3_featurizeImages.py runs, for each arm.
+All arms alternate for --rounds rounds and the best rate of each is kept, since the machine may be shared.
+"auto" is the arm run_backend="auto" picks. Then the forward alone by batch size (1-32) for torch in both memory
+formats and for the auto engine, which is how run_mbSize was chosen, and the preprocessing cost per image in one
+thread: decoding plus torchvision's Resize + CenterCrop + ToTensor + Normalize against decoding plus
 backbones.EvalTransform.to_uint8 (one resize of the crop's pixels, uint8 out), which is what the workers run.
+The CPU model and its vector flags are reported with the numbers.
 Memory (--memory N): features.featurize_to_file on N hard links to the sample photos, sampling the resident memory of
 this process and its workers every 0.5 s against the number of rows already written.
 
 Prints the numbers and writes bench/results/featurize.json (the memory run adds a "memory" entry).
-    python bench/featurize.py [--n 200] [--size 500] [--batch 16] [--workers 2]
+    python bench/featurize.py [--n 200] [--size 500] [--batch 16] [--workers 2] [--resolution 320]
     python bench/featurize.py --memory 20000
 """
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import threading
 import time
@@ -28,11 +33,13 @@ from pathlib import Path
 
 import torch
 
-from image_similarity import backbones, features, fileio
-from image_similarity.embedder import load_embedder
-from image_similarity.images import list_images, read_image
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import helpers  # noqa: E402
+from image_similarity import backbones, engines, features, fileio  # noqa: E402
+from image_similarity.embedder import Embedder, load_embedder  # noqa: E402
+from image_similarity.images import list_images, read_image  # noqa: E402
+
 SAMPLE_DIR = REPO / "data" / "fridgeObjects"
 RESULTS = REPO / "bench" / "results" / "featurize.json"
 
@@ -59,11 +66,19 @@ def tutorial_loop(paths, net, transform):
 
 
 def forward_only(batches, embedder):
-    net = embedder.net  # channels-last on CPU
+    """Images/s of ``embedder.forward_batch`` alone on prepared batches."""
+    start = time.perf_counter()
+    for batch in batches:
+        embedder.forward_batch(batch)
+    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+def torch_contiguous(batches, net):
+    """Images/s of the PyTorch forward on NCHW (contiguous) batches: the memory-format check."""
     with torch.inference_mode():
         start = time.perf_counter()
         for batch in batches:
-            net(batch.contiguous(memory_format=torch.channels_last))
+            net(batch.contiguous())
     return sum(len(b) for b in batches) / (time.perf_counter() - start)
 
 
@@ -87,35 +102,66 @@ def project_path(paths, root, embedder, batch_size, n_workers):
     return len(paths) / (time.perf_counter() - start)
 
 
-def throughput(paths, root, name, batch_size, n_workers, rounds, sweep_sizes=(1, 4, 8, 16, 32, 64)):
-    """Best images/s of each way over ``rounds`` alternating rounds (the machine may be shared: best of is fairest).
+def arms_at(name, resolution):
+    """``{arm: Embedder}`` at ``resolution``: PyTorch, each installed engine in f32, OpenVINO bf16 where native."""
+    spec = backbones.get_backbone(name)
+    wanted = [("torch", "torch", "f32"), ("openvino", "openvino", "f32"), ("onnxruntime", "onnxruntime", "f32")]
+    if engines.native_bf16():
+        wanted.append(("openvino_bf16", "openvino", "bf16"))
+    net = backbones.create_model(name)
+    arms = {}
+    for arm, backend, precision in wanted:
+        embedder = Embedder(net, backbones.eval_transform(spec, resolution), backbones.model_id(name), name,
+                            resolution, device="cpu").use_engine(backend, precision)
+        got = "torch" if embedder.engine is None else embedder.engine.name
+        if (got, "f32" if embedder.engine is None else embedder.engine.precision) == (backend, precision):
+            arms[arm] = embedder
+        else:
+            print(f"arm {arm}: not available here ({embedder.runs_on} instead), left out")
+    auto = Embedder(net, backbones.eval_transform(spec, resolution), backbones.model_id(name), name, resolution,
+                    device="cpu").use_engine("auto", "f32")
+    chosen = "torch" if auto.engine is None else auto.engine.name
+    return arms, chosen
+
+
+def throughput(paths, root, name, resolution, batch_size, n_workers, rounds, sweep_sizes=(1, 4, 8, 16, 32)):
+    """Best images/s of each arm over ``rounds`` alternating rounds (the machine may be shared: best of is fairest).
 
     Returns
     -------
     runs : dict of str to list of float
-        Images/s of each way, one per round.
-    sweep : dict of int to float
-        Forward-only images/s per batch size in ``sweep_sizes``, on the first 64 decoded images.
+        Images/s of each arm, one per round.
+    chosen : str
+        The arm ``run_backend="auto"`` runs.
+    sweep : dict of str to dict of int to float
+        Forward-only images/s per batch size in ``sweep_sizes`` on the first 32 decoded images: torch channels-last
+        (as the Embedder runs it), torch contiguous, and the chosen engine.
     preprocessing : dict of str to float
         Milliseconds per image to decode and preprocess, torchvision's two steps against ``EvalTransform.to_uint8``.
     """
-    plain, fast = backbones.create_model(name), load_embedder(name, "cpu")
-    reference = backbones.torchvision_eval_transform(name)
-    tensors = torch.stack([fast.transform(read_image(p)) for p in paths])
+    plain = backbones.create_model(name)
+    reference = backbones.torchvision_eval_transform(name, resolution)
+    arms, chosen = arms_at(name, resolution)
+    transform = arms["torch"].transform
+    tensors = torch.stack([transform(read_image(p)) for p in paths])
     batches = [tensors[i:i + batch_size] for i in range(0, len(tensors), batch_size)]
     tutorial_loop(paths[:2], plain, reference)  # warm-up
-    forward_only(batches[:1], fast)
-    runs = {"tutorial_one_at_a_time": [], "forward_only_batched": [], "project_featurize_end_to_end": []}
+    for embedder in arms.values():
+        forward_only(batches[:1], embedder)
+    runs = {"tutorial_one_at_a_time": []}
     for _ in range(rounds):
         runs["tutorial_one_at_a_time"].append(tutorial_loop(paths, plain, reference))
-        runs["forward_only_batched"].append(forward_only(batches, fast))
-        runs["project_featurize_end_to_end"].append(project_path(paths, root, fast, batch_size, n_workers))
-    sample = tensors[:64]
-    sweep = {size: round(forward_only([sample[i:i + size] for i in range(0, len(sample), size)], fast), 2)
-             for size in sweep_sizes}
+        for arm, embedder in arms.items():
+            runs.setdefault(f"forward_{arm}", []).append(forward_only(batches, embedder))
+            runs.setdefault(f"project_{arm}", []).append(project_path(paths, root, embedder, batch_size, n_workers))
+    sample = tensors[:32]
+    by_size = {size: [sample[i:i + size] for i in range(0, len(sample), size)] for size in sweep_sizes}
+    sweep = {"torch_channels_last": {s: round(forward_only(b, arms["torch"]), 2) for s, b in by_size.items()},
+             "torch_contiguous": {s: round(torch_contiguous(b, plain), 2) for s, b in by_size.items()},
+             chosen: {s: round(forward_only(b, arms[chosen]), 2) for s, b in by_size.items()}}
     preprocessing = {"torchvision_resize_crop_float32": preprocess_ms(paths[:100], reference),
-                     "one_step_crop_resize_uint8": preprocess_ms(paths[:100], fast[1].to_uint8)}
-    return runs, sweep, preprocessing
+                     "one_step_crop_resize_uint8": preprocess_ms(paths[:100], transform.to_uint8)}
+    return runs, chosen, sweep, preprocessing
 
 
 def _rss_mb(pid):
@@ -190,11 +236,16 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="batch size for (2) and (3), as run_mbSize")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each way is kept")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for (3)")
+    parser.add_argument("--resolution", type=int, help="input pixels (default: PARAMETERS.py's rf_inputResolution)")
     parser.add_argument("--memory", type=int, metavar="N", help="run the memory check on N images instead")
     args = parser.parse_args()
+    resolution = args.resolution or helpers.load_parameters().rf_inputResolution
     results = fileio.load_json(RESULTS) if RESULTS.exists() else {}
     machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-               "processor": platform.processor() or platform.machine(), "load_avg_at_start": os.getloadavg()}
+               "processor": platform.processor() or platform.machine(), "cpu": engines.cpu_info(),
+               "native_bf16": engines.native_bf16(), "load_avg_at_start": os.getloadavg()}
+    print(f"CPU: {machine['cpu']['model']}, {machine['cpu_count']} cores, flags {' '.join(machine['cpu']['flags'])}; "
+          f"native bf16: {machine['native_bf16']}; load average {machine['load_avg_at_start'][0]:.2f}")
     if args.memory:
         result = memory_run(args.memory, args.backbone, args.batch, args.workers)
         rss = [s["rss_main_mb"] for s in result["samples"] if s["rows_written"] > 0]
@@ -211,24 +262,31 @@ def main():
     else:
         with tempfile.TemporaryDirectory() as tmp:
             paths = make_images(Path(tmp), args.n, args.size)
-            runs, sweep, preprocessing = throughput(paths, Path(tmp), args.backbone, args.batch, args.workers,
-                                                    args.rounds)
+            runs, chosen, sweep, preprocessing = throughput(paths, Path(tmp), args.backbone, resolution, args.batch,
+                                                            args.workers, args.rounds)
         rates = {k: max(v) for k, v in runs.items()}
-        ratios = {"project_vs_forward": rates["project_featurize_end_to_end"] / rates["forward_only_batched"],
-                  "project_vs_tutorial": rates["project_featurize_end_to_end"] / rates["tutorial_one_at_a_time"]}
+        tutorial = rates["tutorial_one_at_a_time"]
+        ratios = {f"project_{chosen}_vs_tutorial": rates[f"project_{chosen}"] / tutorial,
+                  f"project_{chosen}_vs_forward_{chosen}": rates[f"project_{chosen}"] / rates[f"forward_{chosen}"],
+                  **{f"{k}_vs_tutorial": v / tutorial for k, v in rates.items() if k.startswith("project_")}}
+        print(f"{resolution} px, batches of {args.batch}, {args.workers} workers; run_backend='auto' runs {chosen}")
         for key, value in rates.items():
             print(f"{key:30} {value:8.2f} images/s")
         for key, value in ratios.items():
-            print(f"{key:30} {value:8.2f} x")
-        print("forward only, images/s by batch size: " + ", ".join(f"{k}: {v}" for k, v in sweep.items()))
+            print(f"{key:40} {value:8.2f} x")
+        for arm, rates_by_size in sweep.items():
+            print(f"forward only, {arm}, images/s by batch size: "
+                  + ", ".join(f"{k}: {v}" for k, v in rates_by_size.items()))
         print("decode + preprocess, ms per image in one thread: "
               + ", ".join(f"{k} {v}" for k, v in preprocessing.items()))
+        machine["load_avg_at_end"] = os.getloadavg()
         results["throughput"] = {"images_per_s": {k: round(v, 2) for k, v in rates.items()},
                                  "images_per_s_each_round": {k: [round(x, 2) for x in v] for k, v in runs.items()},
-                                 "ratios": {k: round(v, 3) for k, v in ratios.items()},
+                                 "auto_runs": chosen, "ratios": {k: round(v, 3) for k, v in ratios.items()},
                                  "forward_images_per_s_by_batch_size": sweep,
                                  "decode_preprocess_ms_per_image": preprocessing,
-                                 "n_images": args.n, "rounds": args.rounds, "long_side_px": args.size, "backbone": args.backbone,
+                                 "n_images": args.n, "rounds": args.rounds, "long_side_px": args.size,
+                                 "resolution": resolution, "backbone": args.backbone,
                                  "batch": args.batch, "workers": args.workers, "machine": machine}
     fileio.save_json(RESULTS, results)
     print(f"Wrote {RESULTS}")

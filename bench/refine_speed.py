@@ -17,6 +17,12 @@ batch is handed to ``train_one_epoch``, one plain batch (its loading and its ste
 project's time is its epoch's wall time minus those pauses. Its workers keep prefetching during the pauses, as they
 would during its own steps. ``--sequential`` runs the plain epoch first, then the project's. Prints the numbers and
 writes bench/results/refine_speed.json, with the load average before and after.
+
+``--bf16`` instead times the project's loop in float32 against the same loop under
+``torch.autocast("cpu", dtype=torch.bfloat16)`` (``train_one_epoch(cpu_bf16=True)``), where the CPU computes bf16
+natively (``engines.native_bf16()``; elsewhere it says so and stops): each arm trains its own copy of the same
+initial network on the same batches, in the order f32, bf16, f32, bf16, and the faster of each arm's two runs
+counts. Writes bench/results/refine_speed_bf16.json.
 """
 import os
 
@@ -36,12 +42,13 @@ from torch.utils.data import DataLoader  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import helpers  # noqa: E402
-from image_similarity import backbones, fileio, images, refine  # noqa: E402
+from image_similarity import backbones, engines, fileio, images, refine  # noqa: E402
 from image_similarity.embedder import collate_good_bad  # noqa: E402
 
 TEXTURES = REPO.parent / "shared" / "datasets" / "fashionTexture11"
 LABELS = ("dotted", "striped", "leopard")
 RESULT = REPO / "bench" / "results" / "refine_speed.json"
+RESULT_BF16 = REPO / "bench" / "results" / "refine_speed_bf16.json"
 
 
 def training_items(seed, ratio=0.75):
@@ -101,6 +108,34 @@ class Interleaved:
         self.plain_s += time.perf_counter() - start
 
 
+def bf16_against_f32(initial, dataset, indices, P, resolution, warm_batch):
+    """Seconds of the project's loop in f32 and under bf16 autocast, each the faster of two alternated runs."""
+    cpu = torch.device("cpu")
+    threads = refine.configure_threads(cpu)
+    seconds = {"f32": [], "bf16": []}
+    models = {}
+    for arm in ("f32", "bf16", "f32", "bf16"):
+        if arm not in models:
+            models[arm] = copy.deepcopy(initial).to(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=arm == "bf16"):
+                warm_up(models[arm], warm_batch, torch.channels_last)
+        optimizer = torch.optim.SGD(models[arm].parameters(), lr=P.rf_lrPerMb[0], momentum=P.rf_momentumPerMb,
+                                    weight_decay=P.rf_l2RegWeight)
+        loader = refine.make_loader(dataset, indices, P.rf_mbSize, P.rf_nrWorkers, cpu, seed=P.randomSeed,
+                                    training=True)
+        start = time.perf_counter()
+        _, _, n_trained = refine.train_one_epoch(models[arm], loader, optimizer,
+                                                 torch.amp.GradScaler("cpu", enabled=False), cpu, progress=False,
+                                                 cpu_bf16=arm == "bf16")
+        seconds[arm].append(time.perf_counter() - start)
+        print(f"{arm:4}: {seconds[arm][-1]:7.1f} s ({n_trained / seconds[arm][-1]:5.2f} img/s)")
+    best = {arm: min(v) for arm, v in seconds.items()}
+    print(f"bf16 autocast against f32: {best['f32'] / best['bf16']:.2f}x faster ({threads} threads, "
+          f"{P.rf_nrWorkers} workers, {resolution} px)")
+    return {"seconds_each_run": seconds, "best_seconds": best, "bf16_speedup": best["f32"] / best["bf16"],
+            "images": n_trained, "threads": threads}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, default=None,
@@ -109,6 +144,8 @@ def main():
                         help="run the plain epoch, then the project's, instead of interleaving their batches")
     parser.add_argument("--resolution", type=int, default=None,
                         help="input pixels (default: PARAMETERS.py's rf_inputResolution)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="time the project's loop in f32 against bf16 autocast instead (native-bf16 CPUs only)")
     args = parser.parse_args()
     if args.resolution is not None and args.resolution < 32:  # the network downsamples by 32
         parser.error(f"--resolution must be at least 32 pixels, got {args.resolution}")
@@ -131,6 +168,17 @@ def main():
     print(f"{n_images} images of {TEXTURES.name} ({', '.join(LABELS)}), {P.rf_backbone} at {resolution} px, "
           f"batches of {P.rf_mbSize}; load average before: {load_before[0]:.2f} on {os.cpu_count()} CPUs")
 
+    if args.bf16:
+        if not engines.native_bf16():
+            print(f"skipped: this CPU ({engines.cpu_info()['model']}) has no native bf16; autocast would emulate it")
+            return
+        result = bf16_against_f32(initial, dataset, indices, P, resolution, warm_batch)
+        fileio.save_json(RESULT_BF16, {**result, "backbone": P.rf_backbone, "resolution": resolution,
+                                       "batch_size": P.rf_mbSize, "whole_epoch": args.batches is None,
+                                       "cpu": engines.cpu_info(), "load_average_before": load_before,
+                                       "load_average_after": os.getloadavg(), "torch": torch.__version__})
+        print(f"wrote {RESULT_BF16}")
+        return
     default_threads = torch.get_num_threads()
     plain_model = copy.deepcopy(initial)
     warm_up(plain_model, warm_batch, torch.contiguous_format)

@@ -4,7 +4,7 @@ An :class:`Embedder` is made by :func:`load_embedder` (a registry name or a refi
 already on disk, by :func:`resolve_embedder`, which finds the network that made them and refuses any other.
 
 Every forward pass in the package goes through :meth:`Embedder.forward_batch`, on a prepared float32 NCHW batch:
-an inference engine (ONNX Runtime, OpenVINO ...) replaces that one method. Images reach it through one loop,
+an inference engine (OpenVINO or ONNX Runtime, :mod:`.engines`, chosen by ``backend``) replaces that one method. Images reach it through one loop,
 :meth:`Embedder.iter_batches`: DataLoader workers decode and resize through :func:`images.load_image` and send uint8
 pixels (:class:`ImageDataset`), :func:`collate_good_bad` splits every batch into readable and unreadable images, and
 each batch is normalised in this process just before the forward pass. A bad image is named and counted once; a
@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import backbones
+from . import backbones, engines
 from .images import SkippedImages, image_key, load_image
 
 __all__ = ["Embedder", "load_embedder", "resolve_embedder", "ImageDataset", "collate_good_bad", "default_device"]
@@ -115,6 +115,19 @@ class Embedder:
         self.input_resolution = int(input_resolution)
         self.dim = int(net.num_features if dim is None else dim)
         self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self.engine = None  # an engines.Engine running the forward pass instead of PyTorch (use_engine)
+
+    def use_engine(self, backend="auto", precision="f32", cache_dir=None):
+        """Run the forward pass on an inference engine (:func:`.engines.load_engine`); returns self.
+
+        The network is exported beside its checkpoint, or for a pretrained backbone in ``cache_dir`` (default
+        :func:`.engines.default_cache_dir`). ``backend="torch"``, or an engine that cannot be used (said in one log
+        line), leaves PyTorch.
+        """
+        path = engines.export_path_for(self.model_id, self.input_resolution, self.checkpoint, cache_dir)
+        self.engine = engines.load_engine(self.net, self.model_id, self.input_resolution, path, backend, precision,
+                                          self.device)
+        return self
 
     @property
     def info(self):
@@ -123,9 +136,14 @@ class Embedder:
                 "input_resolution": self.input_resolution}
         return info if self.checkpoint is None else {**info, "checkpoint": self.checkpoint}
 
+    @property
+    def runs_on(self):
+        """What runs the forward pass: ``"PyTorch"`` or the engine and its precision, e.g. ``"openvino f32"``."""
+        return "PyTorch" if self.engine is None else f"{self.engine.name} {self.engine.precision}"
+
     def __repr__(self):
         return (f"Embedder({self.model_id}, {self.backbone}, {self.input_resolution} px, dim {self.dim}, "
-                f"{self.device})")
+                f"{self.device}, {self.runs_on})")
 
     def forward_batch(self, batch):
         """The forward pass: one prepared batch to its outputs.
@@ -139,6 +157,8 @@ class Embedder:
         -------
         ndarray of shape (n, dim), float32
         """
+        if self.engine is not None:
+            return self.engine(batch.cpu())
         with torch.inference_mode():
             if self.device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.float16):
@@ -235,8 +255,10 @@ class Embedder:
         return out
 
 
-def load_embedder(model, device=None):
+def load_embedder(model, device=None, backend="torch", precision="f32"):
     """The :class:`Embedder` of a registry name (pretrained weights) or a refined checkpoint path.
+
+    ``backend`` and ``precision`` choose the inference engine (:meth:`Embedder.use_engine`); default PyTorch.
 
     Raises
     ------
@@ -245,16 +267,19 @@ def load_embedder(model, device=None):
     """
     if isinstance(model, str) and model in backbones.list_backbones():
         spec = backbones.get_backbone(model)
-        return Embedder(backbones.create_model(model), backbones.eval_transform(spec), backbones.model_id(model),
-                        model, spec.input_size, device=device)
-    backbones.model_id(model)  # a clear error when it is neither a name nor a file
-    classifier, ckpt = backbones.load_checkpoint(model)
-    spec, resolution = backbones.get_backbone(ckpt["backbone"]), ckpt["input_resolution"]
-    return Embedder(classifier.backbone, backbones.eval_transform(spec, resolution), ckpt["model_id"],
-                    ckpt["backbone"], resolution, device=device, checkpoint=model)
+        embedder = Embedder(backbones.create_model(model), backbones.eval_transform(spec),
+                            backbones.model_id(model), model, spec.input_size, device=device)
+    else:
+        backbones.model_id(model)  # a clear error when it is neither a name nor a file
+        classifier, ckpt = backbones.load_checkpoint(model)
+        spec, resolution = backbones.get_backbone(ckpt["backbone"]), ckpt["input_resolution"]
+        embedder = Embedder(classifier.backbone, backbones.eval_transform(spec, resolution), ckpt["model_id"],
+                            ckpt["backbone"], resolution, device=device, checkpoint=model)
+    return embedder.use_engine(backend, precision)
 
 
-def resolve_embedder(model_id, backbone, checkpoint, features_path="the features", device=None):
+def resolve_embedder(model_id, backbone, checkpoint, features_path="the features", device=None, backend="torch",
+                     precision="f32"):
     """The network that made features of ``model_id``: the pretrained ``backbone`` or the ``checkpoint``.
 
     Parameters
@@ -267,6 +292,8 @@ def resolve_embedder(model_id, backbone, checkpoint, features_path="the features
         The refined candidate (may be missing).
     features_path : str or Path
         Named in the error.
+    device, backend, precision
+        As :func:`load_embedder`.
 
     Raises
     ------
@@ -274,9 +301,9 @@ def resolve_embedder(model_id, backbone, checkpoint, features_path="the features
         When neither candidate is that network (one message: which features, which networks, what to run).
     """
     if model_id == backbones.model_id(backbone):
-        return load_embedder(backbone, device)
+        return load_embedder(backbone, device, backend, precision)
     found = backbones.model_id(checkpoint) if Path(checkpoint).is_file() else f"missing ({checkpoint})"
     if found == model_id:
-        return load_embedder(checkpoint, device)
+        return load_embedder(checkpoint, device, backend, precision)
     raise ValueError(f"{features_path} holds features of {model_id}, made by neither the pretrained {backbone} nor "
                      f"the refined network ({found}): run 3_featurizeImages.py again")

@@ -65,6 +65,8 @@ def featurize_to_file(paths, root, embedder, path, batch_size=64, n_workers=2, s
     embedder : embedder.Embedder
     batch_size, n_workers, skipped
         As :meth:`embedder.Embedder.iter_batches`.
+    backend, precision : str
+        The inference engine (``embedder.load_embedder``).
     meta : dict, optional
         Extra sidecar entries.
 
@@ -99,7 +101,8 @@ def _stamp(path):
     return [status.st_size, status.st_mtime_ns]
 
 
-def update_features(paths, root, path, model, batch_size=64, n_workers=2, skipped=None):
+def update_features(paths, root, path, model, batch_size=64, n_workers=2, skipped=None, backend="torch",
+                    precision="f32"):
     """Bring the store at ``path`` up to date with image files: embed only new or changed ones, drop removed ones.
 
     Every file's size and modification time are kept in the sidecar (``stamps``); a file whose stamp is unchanged
@@ -116,6 +119,8 @@ def update_features(paths, root, path, model, batch_size=64, n_workers=2, skippe
         A backbone name or a refined checkpoint (``embedder.load_embedder``).
     batch_size, n_workers, skipped
         As :meth:`embedder.Embedder.iter_batches`.
+    backend, precision : str
+        The inference engine (``embedder.load_embedder``).
 
     Returns
     -------
@@ -151,7 +156,7 @@ def update_features(paths, root, path, model, batch_size=64, n_workers=2, skippe
     todo = [p for k, p in zip(keys, paths) if k not in rows]
     new_keys = []
     if todo:
-        embedder = load_embedder(model)
+        embedder = load_embedder(model, backend=backend, precision=precision)
         meta = {"backbone": embedder.backbone, "dim": embedder.dim}
         new_keys, new_rows = embedder.embed_files(todo, root, batch_size, n_workers, skipped)
         rows.update(zip(new_keys, new_rows))

@@ -266,7 +266,7 @@ def _device_batches(batches, dataset, device, memory_format, skipped):
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device, freeze_backbone=False,
-                    memory_format=torch.channels_last, skipped=None, desc="train", progress=True):
+                    memory_format=torch.channels_last, skipped=None, desc="train", progress=True, cpu_bf16=False):
     """One pass of SGD over ``loader``.
 
     Parameters
@@ -279,6 +279,9 @@ def train_one_epoch(model, loader, optimizer, scaler, device, freeze_backbone=Fa
         Layout of the input batches.
     skipped : SkippedImages, optional
         Receives the unreadable images.
+    cpu_bf16 : bool
+        On CPU, train under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (worth it only where the CPU computes
+        bf16 natively, ``engines.native_bf16()``; bf16 has float32's range, so no loss scaling).
 
     Returns
     -------
@@ -287,11 +290,12 @@ def train_one_epoch(model, loader, optimizer, scaler, device, freeze_backbone=Fa
     """
     _set_train_mode(model, freeze_backbone)
     criterion = nn.CrossEntropyLoss()
-    use_amp = device.type == "cuda"
+    use_amp = device.type == "cuda" or cpu_bf16
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     total_loss, n_wrong, n_seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True)
     for images, labels in _device_batches(bar, loader.dataset, device, memory_format, skipped):
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             logits = model(images)
             loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)

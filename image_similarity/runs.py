@@ -66,6 +66,8 @@ class Run:
         What is missing, one line each.
     candidates : (str, Path, Path)
         The pretrained backbone, the refined checkpoint and the features' path, for :attr:`embedder`.
+    engine : (str, str)
+        The inference backend and precision the network runs on (``embedder.load_embedder``).
     """
 
     features: Features
@@ -74,6 +76,7 @@ class Run:
     attributes: dict
     notes: list
     candidates: tuple
+    engine: tuple = ("torch", "f32")
     _embedder: Optional[Embedder] = None
 
     @property
@@ -84,14 +87,14 @@ class Run:
     def load_network(self):
         """The network that made the features (:func:`.embedder.resolve_embedder`), loaded once."""
         if self._embedder is None:
-            self._embedder = resolve_embedder(self.model_id, *self.candidates)
+            self._embedder = resolve_embedder(self.model_id, *self.candidates, None, *self.engine)
         return self._embedder
 
     embedder = property(load_network)
 
 
 def load_run(features_path, backbone, checkpoint, svm_path, classifier_path, evaluation_csv, name=None,
-             attribute_paths=None, random_state=None, network=True, mmap=True):
+             attribute_paths=None, random_state=None, network=True, mmap=True, backend="torch", precision="f32"):
     """Load a run's outputs.
 
     Parameters
@@ -115,6 +118,8 @@ def load_run(features_path, backbone, checkpoint, svm_path, classifier_path, eva
         ranked).
     mmap : bool
         Memory-map the feature matrix.
+    backend, precision : str
+        The inference engine of the network (``embedder.load_embedder``).
 
     Raises
     ------
@@ -139,7 +144,7 @@ def load_run(features_path, backbone, checkpoint, svm_path, classifier_path, eva
 
         attributes = configured_attributes(name, svm_path, features_path, attribute_paths)
     run = Run(features, ranker_map, recommended_ranker(evaluation_csv, ranker_map), attributes, notes,
-              (backbone, checkpoint, features_path))
+              (backbone, checkpoint, features_path), (backend, precision))
     if network:
         run.load_network()  # now: a missing or wrong network fails before anything else
     return run

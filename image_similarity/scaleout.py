@@ -67,9 +67,9 @@ class _BatchEmbedder:
     (str; empty for a readable one).
     """
 
-    def __init__(self, model, root, n_threads):
+    def __init__(self, model, root, n_threads, backend, precision):
         torch.set_num_threads(n_threads)
-        self.embedder = load_embedder(model)
+        self.embedder = load_embedder(model, backend=backend, precision=precision)
         self.root = root
 
     def __call__(self, batch):
@@ -84,7 +84,8 @@ class _BatchEmbedder:
                 "reason": np.array(reasons, dtype=object)}
 
 
-def featurize_ray(paths, root, model, batch_size=64, n_actors=None, cpus_per_actor=1, skipped=None):
+def featurize_ray(paths, root, model, batch_size=64, n_actors=None, cpus_per_actor=1, skipped=None, backend="torch",
+                  precision="f32"):
     """Embed image files on Ray (local or cluster, see :func:`init_ray`, called here if needed).
 
     Parameters
@@ -103,6 +104,8 @@ def featurize_ray(paths, root, model, batch_size=64, n_actors=None, cpus_per_act
         CPUs reserved by each actor, and the torch threads it runs.
     skipped : SkippedImages, optional
         Receives every unreadable file with its reason.
+    backend, precision : str
+        The inference engine of every actor (``embedder.load_embedder``); an engine's export is made here, once.
 
     Returns
     -------
@@ -117,7 +120,7 @@ def featurize_ray(paths, root, model, batch_size=64, n_actors=None, cpus_per_act
     import ray
 
     init_ray()
-    info = load_embedder(model).info
+    info = load_embedder(model, backend=backend, precision=precision).info
     paths = [Path(p) for p in paths]
     keys = [image_key(p, root) for p in paths]
     if not paths:
@@ -133,7 +136,8 @@ def featurize_ray(paths, root, model, batch_size=64, n_actors=None, cpus_per_act
         # Absolute paths: the actors' working folder need not be this one.
         model_ref = model if isinstance(model, str) and model in list_backbones() else str(Path(model).absolute())
         embedded = dataset.map_batches(_BatchEmbedder,
-                                       fn_constructor_args=(model_ref, str(Path(root).absolute()), cpus_per_actor),
+                                       fn_constructor_args=(model_ref, str(Path(root).absolute()), cpus_per_actor, backend,
+                                                            precision),
                                        batch_size=batch_size, batch_format="numpy",
                                        compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=cpus_per_actor)
         matrix = np.empty((len(paths), info["dim"]), np.float32)

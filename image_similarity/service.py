@@ -23,7 +23,9 @@ backbone, checked by ``model_id``), the features, the rankers of 4_trainSvm.py, 
     attributes to combine; open "label issues" to see the suspects with their given and suggested labels.
 
 Uploads over the size limit are refused with 413 (the declared Content-Length and the bytes actually received are
-both checked); bodies that are not a decodable image (text, truncated, decompression bomb) get 415 or 422 naming the
+both checked); the rest of the body is read and dropped first, up to :data:`DISCARD_BYTES`, so that clients which
+send everything before reading the reply (urllib, requests) get the 413 too, and the page refuses such a file before
+sending it. Bodies that are not a decodable image (text, truncated, decompression bomb) get 415 or 422 naming the
 reason.
 """
 import html
@@ -47,13 +49,14 @@ from .images import ImageReadError, read_image
 from .label_issues import load_label_issues as label_issue_rows
 from .splits import label_of
 
-__all__ = ["SimilarityService", "create_app", "MAX_K", "FORM_OVERHEAD_BYTES"]
+__all__ = ["SimilarityService", "create_app", "MAX_K", "FORM_OVERHEAD_BYTES", "DISCARD_BYTES"]
 
 logger = logging.getLogger(__name__)
 
 MAX_K = 100
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, headers and the small fields around the image
 LABEL_ISSUES_SHOWN = 60  # suspects listed by /label-issues and the page
+DISCARD_BYTES = 256 * 2**20  # an oversize body is read and dropped up to this size, so that its 413 reaches the client
 
 
 class SimilarityService:
@@ -218,8 +221,24 @@ class SimilarityService:
         return buffer.getvalue()
 
 
-def _limited(receive, limit):
-    """Wrap an ASGI ``receive`` so a body longer than ``limit`` bytes stops with 413 as soon as it is seen."""
+async def _discard_body(receive, received=0, bound=None):
+    """Read and drop the rest of a request body, up to ``bound`` bytes in all (default :data:`DISCARD_BYTES`).
+
+    urllib and requests send the whole body before they read the reply: a 413 sent while they are still sending
+    reaches them as "Connection reset by peer". Past ``bound`` the connection is closed anyway.
+    """
+    bound = DISCARD_BYTES if bound is None else bound
+    more = True
+    while more and received <= bound:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        received += len(message.get("body", b""))
+        more = message.get("more_body", False)
+
+
+def _limited(receive, limit, image_limit):
+    """Wrap an ASGI ``receive`` so a body longer than ``limit`` bytes stops with 413 (naming ``image_limit``)."""
     received = 0
 
     async def limited_receive():
@@ -228,7 +247,9 @@ def _limited(receive, limit):
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
-                raise HTTPException(413, f"upload over the {limit:,}-byte limit")
+                if message.get("more_body", False):
+                    await _discard_body(receive, received)
+                raise HTTPException(413, f"upload over the {image_limit:,}-byte limit")
         return message
 
     return limited_receive
@@ -261,9 +282,11 @@ def create_app(service):
     async def query(request: Request):
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdecimal() and int(declared) > body_limit:
+            if request.headers.get("expect", "").lower() != "100-continue":  # curl waits for the reply instead
+                await _discard_body(request.receive)
             raise HTTPException(413, f"upload of {int(declared):,} bytes is over the "
                                      f"{service.max_upload_bytes:,}-byte limit")
-        limited = Request(request.scope, _limited(request.receive, body_limit))
+        limited = Request(request.scope, _limited(request.receive, body_limit, service.max_upload_bytes))
         async with limited.form(max_files=1, max_fields=8, max_part_size=64 * 1024) as form:
             upload = form.get("image")
             if not isinstance(upload, UploadFile):
@@ -337,7 +360,9 @@ body{font-family:sans-serif;margin:1.5em;max-width:70em}
 <script>
 const $ = id => document.getElementById(id);
 for (const n of [1, 3, 5, 10, 20, 50]) $("k").add(new Option(n, n, n === 5, n === 5));
+let maxUploadBytes = Infinity;
 fetch("/health").then(r => r.json()).then(h => {
+  maxUploadBytes = h.max_upload_bytes;
   for (const name of h.rankers) $("ranker").add(new Option(name, name, false, name === h.default_ranker));
   if (h.attributes.length) $("attributes").append("or combine attributes:");
   for (const name of h.attributes) {
@@ -349,6 +374,12 @@ fetch("/health").then(r => r.json()).then(h => {
 function show(status, error) { $("status").textContent = status; $("status").className = error ? "error" : ""; }
 async function search(file) {
   $("results").replaceChildren();
+  if (file.size > maxUploadBytes) {
+    $("query").replaceChildren();
+    show("Not sent: " + file.name + " is " + file.size.toLocaleString("en") + " bytes, over the service's " +
+         maxUploadBytes.toLocaleString("en") + "-byte limit", true);
+    return;
+  }
   $("query").replaceChildren(Object.assign(document.createElement("img"), {src: URL.createObjectURL(file)}));
   show("searching ...");
   const form = new FormData();

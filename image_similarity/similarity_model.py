@@ -85,6 +85,8 @@ class SimilarityModel:
         Passed to :class:`.index.NearestNeighborIndex`; ``'auto'`` is exact below ``index.ANN_THRESHOLD`` references.
     device : str or torch.device, optional
         Where the network runs; default CUDA when available, else CPU.
+    backend : {'auto', 'torch', 'openvino', 'onnxruntime'}
+        The inference engine (:mod:`.engines`): ``'auto'`` is the fastest installed one on CPU, PyTorch on CUDA.
 
     Attributes
     ----------
@@ -99,12 +101,14 @@ class SimilarityModel:
         ``model_id``, ``backbone``, ``dim``, ``input_resolution``.
     """
 
-    def __init__(self, model="efficientnet_lite0", batch_size=64, n_workers=2, index_kind="auto", device=None):
+    def __init__(self, model="efficientnet_lite0", batch_size=64, n_workers=2, index_kind="auto", device=None,
+                 backend="auto"):
         self.model = model
         self.batch_size = batch_size
         self.n_workers = n_workers
         self.index_kind = index_kind
         self.device = device
+        self.backend = backend
         self.keys, self.labels, self.info = [], None, None
         self.features = None
         self._index, self._embedder, self._rows = None, None, {}
@@ -114,7 +118,7 @@ class SimilarityModel:
     def embedder(self):
         """The :class:`.embedder.Embedder` of ``model``, loaded on first use."""
         if self._embedder is None:
-            embedder = load_embedder(self.model, self.device)
+            embedder = load_embedder(self.model, self.device, self.backend)
             if self.info is not None and embedder.model_id != self.info["model_id"]:
                 raise ValueError(f"{self.model} is {embedder.model_id} but the references were embedded "
                                  f"with {self.info['model_id']}")
@@ -378,7 +382,7 @@ class SimilarityModel:
 
 
 def create(images, label=None, model="efficientnet_lite0", batch_size=64, keys=None, n_workers=2, index_kind="auto",
-           device=None):
+           device=None, backend="auto"):
     """Embed reference images and index them.
 
     Parameters
@@ -400,16 +404,21 @@ def create(images, label=None, model="efficientnet_lite0", batch_size=64, keys=N
     index_kind : {'auto', 'exact', 'ivf', 'hnsw'}
         ``'auto'``: exact search below ``index.ANN_THRESHOLD`` references, approximate (IVF) above.
     device : str or torch.device, optional
+    backend : {'auto', 'torch', 'openvino', 'onnxruntime'}
+        The inference engine; ``'auto'``: the fastest installed one on CPU, PyTorch on CUDA.
 
     Returns
     -------
     SimilarityModel
     """
-    return SimilarityModel(model, batch_size, n_workers, index_kind, device).add(images, label=label, keys=keys)
+    return SimilarityModel(model, batch_size, n_workers, index_kind, device, backend).add(images, label=label,
+                                                                                         keys=keys)
 
 
-def load(folder, device=None):
+def load(folder, device=None, backend="auto"):
     """Read a model written by :meth:`SimilarityModel.save`; the network is only loaded when a query needs it.
+
+    ``device`` and ``backend`` are those of :func:`create`.
 
     Raises
     ------
@@ -434,7 +443,8 @@ def load(folder, device=None):
     if len(index) != len(stored) or (labels is not None and len(labels) != len(stored)):
         raise ValueError(f"{folder}: {len(stored)} feature rows, {len(index)} indexed vectors and "
                          f"{'no' if labels is None else len(labels)} labels do not belong together")
-    similarity = SimilarityModel(model, manifest["batch_size"], manifest["n_workers"], manifest["index_kind"], device)
+    similarity = SimilarityModel(model, manifest["batch_size"], manifest["n_workers"], manifest["index_kind"], device,
+                                 backend)
     similarity.keys, similarity.features, similarity.labels = list(stored.keys), stored.matrix, labels
     similarity.info = {k: manifest[k] for k in INFO_KEYS}
     similarity._index, similarity._rows = index, {k: i for i, k in enumerate(similarity.keys)}

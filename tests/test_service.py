@@ -1,14 +1,18 @@
 """The web service (image_similarity.service, A4_webService.py) on a real uvicorn over a small real pipeline."""
 import io
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import httpx
 import numpy as np
 import pytest
+import requests
 import uvicorn
 from PIL import Image
 
@@ -225,12 +229,54 @@ def test_chunked_upload_without_length_is_counted(server):
     assert query(client, encoded(P.imgDir / "blue" / "blue_1.jpg"), k=1).status_code == 200
 
 
+def multipart(data, boundary="svc-test-boundary"):
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.bin\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+BIG = 60_000_000  # far over the socket buffers: a reply sent while the client is still sending would reset it
+
+
+def test_oversize_upload_reaches_python_clients_as_413(server):
+    """urllib and requests send the whole body before reading the reply: they get the 413, not a reset."""
+    client, P = server
+    body, content_type = multipart(b"\0" * BIG)
+    request = urllib.request.Request(f"{client.base_url}/query", data=body, headers={"Content-Type": content_type})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=120)
+    assert refused.value.code == 413 and f"{LIMIT:,}-byte limit" in refused.value.read().decode()
+
+    response = requests.post(f"{client.base_url}/query", data=body, headers={"Content-Type": content_type},
+                             timeout=120)
+    assert response.status_code == 413 and f"upload of {len(body):,} bytes" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit is found while reading
+        for start in range(0, len(body), 1 << 20):
+            yield body[start:start + (1 << 20)]
+    response = requests.post(f"{client.base_url}/query", data=chunks(), headers={"Content-Type": content_type},
+                             timeout=120)
+    assert response.status_code == 413 and f"{LIMIT:,}-byte limit" in response.json()["detail"]
+    assert query(client, encoded(P.imgDir / "red" / "red_2.jpg"), k=1).status_code == 200
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_oversize_upload_reaches_curl_as_413(server, tmp_path):
+    client, _ = server
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\0" * BIG)
+    result = subprocess.run(["curl", "-sS", "-F", f"image=@{big}", f"{client.base_url}/query"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "413" not in result.stderr and f"{LIMIT:,}-byte limit" in result.stdout
+
+
 def test_page_is_served(server):
     client, _ = server
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for needle in ('type="file"', 'id="k"', 'id="ranker"', 'id="results"', "/query", "/images/",
-                   "36 references"):
+                   "36 references", "file.size > maxUploadBytes"):
         assert needle in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing from outside
 

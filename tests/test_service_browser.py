@@ -87,6 +87,21 @@ def test_page_shows_the_reason_for_a_bad_file(browser, server, tmp_path):  # noq
     assert browser.find_elements(By.CSS_SELECTOR, "#results .match") == []
 
 
+def test_page_refuses_an_oversize_file_before_sending_it(browser, server, tmp_path):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client, P = server
+    browser.get(str(client.base_url))
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return maxUploadBytes") == P.svc_maxUploadBytes)
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff" * (P.svc_maxUploadBytes + 1))
+    browser.find_element(By.ID, "file").send_keys(str(big))
+    status = browser.find_element(By.ID, "status")
+    WebDriverWait(browser, 30).until(lambda d: status.text.startswith("Not sent"))
+    assert f"big.jpg is {P.svc_maxUploadBytes + 1:,} bytes, over the service's {P.svc_maxUploadBytes:,}" in status.text
+
+
 def test_page_combines_attributes(browser, server, tmp_path):  # noqa: F811
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

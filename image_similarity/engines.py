@@ -1,0 +1,272 @@
+"""CPU inference engines (OpenVINO, ONNX Runtime) for the embedding network, behind one callable.
+
+The network is exported once to ONNX, which both engines read, and cached: beside a refined checkpoint
+(``model.pt`` -> ``model.onnx``) or, for a pretrained registry backbone, in a cache folder. A JSON sidecar written
+after the export records the ``model_id`` the export came from and the export file's SHA-256, so an export of
+another model (the checkpoint was retrained) or a damaged file is detected and rebuilt, never used. Every way this
+can fail (engine not installed, export or compilation error) falls back to PyTorch with one log line saying why.
+
+``backend="auto"`` takes the first engine of :data:`AUTO_ORDER` that is installed and works on CPU, and PyTorch on
+CUDA. ``precision="bf16"`` (OpenVINO only) is honoured only where the CPU computes bf16 natively (AVX512-BF16 or
+AMX); elsewhere it is emulated and far slower, so f32 is used and a warning says so.
+"""
+import copy
+import importlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .fileio import atomic_path, load_json, save_json
+
+__all__ = ["BACKENDS", "PRECISIONS", "AUTO_ORDER", "Engine", "load_engine", "export_onnx", "export_path_for",
+           "default_cache_dir", "native_bf16", "cpu_info", "EXPORT_FORMAT"]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
+PRECISIONS = ("f32", "bf16")
+# OpenVINO first: its f32 forward of Lite0 at 320 px ran 1.2-1.3x ONNX Runtime's on a 2-core AMD EPYC and ~1.2x on
+# an Intel Xeon (issue 17's probe), 2.5-3x PyTorch eager; bench/featurize.py measures all three in one run.
+AUTO_ORDER = ("openvino", "onnxruntime")
+EXPORT_FORMAT = "image_similarity.onnx_export/1"
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
+
+
+def _n_threads():
+    """torch's intra-op threads (a Ray actor lowers them), at most the cores this process may run on."""
+    import torch
+    return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
+
+
+def cpu_info():
+    """``{"model": str, "flags": [...]}``: the CPU model name and its vector-arithmetic flags (/proc/cpuinfo)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {"model": "unknown", "flags": []}
+    field = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        field.setdefault(key.strip(), value.strip())
+    flags = [f for f in field.get("flags", "").split() if f.startswith(("avx", "amx", "fma"))]
+    return {"model": field.get("model name", "unknown"), "flags": flags}
+
+
+def native_bf16():
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo), read at run time."""
+    return any(flag in cpu_info()["flags"] for flag in _BF16_FLAGS)
+
+
+def default_cache_dir():
+    """Where exports of pretrained registry backbones are cached: ``$XDG_CACHE_HOME/image_similarity/engines``."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "image_similarity" / "engines"
+
+
+def export_path_for(model_id, input_resolution, checkpoint=None, cache_dir=None):
+    """The ONNX file of a model: beside its checkpoint, else ``<cache_dir>/<model_id>-<r>px.onnx``."""
+    if checkpoint is not None:
+        return Path(checkpoint).with_suffix(".onnx")
+    return Path(cache_dir or default_cache_dir()) / f"{model_id.replace(':', '-')}-{int(input_resolution)}px.onnx"
+
+
+def _sidecar(path):
+    return Path(path).with_suffix(".onnx.json")
+
+
+def _sha256(path):
+    from .backbones import file_sha256
+    return file_sha256(path)
+
+
+def export_onnx(net, path, model_id, input_resolution):
+    """Export ``net`` ((N, 3, r, r) float32 -> (N, D)) to ONNX at ``path``, batch size free, then its sidecar.
+
+    Both files are written atomically, the sidecar last (and removed first), so an interrupted export is never
+    taken for a finished one.
+    """
+    import torch
+    path, resolution = Path(path), int(input_resolution)
+    _sidecar(path).unlink(missing_ok=True)
+    example = torch.zeros(2, 3, resolution, resolution)
+    on_cpu = all(p.device.type == "cpu" for p in net.parameters())
+    net = net if on_cpu else copy.deepcopy(net).cpu()
+    was_training = net.training
+    net.eval()
+    quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]  # hundreds of INFO lines per export
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.WARNING)
+    try:
+        with atomic_path(path) as tmp:
+            torch.onnx.export(net, (example,), str(tmp), input_names=["pixels"], output_names=["features"],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True,
+                              external_data=False, verbose=False)
+    finally:
+        net.train(was_training)
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+    save_json(_sidecar(path), {"format": EXPORT_FORMAT, "model_id": model_id, "input_resolution": resolution,
+                               "sha256": _sha256(path), "torch": torch.__version__})
+    logger.info("exported %s at %d px to %s", model_id, resolution, path)
+    return path
+
+
+def _stale_reason(path, model_id, input_resolution):
+    """Why the export at ``path`` cannot be used for this model (None when it can)."""
+    side = _sidecar(path)
+    if not path.is_file() or not side.is_file():
+        return "no export yet"
+    try:
+        meta = load_json(side)
+    except (OSError, ValueError) as err:
+        return f"unreadable sidecar {side} ({err})"
+    if meta.get("format") != EXPORT_FORMAT or meta.get("model_id") != model_id:
+        return f"it was exported from {meta.get('model_id')}, not {model_id}"
+    if meta.get("input_resolution") != int(input_resolution):
+        return f"it was exported at {meta.get('input_resolution')} px, not {input_resolution}"
+    if meta.get("sha256") != _sha256(path):
+        return f"{path.name} does not match its recorded SHA-256 (damaged)"
+    return None
+
+
+class Engine:
+    """A compiled network: a float32 NCHW batch (ndarray or CPU tensor) -> (n, D) float32 ndarray.
+
+    Attributes
+    ----------
+    name : str
+        ``"openvino"`` or ``"onnxruntime"``.
+    precision : str
+        ``"f32"`` or ``"bf16"``: what the engine computes in.
+    path : Path
+        The ONNX export it runs.
+    """
+
+    def __init__(self, name, precision, path, run):
+        self.name, self.precision, self.path, self._run = name, precision, Path(path), run
+
+    def __call__(self, batch):
+        pixels = np.ascontiguousarray(batch.numpy() if hasattr(batch, "numpy") else batch, dtype=np.float32)
+        return np.asarray(self._run(pixels), dtype=np.float32)
+
+    def __repr__(self):
+        return f"Engine({self.name}, {self.precision}, {self.path.name})"
+
+
+def _openvino(path, precision):
+    ov = importlib.import_module("openvino")
+    core = ov.Core()
+    # The hint is always set: on CPUs with AMX, OpenVINO would pick bf16 by itself.
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+        "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": _n_threads(), "PERFORMANCE_HINT": "LATENCY"})
+    lock = threading.Lock()  # one infer request, and the service calls from several threads
+
+    def run(pixels):
+        with lock:
+            return compiled(pixels)[0].copy()
+    return run
+
+
+def _onnxruntime(path, precision):
+    ort = importlib.import_module("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = _n_threads()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda pixels: session.run(None, {"pixels": pixels})[0]
+
+
+_COMPILERS = {"openvino": _openvino, "onnxruntime": _onnxruntime}
+
+
+def _check(backend, precision):
+    if backend not in BACKENDS:
+        raise ValueError(f"run_backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"run_precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and backend in ("torch", "onnxruntime"):
+        raise ValueError(f"run_precision='bf16' runs on OpenVINO only: use run_backend='openvino' or 'auto', "
+                         f"or run_precision='f32' with {backend!r}")
+
+
+def load_engine(net, model_id, input_resolution, export_path, backend="auto", precision="f32", device="cpu"):
+    """The engine that will run ``net``, or None for PyTorch (with one log line saying why, when asked otherwise).
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        (N, 3, r, r) float32 -> (N, D), in eval mode.
+    model_id : str
+        ``backbones.model_id`` of the network: what the cached export must come from.
+    input_resolution : int
+        r, in pixels.
+    export_path : str or Path
+        Where the ONNX export lives (see :func:`export_path_for`); exported or re-exported when stale or damaged.
+    backend : {"auto", "torch", "openvino", "onnxruntime"}
+        ``"auto"``: the first of :data:`AUTO_ORDER` that is installed and works on CPU; PyTorch on CUDA.
+    precision : {"f32", "bf16"}
+        bf16 only on OpenVINO and only where :func:`native_bf16`; elsewhere f32, with a warning.
+    device : str or torch.device
+        Engines run on CPU; a CUDA device keeps PyTorch under ``"auto"``.
+
+    Returns
+    -------
+    Engine or None
+
+    Raises
+    ------
+    ValueError
+        For an unknown backend or precision, or bf16 asked of PyTorch or ONNX Runtime.
+    """
+    _check(backend, precision)
+    if backend == "torch" or (backend == "auto" and str(device).startswith("cuda")):
+        return None
+    if precision == "bf16" and not native_bf16():
+        logger.warning("run_precision='bf16' asked for, but this CPU has no native bf16 (none of %s in "
+                       "/proc/cpuinfo), where it is emulated and slower: running f32", ", ".join(_BF16_FLAGS))
+        precision = "f32"
+    candidates = ("openvino",) if precision == "bf16" else AUTO_ORDER if backend == "auto" else (backend,)
+    reasons, path, installed = [], Path(export_path), []
+    for name in candidates:
+        try:
+            importlib.import_module(name)
+            installed.append(name)
+        except ImportError as err:
+            reasons.append(f"{name} is not installed ({err}; pip install '.[inference]')")
+    if installed and _ensure_export(net, model_id, input_resolution, path, reasons):
+        for name in installed:
+            engine = _compile(name, precision, net, model_id, input_resolution, path, reasons)
+            if engine is not None:
+                logger.info("inference engine: %s, %s, on %s", name, precision, path)
+                return engine
+    logger.warning("inference engine: running PyTorch because %s", "; ".join(reasons))
+    return None
+
+
+def _compile(name, precision, net, model_id, input_resolution, path, reasons):
+    """Load the export into engine ``name``; an export it cannot load is rebuilt once. None (and why) on failure."""
+    for attempt in range(2):
+        try:
+            return Engine(name, precision, path, _COMPILERS[name](path, precision))
+        except Exception as err:  # each engine has its own load errors (RuntimeError, onnxruntime's Fail ...)
+            if attempt or not _ensure_export(net, model_id, input_resolution, path, reasons, force=True):
+                reasons.append(f"{name} could not load {path} ({type(err).__name__}: {err})")
+    return None
+
+
+def _ensure_export(net, model_id, input_resolution, path, reasons, force=False):
+    """Export ``net`` to ``path`` unless a valid export of this model is there; False (and why) when that fails."""
+    stale = "the engine could not load it" if force else _stale_reason(path, model_id, input_resolution)
+    if stale is None:
+        return True
+    logger.info("exporting %s to ONNX: %s", model_id, stale)
+    try:
+        export_onnx(net, path, model_id, input_resolution)
+    except Exception as err:  # the exporter's failures share no base class
+        reasons.append(f"the ONNX export to {path} failed ({type(err).__name__}: {err})")
+        return False
+    return True

@@ -1,0 +1,173 @@
+"""The CPU inference engines: parity with PyTorch on real photos, the export cache, and the fallbacks."""
+import logging
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from image_similarity import backbones, engines
+from image_similarity.embedder import Embedder
+from image_similarity.images import list_images, read_image
+
+pytest.importorskip("openvino")
+pytest.importorskip("onnxruntime")
+
+RESOLUTION = 320  # rf_inputResolution's default
+
+
+def _min_cosine(a, b):
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(axis=1).min())
+
+
+MODEL_ID = "pretrained:efficientnet_lite0"
+
+
+@pytest.fixture(scope="module")
+def lite0(sample_dir, tmp_path_factory):
+    """Pretrained Lite0, 8 real photos at 320 px, PyTorch's features of them, and one ONNX export for the module."""
+    net = backbones.create_model("efficientnet_lite0")
+    transform = backbones.eval_transform("efficientnet_lite0", RESOLUTION)
+    photos = list_images(sample_dir)[::17][:8]
+    batch = torch.stack([transform(read_image(p)) for p in photos])
+    with torch.inference_mode():
+        expected = net(batch).numpy()
+    path = engines.export_path_for(MODEL_ID, RESOLUTION, cache_dir=tmp_path_factory.mktemp("cache"))
+    engines.export_onnx(net, path, MODEL_ID, RESOLUTION)
+    return net, batch, expected, path
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_f32_engines_match_pytorch_on_real_photos(lite0, backend):
+    net, batch, expected, path = lite0
+    before = path.stat().st_mtime_ns
+    engine = engines.load_engine(net, MODEL_ID, RESOLUTION, path, backend)
+    assert (engine.name, engine.precision) == (backend, "f32")
+    assert path.stat().st_mtime_ns == before  # the valid export was reused, not rebuilt
+    out = engine(batch)
+    assert out.shape == expected.shape and out.dtype == np.float32
+    assert _min_cosine(out, expected) >= 0.99999
+    assert _min_cosine(engine(batch[:1]), expected[:1]) >= 0.99999  # any batch size
+
+
+def test_the_embedder_runs_on_the_engine_end_to_end(lite0, sample_dir):
+    """Files in, features out through Embedder.embed_files: the engine gives PyTorch's features."""
+    net, _, _, path = lite0
+    photos = list_images(sample_dir)[::9][:16]
+    embedder = Embedder(net, backbones.eval_transform("efficientnet_lite0", RESOLUTION), MODEL_ID,
+                        "efficientnet_lite0", RESOLUTION, device="cpu")
+    keys, expected = embedder.embed_files(photos, sample_dir, batch_size=8, n_workers=0)
+    embedder.use_engine("auto", cache_dir=path.parent)
+    assert embedder.runs_on == "openvino f32" and embedder.engine.path == path
+    engine_keys, rows = embedder.embed_files(photos, sample_dir, batch_size=8, n_workers=0)
+    assert engine_keys == keys and _min_cosine(rows, expected) >= 0.99999
+    assert embedder.use_engine("torch").engine is None
+
+
+def test_bf16_only_where_the_cpu_has_it(lite0, caplog):
+    net, batch, expected, path = lite0
+    with caplog.at_level(logging.WARNING, logger="image_similarity.engines"):
+        engine = engines.load_engine(net, MODEL_ID, RESOLUTION, path, "auto", "bf16")
+    if engines.native_bf16():
+        assert (engine.name, engine.precision) == ("openvino", "bf16")
+        assert _min_cosine(engine(batch), expected) >= 0.99  # bf16 keeps 8 bits of mantissa
+    else:
+        assert engine.precision == "f32" and "no native bf16" in caplog.text
+
+
+def test_bf16_is_refused_where_it_cannot_run(lite0):
+    net, _, _, path = lite0
+    for backend in ("torch", "onnxruntime"):
+        with pytest.raises(ValueError, match="OpenVINO only"):
+            engines.load_engine(net, MODEL_ID, RESOLUTION, path, backend, "bf16")
+    with pytest.raises(ValueError, match="run_backend='tensorrt'"):
+        engines.load_engine(net, MODEL_ID, RESOLUTION, path, "tensorrt")
+
+
+def test_auto_on_cuda_and_torch_keep_pytorch(lite0):
+    net, _, _, path = lite0
+    assert engines.load_engine(net, MODEL_ID, RESOLUTION, path, "torch") is None
+    assert engines.load_engine(net, MODEL_ID, RESOLUTION, path, "auto", device="cuda") is None
+
+
+# ---------------------------------------------------------------- the export cache, on a small network
+
+def _small_net(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten()).eval()
+
+
+def _save(net, path):
+    torch.save(net.state_dict(), path)
+    return backbones.model_id(path)
+
+
+@pytest.fixture
+def pixels():
+    return torch.randn(3, 3, 32, 32)
+
+
+def _torch_out(net, pixels):
+    with torch.inference_mode():
+        return net(pixels).numpy()
+
+
+def test_export_is_reused_then_rebuilt_when_the_model_changes(tmp_path, pixels, caplog):
+    checkpoint = tmp_path / "model.pt"
+    first = _small_net(0)
+    export = engines.export_path_for(_save(first, checkpoint), 32, checkpoint)
+    assert export == tmp_path / "model.onnx"
+    assert engines.export_path_for("pretrained:x", 32, cache_dir=tmp_path) == tmp_path / "pretrained-x-32px.onnx"
+    engine = engines.load_engine(first, backbones.model_id(checkpoint), 32, export, "onnxruntime")
+    np.testing.assert_allclose(engine(pixels), _torch_out(first, pixels), atol=1e-5)
+    written = export.stat().st_mtime_ns
+    engines.load_engine(first, backbones.model_id(checkpoint), 32, export, "onnxruntime")
+    assert export.stat().st_mtime_ns == written  # same model: the export is reused
+
+    second = _small_net(1)  # the checkpoint is retrained: another model_id
+    with caplog.at_level(logging.INFO, logger="image_similarity.engines"):
+        engine = engines.load_engine(second, _save(second, checkpoint), 32, export, "onnxruntime")
+    assert "exported from sha256:" in caplog.text
+    np.testing.assert_allclose(engine(pixels), _torch_out(second, pixels), atol=1e-5)
+    assert np.abs(_torch_out(first, pixels) - _torch_out(second, pixels)).max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_a_damaged_export_is_rebuilt_not_used(tmp_path, pixels, caplog, backend):
+    net = _small_net(0)
+    export = tmp_path / "small.onnx"
+    engines.load_engine(net, "sha256:small", 32, export, backend)
+    data = export.read_bytes()
+    export.write_bytes(data[:len(data) // 2])  # a truncated copy
+    with caplog.at_level(logging.INFO, logger="image_similarity.engines"):
+        engine = engines.load_engine(net, "sha256:small", 32, export, backend)
+    assert "damaged" in caplog.text
+    assert export.read_bytes() != data[:len(data) // 2]
+    np.testing.assert_allclose(engine(pixels), _torch_out(net, pixels), atol=1e-5)
+
+
+def test_a_failed_export_falls_back_to_pytorch_with_one_line(tmp_path, caplog):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING, logger="image_similarity.engines"):
+        engine = engines.load_engine(_small_net(0), "sha256:small", 32, blocker / "small.onnx", "auto")
+    assert engine is None
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "the ONNX export" in warnings[0].getMessage()
+
+
+def test_auto_falls_back_when_engines_are_missing(tmp_path, monkeypatch, caplog):
+    net = _small_net(0)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` raise ImportError
+    engine = engines.load_engine(net, "sha256:small", 32, tmp_path / "small.onnx", "auto")
+    assert engine.name == "onnxruntime"
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with caplog.at_level(logging.WARNING, logger="image_similarity.engines"):
+        assert engines.load_engine(net, "sha256:small", 32, tmp_path / "small.onnx", "auto") is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "openvino is not installed" in warnings[0] and "onnxruntime" in warnings[0]
