@@ -9,7 +9,6 @@ are listed in results/<datasetName>/download_failures.tsv. Exit status 0 even wh
 from pathlib import Path
 
 import helpers
-from image_similarity.download import download_images, read_url_list, save_failures
 
 
 def add_arguments(parser):
@@ -17,6 +16,7 @@ def add_arguments(parser):
 
 
 def main(args, P):
+    from image_similarity.download import download_images, read_url_list, save_failures
     urls_path = args.urls or P.imgUrlsPath
     if not urls_path.is_file():
         raise helpers.UsageError(f"{urls_path}: URL list not found")

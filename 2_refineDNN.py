@@ -15,8 +15,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import helpers  # noqa: E402
-from image_similarity import backbones, fileio, plots, refine  # noqa: E402
-from image_similarity.images import SkippedImages  # noqa: E402
 
 
 def add_arguments(parser):
@@ -25,6 +23,8 @@ def add_arguments(parser):
 
 
 def main(args, P):
+    from image_similarity import backbones, fileio, plots, refine
+    from image_similarity.images import SkippedImages
     if P.rf_maxEpochs == 0:
         print("rf_maxEpochs = 0: no refinement, nothing written; step 3 will use the pretrained "
               f"{P.rf_backbone} features.")

@@ -8,12 +8,12 @@ results/<datasetName>/skipped_images.tsv. The same model on the same images give
 import logging
 
 import helpers
-from image_similarity import backbones, features, images
 
 logger = logging.getLogger("3_featurizeImages")
 
 
 def main(args, P):
+    from image_similarity import backbones, features, images
     model = helpers.featurizing_model(P)
     if P.rf_maxEpochs == 0 and P.modelPath.exists():
         print(f"rf_maxEpochs = 0: using the pretrained {P.rf_backbone}, not {P.modelPath}")

@@ -9,12 +9,12 @@ Images listed in labelIssuesExcludeFile (train/val keys, e.g. from A6_findLabelI
 and choosing; test images are never left out.
 """
 import helpers
-from image_similarity import backbones, fileio, label_issues, plots, rankers, training
-from image_similarity.features import load_features
-from image_similarity.splits import SPLITS, label_of
 
 
 def main(args, P):
+    from image_similarity import backbones, fileio, label_issues, plots, rankers, training
+    from image_similarity.features import load_features
+    from image_similarity.splits import SPLITS, label_of
     for split in SPLITS:
         helpers.require(P.imgInfosPath[split], "1_prepareData.py")
         helpers.require(P.imgFilenamesPath[split], "1_prepareData.py")

@@ -6,19 +6,18 @@ cosine and 1 - P(same label)) prints and saves top-N accuracies, mean and median
 random baseline): it draws the per-query figures and ranks, for every test query image, its TOP_K_CANDIDATES closest
 featurized images (ranking_results.csv).
 """
-import numpy as np
-
 import helpers
-from image_similarity import evaluation, fileio, images, plots
-from image_similarity.splits import SPLITS, label_of
 
 
 def add_arguments(parser):
+    from image_similarity.splits import SPLITS
     parser.add_argument("--on", choices=SPLITS, default="test", help="split to evaluate (default: test)")
 
 
 def visualize(ranker, features, ranking_sets, P, folder, skipped):
     """The tutorial's per-query figures: query, closest reference and the positive, framed green or red."""
+    import numpy as np
+    from image_similarity import images, plots
     for ranking_set in ranking_sets:
         d = ranker.distances(features.rows([ranking_set.query]), features.rows(ranking_set.references))[0]
         best, positive = int(np.argmin(d)), int(np.flatnonzero(ranking_set.is_positive)[0])
@@ -29,6 +28,8 @@ def visualize(ranker, features, ranking_sets, P, folder, skipped):
 
 
 def main(args, P):
+    from image_similarity import evaluation, fileio, images, plots
+    from image_similarity.splits import label_of
     helpers.require(P.featuresPath, "3_featurizeImages.py")
     for split in {args.on, "val", "test"}:
         helpers.require(P.imgInfosPath[split], "1_prepareData.py")

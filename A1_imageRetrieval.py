@@ -12,16 +12,13 @@ import time
 from pathlib import Path
 
 import helpers
-from image_similarity import attributes, fileio, images, plots, rankers
-from image_similarity.distances import top_k
-from image_similarity.splits import label_of
 
 
 def add_arguments(parser):
     parser.add_argument("image", type=Path, help="query image file (any location)")
     parser.add_argument("--top", type=int, default=15, help="matches shown (default: 15)")
-    parser.add_argument("--ranker", choices=rankers.RANKER_NAMES, help="default: best on validation (5_evaluate.py), "
-                                                                       "else cosine")
+    parser.add_argument("--ranker", help="a ranker of 5_evaluate.py's table, e.g. cosine or classprob_same (default: "
+                                         "best on validation, else cosine)")
     parser.add_argument("--attributes", help="comma-separated attribute names to combine instead of one ranker "
                                              "(the dataset's own name, plus the keys of attributeModels)")
     parser.add_argument("--references", choices=("all", "test"), default="all",
@@ -29,9 +26,14 @@ def add_arguments(parser):
 
 
 def main(args, P):
+    from image_similarity import attributes, fileio, images, plots, rankers
+    from image_similarity.distances import top_k
+    from image_similarity.splits import label_of
     start = time.perf_counter()
     if args.top < 1:
         raise helpers.UsageError(f"--top must be at least 1, got {args.top}")
+    if args.ranker and args.ranker not in rankers.RANKER_NAMES:
+        raise helpers.UsageError(f"--ranker {args.ranker}: not a ranker; choose from {', '.join(rankers.RANKER_NAMES)}")
     query = images.read_image(args.image)
     helpers.require(P.featuresPath, "3_featurizeImages.py")
     run = helpers.load_run(P, network=False)  # the network is loaded once the arguments are known to be good

@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 
 import helpers
-from image_similarity import backbones, features, images
 
 logger = logging.getLogger("A2_featurizeImagesInDir")
 
@@ -23,6 +22,7 @@ def add_arguments(parser):
 
 
 def main(args, P):
+    from image_similarity import backbones, features, images
     if not args.dir.is_dir():
         raise helpers.UsageError(f"{args.dir} is not a folder")
     model = args.model or helpers.featurizing_model(P, fallback=True)

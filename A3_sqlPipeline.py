@@ -12,10 +12,7 @@ Each step reads its inputs from tables and writes its outputs to tables in one t
 --db takes an SQLAlchemy URL (postgresql://user@host:port/database ...);
 default: proc/<datasetName>/image_similarity.sqlite.
 """
-import pandas as pd
-
 import helpers
-from image_similarity import images, store
 
 
 def add_arguments(parser):
@@ -25,6 +22,7 @@ def add_arguments(parser):
 
 
 def featurize(P, engine):
+    from image_similarity import images, store
     model = helpers.featurizing_model(P, fallback=True)
     skipped = images.SkippedImages()
     paths = images.list_images(P.imgDir, skipped=skipped) if P.imgDir.is_dir() else []
@@ -47,6 +45,8 @@ def featurize(P, engine):
 
 
 def main(args, P):
+    import pandas as pd
+    from image_similarity import store
     P.procDir.mkdir(parents=True, exist_ok=True)
     try:
         engine = store.connect(args.db or f"sqlite:///{P.sqlDbPath}")

@@ -14,11 +14,7 @@ in PARAMETERS.py.
 """
 import os
 
-import torch
-import uvicorn
-
 import helpers
-from image_similarity.service import create_app
 
 
 def add_arguments(parser):
@@ -29,6 +25,9 @@ def add_arguments(parser):
 
 
 def main(args, P):
+    import torch
+    import uvicorn
+    from image_similarity.service import create_app
     if args.dataset:
         P = helpers.load_parameters([*args.overrides, f"datasetName={args.dataset}"])
     helpers.require(P.featuresPath, "3_featurizeImages.py")

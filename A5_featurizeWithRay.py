@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 
 import helpers
-from image_similarity import backbones, features, images
 
 logger = logging.getLogger("A5_featurizeWithRay")
 
@@ -29,6 +28,7 @@ def add_arguments(parser):
 
 
 def main(args, P):
+    from image_similarity import backbones, features, images
     try:
         from image_similarity import scaleout
     except ImportError as err:

@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 
 import helpers
-from image_similarity import dedup, embedder, features, fileio, images, label_issues, plots, rankers
-from image_similarity.splits import SPLITS, label_of
 
 
 def add_arguments(parser):
@@ -37,6 +35,8 @@ def near_duplicate_groups(path):
 
 
 def main(args, P):
+    from image_similarity import dedup, embedder, features, fileio, images, label_issues, plots, rankers
+    from image_similarity.splits import SPLITS, label_of
     start = time.perf_counter()
     skipped, candidates = images.SkippedImages(), P.svm_classProbCValCandidates
     if args.folder:

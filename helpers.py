@@ -235,7 +235,11 @@ def clean_exit():
 
 
 def run(main, doc, add_arguments=None, argv=None):
-    """Parse arguments, load PARAMETERS with overrides and call ``main(args, P)`` inside ``clean_exit``."""
+    """Parse arguments, load PARAMETERS with overrides and call ``main(args, P)`` inside ``clean_exit``.
+
+    Scripts import the library inside ``main`` (and the functions it calls), not at the top, so that ``--help`` and
+    a usage error answer at once instead of after loading torch.
+    """
     parser = make_parser(doc)
     if add_arguments:
         add_arguments(parser)

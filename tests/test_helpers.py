@@ -1,5 +1,7 @@
 """The scripts' plumbing: --set overrides, derived paths, require(), clean exits, and --help of every script."""
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -136,6 +138,21 @@ def test_run_passes_overrides_and_extra_arguments():
 
 def test_scripts_are_found():
     assert "1_prepareData.py" in SCRIPTS
+
+
+HEAVY_MODULES = ("torch", "torchvision", "timm", "sklearn", "faiss", "matplotlib", "pandas", "openvino", "onnxruntime",
+                 "ray", "cleanlab", "fastapi", "sqlalchemy")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_loads_no_heavy_library(script):
+    """--help answers without importing torch and friends, which take seconds to load."""
+    probe = (f"import runpy, sys; sys.argv = [{script!r}, '--help']\n"
+             f"try:\n    runpy.run_path({script!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]", f"{script} --help imported {result.stdout.splitlines()[-1]}"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
