@@ -27,6 +27,7 @@ imagesSplitBy = "filename"              # 'filename' or 'subdir': with 'subdir',
 ratioTrainTest = 0.75                   # Fraction of each label's images used for training (DNN and SVM)
 ratioValFromTrain = 0.2                 # Fraction of train carved out for validation (model selection, calibration); 0 = none
 splitFile = None                        # TSV of relative/path<TAB>train|test under data/<datasetName>/; None = random split
+groupsFile = ""                         # TSV of relative/path<TAB>group id under data/<datasetName>/ (same object): groups stay on one side of the split, step 5 adds instance recall/mAP; "" = off
 includeLabels = None                    # Label folders to use, e.g. ["dotted", "striped", "leopard"]; None = all (steps 1 and 3)
 train_maxQueryImgsPerSubdir = 100       # Query images per label used to train the SVM
 train_maxNegImgsPerQueryImg = 100       # Negative images per training query image
@@ -88,6 +89,7 @@ resultsDir = rootDir / "results" / datasetName
 
 imgUrlsPath = Path(dl_urlsFile) if dl_urlsFile else resourcesDir / f"{datasetName}Urls.tsv"
 splitFilePath = imgDir / splitFile if splitFile else None
+groupsFilePath = imgDir / groupsFile if groupsFile else None
 imgFilenamesPath = {split: procDir / f"imgFilenames{split.title()}.pickle" for split in ("train", "val", "test")}
 imgInfosPath = {split: procDir / f"imgInfos{split.title()}.pickle" for split in ("train", "val", "test")}
 pairsCsvPath = {split: procDir / f"pairs_{split}.csv" for split in ("train", "val", "test")}
