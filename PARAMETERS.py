@@ -63,6 +63,8 @@ svm_hardNegMining_nrAddPerIter = 5000   # Most hard negatives added per iteratio
 svm_hardNegMining_maxNrRoundsPerIter = 100000  # Most different-label pairs scored per iteration
 svm_probabilityCalibrationNegPosRatio = 5.0    # Platt scaling weighs negatives to total this many times the positives
 svm_classProbCValCandidates = [0.1, 1.0, 10.0, 100.0]  # C of the class-probability logistic regression: best validation accuracy kept
+svm_hybridLambdaCandidates = [0.03, 0.1, 0.3, 1.0]  # lambda of the hybrid ranker (1 - P(same label)) + lambda * cosine: the largest within svm_hybridMaxTop1Drop of lambda = 0 on validation is kept; [] = no hybrid ranker
+svm_hybridMaxTop1Drop = 0.01            # Validation top-1 (fraction) the hybrid may lose against classprob_same
 
 # Evaluation and retrieval (scripts: 5_evaluate.py, A1_imageRetrieval.py)
 eval_topNs = [1, 2, 4, 5, 8, 10, 15, 20, 28, 32]  # Top-N accuracies to report (the SQL variant's list)

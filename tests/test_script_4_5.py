@@ -66,6 +66,7 @@ def test_train_svm_reports_and_saves_payloads(pipeline):
         assert any(line.strip().startswith(split) and "balanced accuracy" in line for line in out.splitlines()), out
     assert "as the tutorial's 'accuracy'" in out and "<- chosen" in out
     assert "Hard-negative mining 1 of 1: added" in out
+    assert "Hybrid ranker (1 - P(same label)) + lambda * cosine" in out
     features_meta = json.loads((work / "proc" / "tiny" / "features.json").read_text())
     with open(work / "proc" / "tiny" / "svm.pickle", "rb") as handle:
         svm = pickle.load(handle)
@@ -77,6 +78,11 @@ def test_train_svm_reports_and_saves_payloads(pipeline):
     assert f"added {svm['n_hard_negatives']} pairs" in out
     assert set(classprob["accuracy"]) == {"train", "val", "test"}
     assert classprob["accuracy"]["test"] > 0.9  # three colours are easy
+    assert list(classprob["hybrid_table"]) == [0.0, 0.03, 0.1, 0.3, 1.0]  # lambda = 0 and svm_hybridLambdaCandidates
+    top1 = {w: m["top1"] for w, m in classprob["hybrid_table"].items()}
+    assert top1[classprob["hybrid_weight"]] >= top1[0.0] - 0.01
+    assert all(top1[w] < top1[0.0] - 0.01 for w in top1 if w > classprob["hybrid_weight"])
+    assert f"lambda = {classprob['hybrid_weight']:<6g}" in out
     assert_figure(work / "results" / "tiny" / "svm_score_vs_probability.png", (900, 600))
 
 
