@@ -37,6 +37,7 @@ def main(args, P):
         helpers.require(P.imgFilenamesPath[split], "1_prepareData.py")
     for path in (P.svmPath, P.classifierPath):
         helpers.require(path, "4_trainSvm.py")
+    groups = helpers.image_groups(P)
     run = helpers.load_run(P, network=False, attributes=False)
     features, model_id, all_rankers = run.features, run.model_id, run.rankers
     sets = {split: fileio.load_pickle(P.imgInfosPath[split]) for split in {args.on, "val", "test"}}
@@ -56,7 +57,7 @@ def main(args, P):
         for name, r in all_rankers.items()}
     best = min((n for n in val if n != "random"), key=lambda n: (-val[n]["top1"], val[n]["mean_rank"]))
     labels = {key: label_of(key) for key in split_keys}
-    groups, n_instance = helpers.image_groups(P), 0
+    n_instance = 0
     for name, ranker in all_rankers.items():
         results[name]["map"] = evaluation.retrieval_metrics(ranker, features, split_keys, labels, ks=())["map"]
         if groups:
@@ -71,12 +72,13 @@ def main(args, P):
               + f"{m['mean_rank']:8.2f}{m['median_rank']:8.1f}{m['mrr']:8.3f}" + ("  <- best on val" * (name == best)))
     print(f"mAP over {len(split_keys)} {args.on} images (positives: the query's label): "
           + ", ".join(f"{name} {m['map']:.3f}" for name, m in results.items()))
-    if groups:
-        print(f"Instance retrieval over {n_instance} {args.on} images with another image of "
-              f"their group in {P.groupsFilePath} (recall@1, recall@5, mAP): " + "; ".join(
+    if groups and not n_instance:
+        print(f"Instance retrieval: no group of {P.groupsFilePath} has two {args.on} images: not measured")
+    elif groups:
+        print(f"Instance retrieval over {n_instance} {args.on} images with another image of their group in "
+              f"{P.groupsFilePath} (recall@1, recall@5, mAP): " + "; ".join(
                   f"{name} {m['instance_recall@1']:.3f} {m['instance_recall@5']:.3f} {m['instance_map']:.3f}"
-                  for name, m in results.items() if "instance_map" in m) if n_instance else
-              f"Instance retrieval: no group of {P.groupsFilePath} has two {args.on} images: not measured")
+                  for name, m in results.items()))
     extra = [c for c in next(iter(results.values())) if c not in (*columns, "n_queries")]
     fileio.save_json(P.evaluationJsonPath, results)
     fileio.save_csv(P.evaluationCsvPath, ["ranker", *columns, *extra, "n_queries", "best_on_val"],
