@@ -47,8 +47,10 @@ def main(args, P):
         logger.warning("label %r has only %d image: it gives no query images", label, len(keys_by_label[label]))
 
     excluded = removed | {images.image_key(path, P.imgDir) for path, _ in skipped}
-    splits, infos = splits_and_ranking_sets(keys_by_label, **helpers.split_settings(P), excluded_keys=excluded)
-    print("Check passed: train, val and test share no image.")
+    splits, infos = splits_and_ranking_sets(keys_by_label, **helpers.split_settings(P), excluded_keys=excluded,
+                                            group_file_rows=helpers.group_file_rows(P))
+    print("Check passed: train, val and test share no image" + (f" and no group of {P.groupsFilePath}."
+                                                                  if P.groupsFilePath else "."))
 
     labels = sorted(keys_by_label)
     fileio.save_pickle(P.lutLabel2IdPath, {label: i for i, label in enumerate(labels)})

@@ -2,7 +2,9 @@
 
 For each ranker (random, L1, L2, cosine, weighted L2, its calibrated probability, and the class probabilities under L2,
 cosine and 1 - P(same label)) prints and saves top-N accuracies, mean and median rank and MRR on the chosen split
-(default test). The best ranker is chosen on the validation split (top-1, then mean rank; never on test, never the
+(default test), and the mAP of retrieving, for every image of that split, the others of its label among all of
+them (in evaluation.json/.csv as ``map``; printed below the table). With a groupsFile, also the instance
+``instance_recall@1``, ``@5`` and ``instance_map``: the positives are the other images of the query's group. The best ranker is chosen on the validation split (top-1, then mean rank; never on test, never the
 random baseline): it draws the per-query figures and ranks, for every test query image, its TOP_K_CANDIDATES closest
 featurized images (ranking_results.csv).
 """
@@ -33,13 +35,16 @@ def main(args, P):
     helpers.require(P.featuresPath, "3_featurizeImages.py")
     for split in {args.on, "val", "test"}:
         helpers.require(P.imgInfosPath[split], "1_prepareData.py")
+        helpers.require(P.imgFilenamesPath[split], "1_prepareData.py")
     for path in (P.svmPath, P.classifierPath):
         helpers.require(path, "4_trainSvm.py")
+    groups = helpers.image_groups(P)
     run = helpers.load_run(P, network=False, attributes=False)
     features, model_id, all_rankers = run.features, run.model_id, run.rankers
     sets = {split: fileio.load_pickle(P.imgInfosPath[split]) for split in {args.on, "val", "test"}}
-    helpers.require_features(features, {k for ss in sets.values() for s in ss for k in (s.query, *s.references)},
-                             P.featuresPath)
+    split_keys = sorted(k for ks in fileio.load_pickle(P.imgFilenamesPath[args.on]).values() for k in ks)
+    helpers.require_features(features, {k for ss in sets.values() for s in ss for k in (s.query, *s.references)}
+                             | set(split_keys), P.featuresPath)
     if not sets[args.on] or not sets["val"]:
         raise helpers.UsageError(f"no ranking sets in {P.imgInfosPath[args.on if not sets[args.on] else 'val']}: "
                                  "too few images per label (run 1_prepareData.py with more images)")
@@ -52,15 +57,33 @@ def main(args, P):
         name: evaluation.evaluate(evaluation.rank_ranking_sets(r, features, sets["val"]), [1])
         for name, r in all_rankers.items()}
     best = min((n for n in val if n != "random"), key=lambda n: (-val[n]["top1"], val[n]["mean_rank"]))
+    labels = {key: label_of(key) for key in split_keys}
+    n_instance = 0
+    for name, ranker in all_rankers.items():
+        results[name]["map"] = evaluation.retrieval_metrics(ranker, features, split_keys, labels, ks=())["map"]
+        if groups:
+            instance = evaluation.retrieval_metrics(ranker, features, split_keys, groups, ks=(1, 5))
+            n_instance = instance.pop("n_queries", 0)
+            results[name].update({f"instance_{m}": v for m, v in instance.items()})
 
     columns = [f"top{n}" for n in P.eval_topNs] + ["mean_rank", "median_rank", "mrr"]
     print(f"{'ranker':17}" + "".join(f"{c.replace('_rank', ''):>8}" for c in columns))
     for name, m in results.items():
         print(f"{name:17}" + "".join(f"{100 * m[c]:7.1f}%" for c in columns[:-3])
               + f"{m['mean_rank']:8.2f}{m['median_rank']:8.1f}{m['mrr']:8.3f}" + ("  <- best on val" * (name == best)))
+    print(f"mAP over {len(split_keys)} {args.on} images (positives: the query's label): "
+          + ", ".join(f"{name} {m['map']:.3f}" for name, m in results.items()))
+    if groups and not n_instance:
+        print(f"Instance retrieval: no group of {P.groupsFilePath} has two {args.on} images: not measured")
+    elif groups:
+        print(f"Instance retrieval over {n_instance} {args.on} images with another image of their group in "
+              f"{P.groupsFilePath} (recall@1, recall@5, mAP): " + "; ".join(
+                  f"{name} {m['instance_recall@1']:.3f} {m['instance_recall@5']:.3f} {m['instance_map']:.3f}"
+                  for name, m in results.items()))
+    extra = [c for c in next(iter(results.values())) if c not in (*columns, "n_queries")]
     fileio.save_json(P.evaluationJsonPath, results)
-    fileio.save_csv(P.evaluationCsvPath, ["ranker", *columns, "n_queries", "best_on_val"],
-                    [[name, *(m[c] for c in columns), m["n_queries"], int(name == best)]
+    fileio.save_csv(P.evaluationCsvPath, ["ranker", *columns, *extra, "n_queries", "best_on_val"],
+                    [[name, *(m[c] for c in columns), *(m.get(c) for c in extra), m["n_queries"], int(name == best)]
                      for name, m in results.items()])
     plots.plot_top_n_curves(results, P.eval_topNs, P.topNPlotPath, title=f"Top-N accuracy ({args.on} split)")
     plots.plot_rank_histogram(ranks, P.rankHistogramPath, title=f"Rank of the positive ({args.on} split)")

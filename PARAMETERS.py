@@ -27,6 +27,7 @@ imagesSplitBy = "filename"              # 'filename' or 'subdir': with 'subdir',
 ratioTrainTest = 0.75                   # Fraction of each label's images used for training (DNN and SVM)
 ratioValFromTrain = 0.2                 # Fraction of train carved out for validation (model selection, calibration); 0 = none
 splitFile = None                        # TSV of relative/path<TAB>train|test under data/<datasetName>/; None = random split
+groupsFile = ""                         # TSV of relative/path<TAB>group id under data/<datasetName>/ (same object): groups stay on one side of the split, step 5 adds instance recall/mAP; "" = off
 includeLabels = None                    # Label folders to use, e.g. ["dotted", "striped", "leopard"]; None = all (steps 1 and 3)
 train_maxQueryImgsPerSubdir = 100       # Query images per label used to train the SVM
 train_maxNegImgsPerQueryImg = 100       # Negative images per training query image
@@ -70,6 +71,8 @@ svm_hardNegMining_nrAddPerIter = 5000   # Most hard negatives added per iteratio
 svm_hardNegMining_maxNrRoundsPerIter = 100000  # Most different-label pairs scored per iteration
 svm_probabilityCalibrationNegPosRatio = 5.0    # Platt scaling weighs negatives to total this many times the positives
 svm_classProbCValCandidates = [0.1, 1.0, 10.0, 100.0]  # C of the class-probability logistic regression: best validation accuracy kept
+svm_hybridLambdaCandidates = [0.03, 0.1, 0.3, 1.0]  # lambda of the hybrid ranker (1 - P(same label)) + lambda * cosine: the largest within svm_hybridMaxTop1Drop of lambda = 0 on validation is kept; [] = no hybrid ranker
+svm_hybridMaxTop1Drop = 0.01            # Validation top-1 (fraction) the hybrid may lose against classprob_same
 
 # Evaluation and retrieval (scripts: 5_evaluate.py, A1_imageRetrieval.py)
 eval_topNs = [1, 2, 4, 5, 8, 10, 15, 20, 28, 32]  # Top-N accuracies to report (the SQL variant's list)
@@ -96,6 +99,7 @@ resultsDir = rootDir / "results" / datasetName
 
 imgUrlsPath = Path(dl_urlsFile) if dl_urlsFile else resourcesDir / f"{datasetName}Urls.tsv"
 splitFilePath = imgDir / splitFile if splitFile else None
+groupsFilePath = imgDir / groupsFile if groupsFile else None
 imgFilenamesPath = {split: procDir / f"imgFilenames{split.title()}.pickle" for split in ("train", "val", "test")}
 imgInfosPath = {split: procDir / f"imgInfos{split.title()}.pickle" for split in ("train", "val", "test")}
 pairsCsvPath = {split: procDir / f"pairs_{split}.csv" for split in ("train", "val", "test")}

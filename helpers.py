@@ -140,6 +140,28 @@ def split_settings(P):
             "split_file_rows": read_tsv(P.splitFilePath) if P.splitFilePath is not None else None}
 
 
+def group_file_rows(P):
+    """The groupsFile's rows (relative/path, group id), or None when ``groupsFile`` is off."""
+    from image_similarity.fileio import read_tsv
+
+    if P.groupsFilePath is None:
+        return None
+    if not P.groupsFilePath.is_file():
+        raise UsageError(f"groupsFile {P.groupsFilePath} not found (set groupsFile='' to turn groups off)")
+    return read_tsv(P.groupsFilePath)
+
+
+def image_groups(P):
+    """``{key: group id}`` from the groupsFile (``splits.parse_groups_file``), or None when it is off."""
+    from image_similarity.splits import parse_groups_file
+
+    rows = group_file_rows(P)
+    try:
+        return None if rows is None else parse_groups_file(rows)
+    except ValueError as error:
+        raise UsageError(f"{P.groupsFilePath}: {error}") from None
+
+
 def refine_config(P):
     """The ``rf_*`` knobs (and ``randomSeed``) as a ``RefineConfig``; a bad value is a UsageError naming its knob."""
     from image_similarity.refine import RefineConfig

@@ -12,7 +12,8 @@ from sklearn.preprocessing import normalize
 from sklearn.utils.validation import check_array
 
 __all__ = ["check_pair", "EMBEDDING_METRICS", "embedding_distances", "PROBABILITY_METRICS", "check_probability_metric",
-           "probability_distances", "ProbabilityDistance", "from_probability", "cosine_from_similarity", "top_k"]
+           "probability_distances", "ProbabilityDistance", "label_then_appearance", "from_probability",
+           "cosine_from_similarity", "top_k"]
 
 # Distances between L2-normalised embeddings.
 EMBEDDING_METRICS = {"l1": manhattan_distances, "l2": euclidean_distances, "cosine": cosine_distances}
@@ -101,6 +102,34 @@ class ProbabilityDistance:
     def distances(self, queries, references):
         """(n_q, n_r) float64 distances between score vectors (n_q, C) and (n_r, C); lower is more similar."""
         return probability_distances(queries, references, self.metric)
+
+
+def label_then_appearance(p, q, queries, references, weight):
+    """The hybrid distance: ``(1 - p . q) + weight * cosine distance`` of the embeddings.
+
+    The first term (``'same_label'`` of :func:`probability_distances`) decides between labels; with a small
+    ``weight`` the second only reorders images whose label agreement is nearly equal, that is, it orders the images
+    of one label by how they look instead of by the classifier's confidence.
+
+    Parameters
+    ----------
+    p : ndarray of shape (n_q, n_classes), float
+    q : ndarray of shape (n_r, n_classes), float
+        Class probabilities of the queries and references.
+    queries : ndarray of shape (n_q, D), float32
+    references : ndarray of shape (n_r, D), float32
+        Their embeddings.
+    weight : float
+        lambda, >= 0; 0 gives ``'same_label'`` alone.
+
+    Returns
+    -------
+    ndarray of shape (n_q, n_r), float64
+        Lower is more similar, in [0, 1 + 2 * weight].
+    """
+    if not weight >= 0:
+        raise ValueError(f"the hybrid weight lambda must be >= 0, got {weight!r}")
+    return probability_distances(p, q, "same_label") + weight * embedding_distances(queries, references, "cosine")
 
 
 def from_probability(probabilities):

@@ -2,14 +2,16 @@
 
 Small pure functions over plain arrays (as imagededup's ``information_retrieval.py``), behind one
 :func:`evaluate` that returns ``{name: value}``. With exactly one positive per query, average precision equals the
-reciprocal rank, so mAP is the MRR and is not reported twice.
+reciprocal rank, so within a ranking set mAP is the MRR. :func:`retrieval_metrics` measures retrieval instead: every
+image of a split queries all the others, and its positives are the others of its group (its label, or with a
+``groupsFile`` the same object); it reports recall@k (a positive among the first k) and mAP.
 """
 import numpy as np
 
 from .distances import top_k
 
 __all__ = ["positive_rank", "top_k_accuracy", "mean_rank", "median_rank", "mean_reciprocal_rank", "evaluate",
-           "rank_ranking_sets", "top_k_candidates"]
+           "rank_ranking_sets", "top_k_candidates", "average_precision", "retrieval_metrics"]
 
 
 def _ranks(ranks):
@@ -153,4 +155,73 @@ def top_k_candidates(ranker, features, query_keys, candidate_keys, k, batch_size
                 row[position[query]] = np.inf
         for row, order in zip(distances, top_k(distances, k)):
             results.append([(candidate_keys[j], float(row[j])) for j in order if np.isfinite(row[j])])
+    return results
+
+
+def average_precision(distances, is_positive):
+    """Average precision of one query's ranking: the mean, over its positives, of the precision at each one's rank.
+
+    Ties are counted pessimistically, as in :func:`positive_rank`: at equal distance the negatives come first, so
+    the answer never depends on the order of the references.
+
+    Parameters
+    ----------
+    distances : ndarray of shape (n_references,), float
+        Lower is more similar.
+    is_positive : ndarray of shape (n_references,), bool
+        At least one True.
+
+    Returns
+    -------
+    float
+        In (0, 1]; 1 when every positive comes before every negative.
+    """
+    distances = np.asarray(distances, dtype=np.float64)
+    is_positive = np.asarray(is_positive, dtype=bool)
+    positive_rank(distances, is_positive)  # the same checks of shapes, finiteness and at least one positive
+    hits = is_positive[np.lexsort((is_positive, distances))]  # by distance; negatives before positives at a tie
+    return float(np.mean(np.cumsum(hits)[hits] / (np.flatnonzero(hits) + 1)))
+
+
+def retrieval_metrics(ranker, features, keys, group_of, ks=(1, 5), batch_size=256):
+    """Recall@k and mAP when every image of ``keys`` queries all the others and its positives share its group.
+
+    Parameters
+    ----------
+    ranker : object with ``distances(queries, references)``
+    features : image_similarity.features.Features
+        Must hold every key.
+    keys : list of str
+        The images ranked, e.g. the test split; each one is a reference for every other.
+    group_of : dict of str to hashable
+        The group of each key (its label, or the groupsFile's id). A key without a group, or whose group has no
+        other member among ``keys``, is only a reference, never a query.
+    ks : iterable of int
+        The k of each reported ``recall@k``: the fraction of queries with a positive among their first k.
+    batch_size : int
+        Queries per ``distances`` call.
+
+    Returns
+    -------
+    dict
+        ``{'recall@1': fraction, ..., 'map': mean average precision, 'n_queries': int}``; ``{}`` when no key
+        has a positive.
+    """
+    keys = list(keys)
+    groups = np.array([group_of.get(key) for key in keys], dtype=object)
+    queries = [i for i, g in enumerate(groups) if g is not None and np.count_nonzero(groups == g) > 1]
+    if not queries:
+        return {}
+    references = features.rows(keys)
+    ranks, precisions = [], []
+    for start in range(0, len(queries), batch_size):
+        batch = queries[start:start + batch_size]
+        distances = ranker.distances(references[batch], references)
+        for row, i in zip(distances, batch):
+            others = np.arange(len(keys)) != i
+            is_positive = groups[others] == groups[i]
+            ranks.append(positive_rank(row[others], is_positive))
+            precisions.append(average_precision(row[others], is_positive))
+    results = {f"recall@{k}": top_k_accuracy(ranks, k) for k in ks}
+    results.update(map=float(np.mean(precisions)), n_queries=len(queries))
     return results

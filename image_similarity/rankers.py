@@ -25,15 +25,16 @@ from sklearn.svm import LinearSVC
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
-from .distances import check_pair, embedding_distances, from_probability, probability_distances
+from .distances import (check_pair, embedding_distances, from_probability, label_then_appearance,
+                        probability_distances)
 from .fileio import load_pickle, save_pickle
 
 __all__ = ["RandomRanker", "L1Ranker", "L2Ranker", "CosineRanker", "WeightedL2Ranker", "CalibratedRanker",
-           "ClassProbRanker", "CLASSPROB_METRICS", "negative_sample_weights", "save_payload", "load_payload",
+           "ClassProbRanker", "HybridRanker", "CLASSPROB_METRICS", "negative_sample_weights", "save_payload", "load_payload",
            "build_rankers", "RANKER_NAMES"]
 
 RANKER_NAMES = ("random", "L1", "L2", "cosine", "weightedl2", "weightedl2prob", "classprob_L2", "classprob_cosine",
-                "classprob_same")
+                "classprob_same", "hybrid")
 # ClassProbRanker's metric for each class-probability ranker name.
 CLASSPROB_METRICS = {"classprob_L2": "l2", "classprob_cosine": "cosine", "classprob_same": "same_label"}
 
@@ -282,6 +283,38 @@ class ClassProbRanker(BaseEstimator):
         return probability_distances(self.predict_proba(queries), self.predict_proba(references), self.metric)
 
 
+class HybridRanker(BaseEstimator):
+    """Labels first, appearance within: ``(1 - P(same label)) + weight * cosine distance`` of the embeddings.
+
+    ``classprob_same`` alone gives every image of the predicted label almost the same distance, so within a label
+    its order follows the classifier's confidence. A small ``weight`` keeps the label decision and orders the
+    images of one label by how they look (see :func:`.distances.label_then_appearance`).
+
+    Parameters
+    ----------
+    classifier : ClassProbRanker
+        Already fitted; only its ``predict_proba`` is used.
+    weight : float
+        lambda, >= 0; ``training.select_hybrid_weight`` chooses it on validation.
+    """
+
+    def __init__(self, classifier=None, weight=0.1):
+        self.classifier = classifier
+        self.weight = weight
+
+    def fit(self, X=None, y=None):
+        """Nothing to learn beyond the fitted classifier (checked here); returns self."""
+        check_is_fitted(self.classifier)
+        self.classes_ = self.classifier.classes_
+        return self
+
+    def distances(self, queries, references):
+        """The hybrid distance of every query to every reference, (n_q, n_r) float64; lower is more similar."""
+        check_is_fitted(self)
+        return label_then_appearance(self.classifier.predict_proba(queries), self.classifier.predict_proba(references),
+                                     queries, references, self.weight)
+
+
 def save_payload(path, model_id, **contents):
     """Pickle fitted rankers with the ``model_id`` of the features they were trained on (atomic write)."""
     return save_pickle(path, {"model_id": model_id, **contents})
@@ -313,7 +346,8 @@ def build_rankers(svm_payload=None, classprob_payload=None, random_state=None):
         What 4_trainSvm.py saves at ``P.svmPath``: ``{'ranker': WeightedL2Ranker, 'calibrated': CalibratedRanker,
         ...}``; without it, no weightedl2 rankers.
     classprob_payload : dict, optional
-        What 4_trainSvm.py saves at ``P.classifierPath``: ``{'ranker': ClassProbRanker, ...}``.
+        What 4_trainSvm.py saves at ``P.classifierPath``: ``{'ranker': ClassProbRanker, 'hybrid_weight': float or
+        None, ...}``; the hybrid ranker only when ``hybrid_weight`` is set.
     random_state : int or None
         Seeds the random baseline.
 
@@ -329,4 +363,6 @@ def build_rankers(svm_payload=None, classprob_payload=None, random_state=None):
     if classprob_payload is not None:
         for name, metric in CLASSPROB_METRICS.items():
             rankers[name] = copy.deepcopy(classprob_payload["ranker"]).set_params(metric=metric)
+        if classprob_payload.get("hybrid_weight") is not None:
+            rankers["hybrid"] = HybridRanker(classprob_payload["ranker"], classprob_payload["hybrid_weight"]).fit()
     return rankers

@@ -12,7 +12,7 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
-__all__ = ["SPLITS", "label_of", "group_by_label", "split_images", "RankingSet", "make_ranking_sets",
+__all__ = ["SPLITS", "label_of", "group_by_label", "parse_groups_file", "split_images", "RankingSet", "make_ranking_sets",
            "splits_and_ranking_sets"]
 
 logger = logging.getLogger(__name__)
@@ -28,18 +28,56 @@ def label_of(key):
     return parts[0]
 
 
-def _split_unit(key, split_by):
-    """What moves between splits as one piece: the image, or with 'subdir' its sub-folder under the label."""
+def _split_unit(key, split_by, groups):
+    """What moves between splits as one piece: the key's group when it has one, else the image, or with 'subdir'
+    its sub-folder under the label."""
+    if key in groups:
+        return ("group", groups[key])
     parts = PurePosixPath(key).parts
     return "/".join(parts[:2]) if split_by == "subdir" and len(parts) > 2 else key
 
 
-def _units(keys, split_by):
+def _units(keys, split_by, groups):
     """Keys grouped into split units, sorted, as a list of lists."""
     units = {}
     for key in sorted(keys):
-        units.setdefault(_split_unit(key, split_by), []).append(key)
+        units.setdefault(_split_unit(key, split_by, groups), []).append(key)
     return list(units.values())
+
+
+def parse_groups_file(rows, known_keys=None, excluded_keys=()):
+    """``{key: group id}`` from groupsFile rows (relative/path, group id): the same object photographed again.
+
+    Parameters
+    ----------
+    rows : list of list of str
+        ``fileio.read_tsv(P.groupsFilePath)``.
+    known_keys : collection of str, optional
+        The images that exist; a row naming another one is a ValueError (None: rows are not checked).
+    excluded_keys : collection of str
+        Images that exist but were dropped (unreadable, removed duplicates): their rows are ignored.
+
+    Returns
+    -------
+    dict of str to str
+        Images not listed have no group. A group whose images have different labels is a ValueError naming it.
+    """
+    groups, label_of_group = {}, {}
+    for number, row in enumerate(rows, 1):
+        where = f"groupsFile row {number} {chr(9).join(row)!r}"
+        if len(row) != 2 or not row[1].strip():
+            raise ValueError(f"{where}: expected 2 tab-separated columns (relative/path, group id)")
+        key, group = row[0].strip().replace("\\", "/"), row[1].strip()
+        if key in excluded_keys:
+            continue
+        if known_keys is not None and key not in known_keys:
+            raise ValueError(f"{where}: no image {key!r} under the image folder")
+        if groups.setdefault(key, group) != group:
+            raise ValueError(f"{where}: {key} is listed in groups {groups[key]!r} and {group!r}")
+        if label_of_group.setdefault(group, label_of(key)) != label_of(key):
+            raise ValueError(f"{where}: group {group!r} holds images of labels {label_of_group[group]!r} and "
+                             f"{label_of(key)!r}; a group is one object, so one label")
+    return groups
 
 
 def _shuffled(items, rng):
@@ -67,13 +105,13 @@ def _parse_split_file(rows, known_keys, excluded_keys):
 
 
 def split_images(keys_by_label, ratio_train, ratio_val, split_by="filename", split_file_rows=None, seed=0,
-                 excluded_keys=()):
+                 excluded_keys=(), group_file_rows=None):
     """Split each label's images into train, validation and test.
 
     Per label (in sorted order), the split units are shuffled and the first ``int(ratio_train * n)`` go to train,
     the rest to test; units are single images with ``split_by='filename'``, or with ``'subdir'`` whole
-    sub-folders ``label/subdir/...`` (an image directly in ``label/`` is a unit of its own). Split-file rows
-    replace the random train/test choice. Then ``int(ratio_val * n_train_units)`` randomly chosen train units of
+    sub-folders ``label/subdir/...`` (an image directly in ``label/`` is a unit of its own); with a groups file,
+    every group is one unit, whatever ``split_by`` says. Split-file rows replace the random train/test choice. Then ``int(ratio_val * n_train_units)`` randomly chosen train units of
     each label move to validation.
 
     Parameters
@@ -93,6 +131,9 @@ def split_images(keys_by_label, ratio_train, ratio_val, split_by="filename", spl
         Seed of ``numpy.random.default_rng``.
     excluded_keys : collection of str
         Images that exist but were dropped (unreadable, removed duplicates): split-file rows naming them are ignored.
+    group_file_rows : list of list of str, optional
+        ``[relative/path, group id]`` rows (see :func:`parse_groups_file`): each group stays on one side. A
+        split file that puts one group on both sides is a ValueError naming the group.
 
     Returns
     -------
@@ -108,16 +149,23 @@ def split_images(keys_by_label, ratio_train, ratio_val, split_by="filename", spl
         raise ValueError(f"ratioValFromTrain must be in [0, 1), got {ratio_val}")
     rng = np.random.default_rng(seed)
     assignment = None
+    known = {key for keys in keys_by_label.values() for key in keys}
+    groups = {} if group_file_rows is None else parse_groups_file(group_file_rows, known, set(excluded_keys))
     if split_file_rows is not None:
-        known = {key for keys in keys_by_label.values() for key in keys}
         assignment = _parse_split_file(split_file_rows, known, set(excluded_keys))
+        sides = {}
+        for key, split in sorted(assignment.items()):
+            if key in groups and sides.setdefault(groups[key], (key, split))[1] != split:
+                other, other_split = sides[groups[key]]
+                raise ValueError(f"splitFile puts group {groups[key]!r} on both sides: {other} in {other_split}, "
+                                 f"{key} in {split}; a group must stay in train or in test")
         unlisted = sorted(known - set(assignment))
         if unlisted:
             logger.warning("%d image(s) not in the splitFile are left out: %s%s", len(unlisted),
                            ", ".join(unlisted[:10]), " ..." if len(unlisted) > 10 else "")
     splits = {split: {} for split in SPLITS}
     for label in sorted(keys_by_label):
-        units = _units(keys_by_label[label], split_by)
+        units = _units(keys_by_label[label], split_by, groups)
         if assignment is None:
             units = _shuffled(units, rng)
             n_train = int(ratio_train * len(units))
@@ -212,7 +260,7 @@ def group_by_label(keys, labels=None):
 
 
 def splits_and_ranking_sets(keys_by_label, ratio_train, ratio_val, max_queries, max_negatives, split_by="filename",
-                            split_file_rows=None, seed=0, excluded_keys=()):
+                            split_file_rows=None, seed=0, excluded_keys=(), group_file_rows=None):
     """The splits (:func:`split_images`) and the ranking sets of each (:func:`make_ranking_sets`), from one seed.
 
     The tutorial's recipe as step 1, the SQL variant and the attributes all follow it: one generator seeded with
@@ -220,7 +268,7 @@ def splits_and_ranking_sets(keys_by_label, ratio_train, ratio_val, max_queries, 
 
     Parameters
     ----------
-    keys_by_label, ratio_train, ratio_val, split_by, split_file_rows, seed, excluded_keys
+    keys_by_label, ratio_train, ratio_val, split_by, split_file_rows, seed, excluded_keys, group_file_rows
         As :func:`split_images`.
     max_queries, max_negatives : dict of str to int
         Per split ('train', 'val', 'test'): query images per label, and negatives per query.
@@ -238,7 +286,7 @@ def splits_and_ranking_sets(keys_by_label, ratio_train, ratio_val, max_queries, 
         If two splits share an image (a query, a reference or a split member): the tutorial's check.
     """
     splits = split_images(keys_by_label, ratio_train, ratio_val, split_by, split_file_rows, seed=seed,
-                          excluded_keys=excluded_keys)
+                          excluded_keys=excluded_keys, group_file_rows=group_file_rows)
     rng = np.random.default_rng(seed)
     sets = {split: make_ranking_sets(splits[split], max_queries[split], max_negatives[split], rng) for split in SPLITS}
     used = {split: {k for keys in splits[split].values() for k in keys}

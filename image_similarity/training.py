@@ -4,7 +4,8 @@ Step 4 (``4_trainSvm.py``), the attributes (:meth:`.attributes.AttributeModel.fi
 through these functions, so the tutorial's recipe is written once: a linear SVM on the squared differences of
 (query, reference) pairs of the train ranking sets, C chosen by the mean rank of the positive on the validation
 ranking sets, optional rounds of hard negatives, and Platt scaling on the validation pairs. The
-class-probability classifier's C is chosen by validation accuracy. Nothing here looks at a test split.
+class-probability classifier's C is chosen by validation accuracy, and the hybrid ranker's weight by how far it may
+go before the validation top-1 drops. Nothing here looks at a test split.
 """
 import logging
 from dataclasses import dataclass, field
@@ -17,11 +18,11 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from .distances import check_pair
-from .evaluation import mean_rank, rank_ranking_sets
-from .rankers import CalibratedRanker, ClassProbRanker, WeightedL2Ranker
+from .evaluation import mean_rank, rank_ranking_sets, top_k_accuracy
+from .rankers import CalibratedRanker, ClassProbRanker, HybridRanker, WeightedL2Ranker
 
 __all__ = ["pair_differences", "ranking_set_pairs", "select_C", "mine_hard_negatives", "WeightedL2Fit",
-           "fit_weighted_l2", "pair_accuracies", "select_classprob_C"]
+           "fit_weighted_l2", "pair_accuracies", "select_classprob_C", "select_hybrid_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -233,3 +234,40 @@ def select_classprob_C(X_train, y_train, X_val, y_val, candidates, random_state=
         if best is None or table[C] > table[best.C]:
             best = ranker
     return best, table
+
+
+def select_hybrid_weight(classifier, features, val_sets, candidates, max_top1_drop=0.01):
+    """The largest hybrid weight lambda whose validation top-1 stays within ``max_top1_drop`` of lambda = 0.
+
+    Labels come first: lambda = 0 is ``classprob_same``, and the validation ranking sets (one positive of the
+    query's label among negatives of other labels) only measure label agreement. Appearance should weigh as much
+    as it can without costing that, so the largest admissible candidate is kept; when none is admissible, the one
+    with the best validation top-1 (ties: the smaller).
+
+    Parameters
+    ----------
+    classifier : ClassProbRanker, fitted
+    features : image_similarity.features.Features
+    val_sets : list of RankingSet
+        The validation ranking sets (never the test split).
+    candidates : iterable of float
+        lambda values, each >= 0.
+    max_top1_drop : float
+        Largest accepted loss of validation top-1 against lambda = 0, as a fraction (0.01 = 1 point).
+
+    Returns
+    -------
+    best : HybridRanker
+    table : dict of float to dict
+        ``{lambda: {'top1': fraction, 'mean_rank': float}}`` for 0 and every candidate.
+    """
+    candidates = sorted(set(map(float, candidates)))
+    if not candidates:
+        raise ValueError("no hybrid weight candidates to choose from")
+    table = {}
+    for weight in [0.0, *candidates]:
+        ranks = rank_ranking_sets(HybridRanker(classifier, weight).fit(), features, val_sets)
+        table[weight] = {"top1": top_k_accuracy(ranks, 1), "mean_rank": mean_rank(ranks)}
+    admissible = [w for w in candidates if table[w]["top1"] >= table[0.0]["top1"] - max_top1_drop - 1e-12]
+    weight = max(admissible) if admissible else max(candidates, key=lambda w: (table[w]["top1"], -w))
+    return HybridRanker(classifier, weight).fit(), table

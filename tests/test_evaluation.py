@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from image_similarity.evaluation import (evaluate, mean_rank, mean_reciprocal_rank, median_rank, positive_rank,
-                                         rank_ranking_sets, top_k_accuracy, top_k_candidates)
+from image_similarity.evaluation import (average_precision, evaluate, mean_rank, mean_reciprocal_rank, median_rank,
+                                         positive_rank, rank_ranking_sets, retrieval_metrics, top_k_accuracy,
+                                         top_k_candidates)
 from image_similarity.features import load_features, save_features
 from image_similarity.splits import RankingSet
 
@@ -98,3 +99,38 @@ def test_top_k_candidates_excludes_the_query(stored):
         ["y/c.jpg", "y/d.jpg"]
     with pytest.raises(ValueError):
         top_k_candidates(Euclidean(), stored, ["x/a.jpg"], stored.keys, 0)
+
+
+def test_average_precision_by_hand():
+    # Positives at ranks 1 and 3: (1/1 + 2/3) / 2.
+    assert average_precision([0.1, 0.2, 0.3], [True, False, True]) == pytest.approx(5 / 6)
+    assert average_precision([0.3, 0.2, 0.1], [True, False, True]) == pytest.approx(5 / 6)  # same ranking, reversed
+    assert average_precision([0.9, 0.1, 0.5], [True, False, False]) == pytest.approx(1 / 3)  # one positive: 1 / rank
+    assert average_precision([0.0, 0.5], [True, False]) == 1.0
+
+
+def test_average_precision_ties_are_pessimistic_and_order_free():
+    # A negative at the positive's distance comes first, whichever is listed first.
+    assert average_precision([0.2, 0.2], [True, False]) == 0.5
+    assert average_precision([0.2, 0.2], [False, True]) == 0.5
+    assert average_precision(np.zeros(4), [True, True, False, False]) == pytest.approx((1 / 3 + 2 / 4) / 2)
+    with pytest.raises(ValueError):
+        average_precision([0.1, 0.2], [False, False])
+
+
+def test_retrieval_metrics_with_labels_by_hand(stored):
+    # On the axis a=0, b=1, c=3, d=10: a, b and d find their label's other image first; c sees b (2) and a (3)
+    # before d (7), so its positive is third: recall@1 3/4, mAP (1 + 1 + 1/3 + 1) / 4.
+    labels = {key: key.split("/")[0] for key in stored.keys}
+    metrics = retrieval_metrics(Euclidean(), stored, stored.keys, labels, ks=(1, 2, 3), batch_size=3)
+    assert metrics == pytest.approx({"recall@1": 0.75, "recall@2": 0.75, "recall@3": 1.0, "map": 10 / 12,
+                                     "n_queries": 4})
+
+
+def test_retrieval_metrics_with_groups_by_hand(stored):
+    # Group g holds a and c: each sees b (at 1 and 2) before the other (at 3). d's group has no other member and
+    # b has none: both are only references.
+    groups = {"x/a.jpg": "g", "y/c.jpg": "g", "y/d.jpg": "alone"}
+    metrics = retrieval_metrics(Euclidean(), stored, stored.keys, groups, ks=(1, 5))
+    assert metrics == {"recall@1": 0.0, "recall@5": 1.0, "map": 0.5, "n_queries": 2}
+    assert retrieval_metrics(Euclidean(), stored, stored.keys, {"y/d.jpg": "alone"}) == {}

@@ -2,10 +2,13 @@
 import numpy as np
 import pytest
 from sklearn.exceptions import NotFittedError
+from sklearn.metrics.pairwise import cosine_distances
+from sklearn.preprocessing import normalize
 
 from image_similarity.evaluation import mean_rank, positive_rank
-from image_similarity.rankers import (RANKER_NAMES, CalibratedRanker, ClassProbRanker, CosineRanker, L1Ranker,
-                                      L2Ranker, RandomRanker, WeightedL2Ranker, build_rankers, negative_sample_weights)
+from image_similarity.rankers import (RANKER_NAMES, CalibratedRanker, ClassProbRanker, CosineRanker, HybridRanker,
+                                      L1Ranker, L2Ranker, RandomRanker, WeightedL2Ranker, build_rankers,
+                                      negative_sample_weights)
 from image_similarity.training import pair_differences
 
 
@@ -190,9 +193,41 @@ def test_build_rankers_in_report_order(trained):
     assert list(build_rankers(random_state=0)) == ["random", "L1", "L2", "cosine"]
     x, labels = make_clusters(n_noise=4)
     svm = {"ranker": ranker, "calibrated": CalibratedRanker(ranker).fit(val_diffs, val_same)}
-    classprob = {"ranker": ClassProbRanker().fit(x, labels)}
+    classprob = {"ranker": ClassProbRanker().fit(x, labels), "hybrid_weight": 0.1}
     rankers = build_rankers(svm, classprob, random_state=0)
     assert tuple(rankers) == RANKER_NAMES
+    assert rankers["hybrid"].weight == 0.1 and rankers["hybrid"].classifier is classprob["ranker"]
+    assert "hybrid" not in build_rankers(svm, {"ranker": classprob["ranker"], "hybrid_weight": None})
     assert {name: rankers[name].metric for name in RANKER_NAMES if name.startswith("classprob")} == {
         "classprob_L2": "l2", "classprob_cosine": "cosine", "classprob_same": "same_label"}
     assert classprob["ranker"].metric == "l2"  # the payload itself is not changed
+
+
+# Label a lies along x, label b along y; the third dimension is appearance within a label.
+HYBRID_TRAIN = np.array([[1, 0, 0.3], [1, 0, -0.3], [1, 0, 0], [0, 1, 0.3], [0, 1, -0.3], [0, 1, 0]], np.float32)
+HYBRID_LABELS = np.array(["a", "a", "a", "b", "b", "b"])
+
+
+def test_hybrid_ranker_orders_a_label_by_appearance():
+    classifier = ClassProbRanker(metric="same_label", C=10.0, random_state=0).fit(HYBRID_TRAIN, HYBRID_LABELS)
+    query = np.array([[1, 0.1, 0.5]], np.float32)
+    # Two references of label a: `near` looks like the query, `far` does not but the classifier is surer of it;
+    # `other` is label b.
+    near, far, other = [1, 0.12, 0.45], [1, 0, -0.5], [0.1, 1, 0.5]
+    references = np.array([far, near, other], np.float32)
+    label_only = classifier.distances(query, references)[0]
+    assert label_only[0] < label_only[1] < label_only[2]  # classprob_same: the surer, unlike one first
+    hybrid = HybridRanker(classifier, weight=0.1).fit()
+    d = hybrid.distances(query, references)[0]
+    assert d[1] < d[0] < d[2]  # the one that looks alike first, the other label still last
+    expected = label_only + 0.1 * cosine_distances(normalize(query), normalize(references))[0]
+    np.testing.assert_allclose(d, expected, atol=1e-12)
+    # The printed distances are informative: the two same-label references are far apart, not 1e-5 (file order).
+    assert d[0] - d[1] > 0.02 and abs(label_only[0] - label_only[1]) < 0.02
+    # The order does not depend on where the references are listed.
+    np.testing.assert_allclose(hybrid.distances(query, references[::-1])[0], d[::-1], atol=1e-12)
+    assert np.array_equal(HybridRanker(classifier, 0.0).fit().distances(query, references)[0], label_only)
+    with pytest.raises(NotFittedError):
+        HybridRanker(ClassProbRanker()).fit()
+    with pytest.raises(ValueError, match="lambda must be >= 0"):
+        HybridRanker(classifier, -1.0).fit().distances(query, references)

@@ -137,6 +137,26 @@ def test_split_file_and_its_errors(tiny_dataset):
     assert missing.returncode == 2 and "nope.tsv not found" in missing.stderr
 
 
+def test_groups_file_keeps_groups_together_and_refuses_a_split_file_across_one(tiny_dataset):
+    work = tiny_dataset.parents[1]
+    keys = [p.relative_to(tiny_dataset).as_posix() for p in sorted(tiny_dataset.rglob("*.jpg"))]
+    groups = {key: f"{key.split('/')[0]}{int(key[-5]) // 2}" for key in keys}  # pairs: red_0 and red_1 are red0
+    (tiny_dataset / "groups.tsv").write_text("".join(f"{k}\t{g}\n" for k, g in groups.items()))
+    result = _run(work, "tiny", "groupsFile=groups.tsv", "ratioValFromTrain=0.5")
+    assert result.returncode == 0, result.stderr
+    assert "share no image and no group of" in result.stdout
+    side = {key: split for split in ("train", "val", "test")
+            for keys_ in fileio.load_pickle(work / "proc" / "tiny" / f"imgFilenames{split.title()}.pickle").values()
+            for key in keys_}
+    assert all(side[k] == side[j] for k in keys for j in keys if groups[k] == groups[j])
+    (tiny_dataset / "split.tsv").write_text("".join(f"{k}\t{'test' if k.endswith('_1.jpg') else 'train'}\n"
+                                                    for k in keys))
+    bad = _run(work, "tiny", "groupsFile=groups.tsv", "splitFile=split.tsv")
+    assert bad.returncode == 1 and "splitFile puts group 'blue0' on both sides" in bad.stderr
+    missing = _run(work, "tiny", "groupsFile=nope.tsv")
+    assert missing.returncode == 2 and "groupsFile" in missing.stderr and "nope.tsv not found" in missing.stderr
+
+
 def test_missing_or_empty_data_folder_is_a_one_line_error(tmp_path):
     for name in ("absent", "empty"):
         (tmp_path / "data" / "empty" / "label").mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,7 @@ def test_train_svm_reports_and_saves_payloads(pipeline):
         assert any(line.strip().startswith(split) and "balanced accuracy" in line for line in out.splitlines()), out
     assert "as the tutorial's 'accuracy'" in out and "<- chosen" in out
     assert "Hard-negative mining 1 of 1: added" in out
+    assert "Hybrid ranker (1 - P(same label)) + lambda * cosine" in out
     features_meta = json.loads((work / "proc" / "tiny" / "features.json").read_text())
     with open(work / "proc" / "tiny" / "svm.pickle", "rb") as handle:
         svm = pickle.load(handle)
@@ -77,6 +78,11 @@ def test_train_svm_reports_and_saves_payloads(pipeline):
     assert f"added {svm['n_hard_negatives']} pairs" in out
     assert set(classprob["accuracy"]) == {"train", "val", "test"}
     assert classprob["accuracy"]["test"] > 0.9  # three colours are easy
+    assert list(classprob["hybrid_table"]) == [0.0, 0.03, 0.1, 0.3, 1.0]  # lambda = 0 and svm_hybridLambdaCandidates
+    top1 = {w: m["top1"] for w, m in classprob["hybrid_table"].items()}
+    assert top1[classprob["hybrid_weight"]] >= top1[0.0] - 0.01
+    assert all(top1[w] < top1[0.0] - 0.01 for w in top1 if w > classprob["hybrid_weight"])
+    assert f"lambda = {classprob['hybrid_weight']:<6g}" in out
     assert_figure(work / "results" / "tiny" / "svm_score_vs_probability.png", (900, 600))
 
 
@@ -87,13 +93,16 @@ def test_evaluation_json_has_every_ranker_and_valid_values(pipeline):
     with open(work / "proc" / "tiny" / "imgInfosTest.pickle", "rb") as handle:
         n_test = len(pickle.load(handle))
     for name, metrics in results.items():
-        assert list(metrics) == [f"top{n}" for n in TOP_NS] + ["mean_rank", "median_rank", "mrr", "n_queries"]
+        assert list(metrics) == [f"top{n}" for n in TOP_NS] + ["mean_rank", "median_rank", "mrr", "n_queries", "map"]
+        assert 0 < metrics["map"] <= 1
         accuracies = [metrics[f"top{n}"] for n in TOP_NS]
         assert all(0 <= a <= 1 for a in accuracies) and accuracies == sorted(accuracies), name
         assert metrics["top32"] == 1.0  # only 21 references
         assert 1 <= metrics["median_rank"] <= N_NEGATIVES + 1 and 1 <= metrics["mean_rank"] <= N_NEGATIVES + 1
         assert 1 / (N_NEGATIVES + 1) <= metrics["mrr"] <= 1 and metrics["n_queries"] == n_test
     assert results["cosine"]["top1"] > 0.8 and results["cosine"]["top1"] > results["random"]["top1"]
+    assert results["cosine"]["map"] > results["random"]["map"]
+    assert "mAP over" in step5.stdout and "Instance retrieval" not in step5.stdout  # no groupsFile: no instance metrics
     assert "best on val" in step5.stdout and step5.stdout.strip().splitlines()[-1].startswith("Done:")
 
 
@@ -188,3 +197,22 @@ def test_features_older_than_the_splits_are_refused(pipeline, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "3_featurizeImages.py" in lines[0], result.stderr
     assert f"lacks 1 image(s) of the splits, e.g. {dropped}" in lines[0]
+
+
+def test_evaluate_with_groups_reports_instance_metrics(pipeline):
+    work, args, _, _ = pipeline
+    with open(work / "proc" / "tiny" / "imgFilenamesTest.pickle", "rb") as handle:
+        test_split = pickle.load(handle)
+    pairs = [sorted(keys)[i:i + 2] for keys in test_split.values() for i in range(0, len(keys) - 1, 2)]
+    (work / "data" / "tiny" / "groups.tsv").write_text(
+        "".join(f"{key}\tobject{n}\n" for n, pair in enumerate(pairs) for key in pair), encoding="utf-8")
+    result = run_ok("5_evaluate.py", *args, "--set", "groupsFile=groups.tsv", "--set", "eval_boVisualizeResults=False")
+    results = json.loads((work / "results" / "tiny" / "evaluation.json").read_text())
+    for name, metrics in results.items():
+        assert 0 <= metrics["instance_recall@1"] <= metrics["instance_recall@5"] <= 1, name
+        assert 0 < metrics["instance_map"] <= 1, name
+    assert f"Instance retrieval over {2 * len(pairs)} test images" in result.stdout
+    with open(work / "results" / "tiny" / "evaluation.csv", encoding="utf-8") as handle:
+        assert {"map", "instance_recall@1", "instance_recall@5", "instance_map"} <= set(next(csv.DictReader(handle)))
+    missing = run_script("5_evaluate.py", *args, "--set", "groupsFile=nope.tsv")
+    assert missing.returncode == 2 and "groupsFile" in missing.stderr and "nope.tsv" in missing.stderr

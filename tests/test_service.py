@@ -98,7 +98,7 @@ def test_health(server):
     assert health["n_references"] == 36
     assert health["model_id"] == "pretrained:efficientnet_lite0"
     assert health["rankers"] == ["random", "L1", "L2", "cosine", "weightedl2", "weightedl2prob", "classprob_L2",
-                                 "classprob_cosine", "classprob_same"]
+                                 "classprob_cosine", "classprob_same", "hybrid"]
     assert health["default_ranker"] == "cosine"  # 5_evaluate.py has not run
     assert health["attributes"] == ["tiny", "again"]
     assert health["max_upload_bytes"] == LIMIT and health["notes"] == []

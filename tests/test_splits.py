@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 
-from image_similarity.splits import SPLITS, label_of, make_ranking_sets, split_images
+from image_similarity.splits import SPLITS, label_of, make_ranking_sets, parse_groups_file, split_images
 
 
 def _keys(counts):
@@ -102,6 +102,50 @@ def test_split_file_rows_for_excluded_images_are_ignored():
     rows = [[k, "train"] for k in keys["a"]] + [[removed, "test"], ["a\\a_000.jpg", "train"]]
     splits = split_images(keys, 0.75, 0.0, split_file_rows=rows, excluded_keys={removed})
     assert splits["train"]["a"] == keys["a"] and splits["test"]["a"] == []
+
+
+def test_groups_stay_on_one_side_of_a_random_split():
+    keys = _keys({"a": 12, "b": 8})
+    # a: four objects of three photos each; b: two of four.
+    rows = [[f"a/a_{i:03d}.jpg", f"obj{i // 3}"] for i in range(12)] + [[f"b/b_{i:03d}.jpg", f"bag{i // 4}"]
+                                                                         for i in range(8)]
+    for seed in range(5):
+        splits = split_images(keys, 0.5, 0.5, seed=seed, group_file_rows=rows)
+        side = {key: split for split in SPLITS for key in _flat(splits[split])}
+        for group in {g for _, g in rows}:
+            assert len({side[k] for k, g in rows if g == group}) == 1, (seed, group)
+        # Units are groups: a has 4 -> int(0.5*4)=2 train units -> int(0.5*2)=1 to val; b has 2 -> 1 -> 0.
+        assert [len(splits[split]["a"]) for split in SPLITS] == [3, 3, 6]
+        assert [len(splits[split]["b"]) for split in SPLITS] == [4, 0, 4]
+    # Without groups the same settings split images one by one.
+    assert [len(split_images(keys, 0.5, 0.5, seed=0)[split]["a"]) for split in SPLITS] == [3, 3, 6]
+    assert [len(split_images(keys, 0.5, 0.5, seed=0)[split]["b"]) for split in SPLITS] == [2, 2, 4]
+
+
+def test_a_split_file_that_puts_a_group_on_both_sides_is_refused():
+    keys = _keys({"a": 4})
+    groups = [["a/a_000.jpg", "mug"], ["a/a_001.jpg", "mug"], ["a/a_002.jpg", "cup"]]
+    split_rows = [["a/a_000.jpg", "train"], ["a/a_001.jpg", "test"], ["a/a_002.jpg", "train"], ["a/a_003.jpg", "test"]]
+    with pytest.raises(ValueError, match="splitFile puts group 'mug' on both sides: a/a_000.jpg in train, "
+                                         "a/a_001.jpg in test"):
+        split_images(keys, 0.75, 0.0, split_file_rows=split_rows, group_file_rows=groups)
+    split_rows[1][1] = "train"
+    splits = split_images(keys, 0.75, 0.0, split_file_rows=split_rows, group_file_rows=groups)
+    assert splits["train"]["a"] == keys["a"][:3] and splits["test"]["a"] == ["a/a_003.jpg"]
+
+
+@pytest.mark.parametrize("bad_row, message", [
+    (["a/nope.jpg", "x"], r"groupsFile row 2 .*no image 'a/nope.jpg'"),
+    (["a/a_001.jpg", "y"], r"row 2 .*a/a_001.jpg is listed in groups 'x' and 'y'"),
+    (["b/b_000.jpg", "x"], r"row 2 .*group 'x' holds images of labels 'a' and 'b'"),
+    (["a/a_002.jpg"], r"row 2 'a/a_002.jpg': expected 2 tab-separated columns"),
+])
+def test_groups_file_errors_name_the_row(bad_row, message):
+    keys = _keys({"a": 4, "b": 2})
+    with pytest.raises(ValueError, match=message):
+        split_images(keys, 0.75, 0.0, group_file_rows=[["a/a_001.jpg", "x"], bad_row])
+    assert parse_groups_file([["a/a_001.jpg", " x "], ["a\\a_002.jpg", "x"]]) == {"a/a_001.jpg": "x",
+                                                                                "a/a_002.jpg": "x"}
 
 
 @pytest.mark.parametrize("kwargs, message", [

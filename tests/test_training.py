@@ -2,11 +2,11 @@
 import numpy as np
 
 from image_similarity.features import Features
-from image_similarity.rankers import WeightedL2Ranker
-from image_similarity.splits import make_ranking_sets
+from image_similarity.rankers import ClassProbRanker, WeightedL2Ranker
+from image_similarity.splits import RankingSet, make_ranking_sets
 from image_similarity.training import (fit_weighted_l2, mine_hard_negatives, pair_accuracies, ranking_set_pairs,
-                                       select_C)
-from test_rankers import make_clusters, random_pairs, trained  # noqa: F401 (trained is a fixture)
+                                       select_C, select_hybrid_weight)
+from test_rankers import HYBRID_LABELS, HYBRID_TRAIN, make_clusters, random_pairs, trained  # noqa: F401 (a fixture)
 
 
 def test_hard_negative_mining_adds_the_hardest_different_label_pairs():
@@ -57,3 +57,19 @@ def test_fit_weighted_l2_chooses_C_on_validation_mines_and_calibrates():
     assert ((0 <= probabilities) & (probabilities <= 1)).all() and fit.calibrated.ranker is fit.ranker
     plain = fit_weighted_l2(train, val, store, val_sets, [chosen.C], random_state=0)
     np.testing.assert_array_equal(plain.ranker.coef_, WeightedL2Ranker(C=chosen.C, random_state=0).fit(*train).coef_)
+
+
+def test_hybrid_weight_is_the_largest_that_keeps_validation_top1():
+    classifier = ClassProbRanker(metric="same_label", C=10.0, random_state=0).fit(HYBRID_TRAIN, HYBRID_LABELS)
+    # The positive has the query's label but looks unlike it; the negative has the other label and looks alike.
+    # lambda = 0.1 and 1 still rank the positive first; from lambda = 3 the look-alike wins (worked out by hand:
+    # 0.198 + 3 * 0.402 > 0.590 + 3 * 0.266).
+    keys = ["a/query.jpg", "a/positive.jpg", "b/lookalike.jpg"]
+    features = Features(keys, np.array([[1, 0.1, 0.5], [1, 0, -0.5], [0.7, 1, 0.9]], np.float32), {})
+    val_sets = [RankingSet(keys[0], keys[1], [keys[2]], [keys[2], keys[1]])]
+    best, table = select_hybrid_weight(classifier, features, val_sets, [10.0, 0.1, 3.0, 1.0])
+    assert best.weight == 1.0 and list(table) == [0.0, 0.1, 1.0, 3.0, 10.0]
+    assert [table[w]["top1"] for w in table] == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert [table[w]["mean_rank"] for w in table] == [1.0, 1.0, 1.0, 2.0, 2.0]
+    # None keeps the top-1: the best of them, ties to the smaller.
+    assert select_hybrid_weight(classifier, features, val_sets, [3.0, 10.0])[0].weight == 3.0
