@@ -100,6 +100,8 @@ def setup_logging(verbose=False):
     """Scripts, not the library, attach handlers: warnings and errors go to stderr, one line each."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)
+    # FAISS reports at INFO which CPU build it loaded, and the library now loads after this: keep that quiet.
+    logging.getLogger("faiss").setLevel(logging.WARNING)
 
 
 def dataset_images(P, skipped):
