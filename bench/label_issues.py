@@ -257,21 +257,24 @@ def real(args):
         for row in top20:
             print(f"   {row['rank']:>4} {row['key']:28} {row['split']:5} given {row['given_label']:12} "
                   f"suggested {row['suggested_label']:12} p(given) {float(row['p_given_label']):.3f}")
-    print(f"\n{name}: excluding the top k training suspects, frozen embeddings (mean over seeds)")
-    print(f"{'k':>4} {'val acc':>8} {'val top1':>9} {'test acc':>9} {'test top1':>10} {'test mean rank':>15}"
+    print(f"\n{name}: excluding the top k training suspects, frozen embeddings (mean ± std over seeds)")
+    print(f"{'k':>4} {'val acc':>13} {'val top1':>13} {'test acc':>13} {'test top1':>13} {'test mean rank':>15}"
           "   (top1, mean rank: classprob_same ranker)")
+    fields = {"val_accuracy": ("val", "accuracy"), "val_top1": ("val", "top1"), "test_accuracy": ("test", "accuracy"),
+              "test_top1": ("test", "top1"), "test_mean_rank": ("test", "mean_rank"),
+              "test_top1_classprob_L2": ("test", "top1", "classprob_L2")}
     summary = {}
     for k in EXCLUDE_KS:
-        cell = lambda split, m, r="classprob_same": float(np.mean(  # noqa: E731
-            [run["exclude_top_k_train"][k][split][r][m] if m != "accuracy" else
-             run["exclude_top_k_train"][k][split]["accuracy"] for run in runs]))
-        summary[k] = {"val_accuracy": cell("val", "accuracy"), "val_top1": cell("val", "top1"),
-                      "test_accuracy": cell("test", "accuracy"), "test_top1": cell("test", "top1"),
-                      "test_mean_rank": cell("test", "mean_rank"),
-                      "test_top1_classprob_L2": cell("test", "top1", "classprob_L2")}
+        summary[k] = {}
+        for field, (split, metric, *ranker) in fields.items():
+            rows = [run["exclude_top_k_train"][k][split] for run in runs]
+            got = [row[metric] if metric == "accuracy" else row[(ranker or ["classprob_same"])[0]][metric]
+                   for row in rows]
+            summary[k][field], summary[k][field + "_std"] = float(np.mean(got)), float(np.std(got))
         s = summary[k]
-        print(f"{k:>4} {100 * s['val_accuracy']:7.1f}% {100 * s['val_top1']:8.1f}% {100 * s['test_accuracy']:8.1f}% "
-              f"{100 * s['test_top1']:9.1f}% {s['test_mean_rank']:15.3f}")
+        pct = lambda f: f"{100 * s[f]:5.1f} ± {100 * s[f + '_std']:3.1f}%"  # noqa: E731
+        print(f"{k:>4} {pct('val_accuracy'):>13} {pct('val_top1'):>13} {pct('test_accuracy'):>13} "
+              f"{pct('test_top1'):>13} {s['test_mean_rank']:8.2f} ± {s['test_mean_rank_std']:4.2f}")
     print("A6 seconds per seed: " + ", ".join(f"{run['a6_seconds']}" for run in runs))
     fileio.save_json(REPO / "bench" / "results" / f"label_issues_real_{name}.json", {
         "command": " ".join(["bench/label_issues.py", *sys.argv[1:]]), "dataset": name, "labels": labels or "all",

@@ -182,6 +182,10 @@ def test_steps_2_and_4_train_without_the_excluded_images(pipeline):
     done = run_ok("4_trainSvm.py", *settings(pipeline), *knob)
     assert "leaving 3 train/val image(s)" in done.stdout
     assert "1 test image(s) ignored" in done.stderr and splits["test"][0] in done.stderr
+    test_sets = fileio.load_pickle(proc / "imgInfosTest.pickle")
+    assert any(splits["test"][0] in (s.query, s.positive, *s.negatives) for s in test_sets)
+    assert f"from {len(test_sets)} ranking sets" in next(line for line in done.stdout.splitlines()
+                                                          if line.startswith("test "))  # every test set kept
     refine = ["--set", "rf_maxEpochs=1", "--set", "rf_inputResolution=64", "--set", "rf_mbSize=8",
               "--set", "rf_nrWorkers=0", "--set", "rf_boFreezeWeights=True"]
     run_ok("2_refineDNN.py", *settings(pipeline), *refine, *knob, env={"OMP_NUM_THREADS": "1"})
@@ -189,5 +193,6 @@ def test_steps_2_and_4_train_without_the_excluded_images(pipeline):
     assert (meta["n_train"], meta["n_val"]) == (len(splits["train"]) - 2, len(splits["val"]) - 1)
 
     fileio.save_csv(pipeline / "exclude.tsv", ["key"], [[splits["train"][0]], ["red/not_there.jpg"]], "\t")
-    failed = run_script("4_trainSvm.py", *settings(pipeline), *knob)  # step 2 reads the file the same way
-    assert failed.returncode == 1 and "'red/not_there.jpg' is not an image of this dataset" in failed.stderr
+    for script, extra in (("4_trainSvm.py", []), ("2_refineDNN.py", refine)):
+        failed = run_script(script, *settings(pipeline), *extra, *knob)
+        assert failed.returncode == 1 and "'red/not_there.jpg' is not an image of this dataset" in failed.stderr
