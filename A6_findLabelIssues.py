@@ -3,10 +3,10 @@
 After step 3, it reads the splits and features.npy; with --folder DIR it embeds that labelled folder (one sub-folder
 per label) itself with the pretrained rf_backbone and scores every image. Out-of-sample class probabilities come from
 li_nrFolds-fold cross-validation of the class-probability classifier (logistic regression on the embeddings) over the
-train + validation images (C: step 4's when classprob.pickle exists, else chosen as step 4 does); the test images
-are scored by a classifier fitted on train + validation only. cleanlab ranks them (li_rankedBy) and flags its
-estimate of the wrong ones; near-duplicates with different labels (step 1's near_duplicates.csv, or dhash with
---folder) are named too. Writes label_issues.csv (every image, most suspect first)
+train + validation images, averaged over li_nrRepeats fold assignments (C: step 4's when classprob.pickle exists, else
+chosen as step 4 does); the test images are scored by a classifier fitted on train + validation only. cleanlab ranks
+them (li_rankedBy) and flags its estimate of the wrong ones; near-duplicates with different labels (step 1's
+near_duplicates.csv, or dhash with --folder) are named too. Writes label_issues.csv (every image, most suspect first)
 and label_issues.png (the top li_nrShown) to results/<datasetName>/ (with --folder: results/<folder name>/).
 To train without some of them, save their keys as a TSV and set labelIssuesExcludeFile (steps 2 and 4).
 """
@@ -67,7 +67,7 @@ def main(args, P):
               f"with features of {stored.meta['model_id']}")
     labels = [label_of(k) for k in keys]
     proba, classes, C = label_issues.out_of_sample_probabilities(X, labels, splits, candidates, P.li_nrFolds,
-                                                                 P.randomSeed, n_jobs=-1)
+                                                                 P.randomSeed, n_jobs=-1, n_repeats=P.li_nrRepeats)
     duplicates = label_issues.different_label_duplicates(groups, label_of)
     issues = label_issues.find_label_issues(keys, splits, labels, proba, classes, P.li_rankedBy, duplicates)
     csv_path, sheet_path = results_dir / P.labelIssuesPath.name, results_dir / P.labelIssuesSheetPath.name
@@ -80,7 +80,8 @@ def main(args, P):
                                    f"suggested {row['suggested_label']}") for row in shown], sheet_path,
                                  title=f"Top {len(shown)} label-issue suspects ({P.li_rankedBy})")
     print(f"Class-probability classifier C = {C:g}" + (" (step 4's)" if len(candidates) == 1 else "")
-          + f", {P.li_nrFolds}-fold out-of-fold; top suspects:")
+          + f", {P.li_nrFolds}-fold out-of-fold" + (f", {P.li_nrRepeats} fold assignments averaged"
+                                                      if P.li_nrRepeats > 1 else "") + "; top suspects:")
     for row in issues.rows[:10]:
         print(f"  {row['rank']:4}. {row['key']:32} {row['split']:7} given {row['given_label']:12} "
               f"p={row['p_given_label']:.3f}  suggested {row['suggested_label']}")

@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import make_labelled_images, run_script
 from image_similarity import backbones, fileio, label_issues, plots
+from image_similarity.rankers import ClassProbRanker
 from image_similarity.splits import RankingSet, label_of
 
 LABELS = ("blue", "green", "red")
@@ -29,15 +30,16 @@ def clustered(n_per_label=20, dim=32, seed=0):
     return keys, splits, labels, np.array(rows, np.float32)
 
 
-@pytest.mark.parametrize("method", label_issues.RANKING_METHODS)
-def test_flipped_labels_rank_first_with_the_true_label_suggested(method):
+@pytest.mark.parametrize("method, n_repeats", [(method, 1) for method in label_issues.RANKING_METHODS]
+                         + [("self_confidence", 3)])
+def test_flipped_labels_rank_first_with_the_true_label_suggested(method, n_repeats):
     keys, splits, labels, X = clustered()
     flips = {2: "green", 23: "red", 47: "blue", 25: "blue"}  # train, train, train, test image
     assert splits[25] == "test"
     for row, label in flips.items():
         labels[row] = label
     proba, classes, C = label_issues.out_of_sample_probabilities(X, labels, splits, [0.1, 1.0], n_folds=4,
-                                                                 random_state=0)
+                                                                 random_state=0, n_repeats=n_repeats)
     assert proba.shape == (60, 3) and np.allclose(proba.sum(1), 1) and C in (0.1, 1.0)
     issues = label_issues.find_label_issues(keys, splits, labels, proba, classes, method)
     top = issues.rows[:len(flips)]
@@ -49,6 +51,16 @@ def test_flipped_labels_rank_first_with_the_true_label_suggested(method):
     assert issues.n_flagged >= len(flips) and all(row["flagged"] == "no" for row in issues.rows[10:])
     with pytest.raises(ValueError, match="ranking method"):
         label_issues.find_label_issues(keys, splits, labels, proba, classes, "entropy")
+
+
+def test_repeats_average_the_out_of_fold_probabilities_of_other_fold_assignments():
+    keys, splits, labels, X = clustered()
+    classifier = ClassProbRanker(C=1.0, random_state=0)
+    once, classes = label_issues.out_of_fold_probabilities(classifier, X, labels, n_folds=4, random_state=0)
+    averaged, _ = label_issues.out_of_fold_probabilities(classifier, X, labels, n_folds=4, random_state=0, n_repeats=3)
+    assert averaged.shape == once.shape == (60, 3) and np.allclose(averaged.sum(1), 1)
+    assert not np.allclose(averaged, once)  # other fold assignments: other classifiers
+    assert np.array_equal(averaged.argmax(1), once.argmax(1))  # well-separated clusters: the same labels
 
 
 def test_test_images_are_scored_by_a_classifier_that_never_saw_them():
