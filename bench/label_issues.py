@@ -18,7 +18,14 @@ without the top k training suspects (k = 0, 10, 20, 40) on the same frozen embed
     .venv/bin/python bench/label_issues.py real --labels dotted,striped,leopard --seeds 0,1,2 --work /tmp/li
     .venv/bin/python bench/label_issues.py real --seeds 0,1,2 --work /tmp/li
 
-Writes ``bench/results/label_issues_planted_<arm>.json`` and ``bench/results/label_issues_real_<name>.json``.
+``variants``: after ``real`` on every label, finder variants (one 5-fold, one 10-fold, 3 averaged 5-folds, cosine
+k-NN) on plantings made in memory on the frozen embeddings and the splits of other seeds than ``planted``'s, to
+choose a finder without tuning on the reported planting.
+
+    nice -n 10 .venv/bin/python bench/label_issues.py variants --work /tmp/li
+
+Writes ``bench/results/label_issues_planted_<arm>.json``, ``bench/results/label_issues_real_<name>.json`` and
+``bench/results/label_issues_variants_frozen.json``.
 """
 import argparse
 import csv
@@ -32,11 +39,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.neighbors import KNeighborsClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from image_similarity import evaluation, features, fileio, rankers, training  # noqa: E402
+from image_similarity import evaluation, features, fileio, label_issues, rankers, training  # noqa: E402
 from image_similarity.features import load_features  # noqa: E402
 from image_similarity.splits import SPLITS, label_of  # noqa: E402
 
@@ -189,6 +198,65 @@ def planted(args):
             [r for r in issues if r["split"] in ("train", "val")], 1) if row["key"] == key) for key in flipped}})
 
 
+FINDER_VARIANTS = {"one 5-fold": dict(n_folds=5), "one 10-fold": dict(n_folds=10),
+                   "3 averaged 5-folds": dict(n_folds=5, n_repeats=3), "cosine 15-NN, 5-fold": dict(n_folds=5)}
+
+
+class CosineKNNProba(BaseEstimator):
+    """Class probabilities from the 15 nearest neighbours by cosine distance (distance-weighted votes)."""
+
+    def __init__(self, n_neighbors=15):
+        self.n_neighbors = n_neighbors
+
+    def fit(self, X, y):
+        self.knn_ = KNeighborsClassifier(self.n_neighbors, weights="distance", metric="cosine").fit(X, y)
+        self.classes_ = self.knn_.classes_
+        return self
+
+    def predict_proba(self, X):
+        return self.knn_.predict_proba(X)
+
+
+def variants(args):
+    """Finder variants on in-memory plantings of the frozen embeddings, to choose without the reported planting.
+
+    Needs the workDirs of ``real`` (its seeds' step-1 splits and the frozen features of every label). Each planting
+    flips 5% of a split's train + validation labels (seeded like ``planted``), C is chosen as A6 does (train fitted,
+    validation scored, on the noisy labels), and every variant ranks by self_confidence.
+    """
+    stored = load_features(Path(args.work) / "frozen_features_all_labels" / "features.npy")
+    results = {}
+    for split_seed, flip_seed in [tuple(int(v) for v in pair.split("/")) for pair in args.plantings.split(",")]:
+        keys = split_keys(Path(args.work) / f"real_{NAME}_seed{split_seed}", NAME)
+        non_test = keys["train"] + keys["val"]
+        labels = sorted({label_of(k) for k in non_test})
+        rng = np.random.default_rng(flip_seed)
+        flipped = set(rng.choice(non_test, size=round(args.fraction * len(non_test)), replace=False).tolist())
+        noisy = {k: rng.choice([o for o in labels if o != label_of(k)]) if k in flipped else label_of(k)
+                 for k in non_test}
+        xy = {s: (stored.rows(keys[s]), [noisy[k] for k in keys[s]]) for s in ("train", "val")}
+        C = rankers_C(xy, flip_seed)
+        X, y = stored.rows(non_test), [noisy[k] for k in non_test]
+        row = results[f"{split_seed}/{flip_seed}"] = {"C": C}
+        for name, settings in FINDER_VARIANTS.items():
+            start = time.perf_counter()
+            classifier = CosineKNNProba() if "NN" in name else rankers.ClassProbRanker(C=C, random_state=flip_seed)
+            proba, classes = label_issues.out_of_fold_probabilities(classifier, X, y, random_state=flip_seed,
+                                                                    n_jobs=-1, **settings)
+            ranked = [{"key": k, "p_given_label": p} for k, p in
+                      zip(non_test, proba[np.arange(len(y)), np.searchsorted(classes, y)])]
+            row[name] = top_k(sorted(ranked, key=lambda r: r["p_given_label"]), sorted(flipped))
+            row[name]["seconds"] = time.perf_counter() - start
+            print(f"planting {split_seed}/{flip_seed} (C = {C:g}) {name:22} recall at 1x/2x/3x " + " / ".join(
+                f"{row[name][f'K={m}x']['recall']:.3f}" for m in (1, 2, 3)), flush=True)
+    print("\nmean recall at K = 2 x flipped over the plantings:")
+    for name in FINDER_VARIANTS:
+        print(f"   {name:22} {np.mean([r[name]['K=2x']['recall'] for r in results.values()]):.3f}")
+    fileio.save_json(REPO / "bench" / "results" / "label_issues_variants_frozen.json", {
+        "command": " ".join(["bench/label_issues.py", *sys.argv[1:]]), "fraction": args.fraction,
+        "load_avg_at_end": os.getloadavg(), "plantings": results})
+
+
 def classprob_metrics(features, keys, sets, excluded, C, seed):
     """Refit the class-probability classifier (C as given) without ``excluded``; val/test metrics and accuracy."""
     train = [k for k in keys["train"] if k not in excluded]
@@ -285,20 +353,22 @@ def real(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("planted", "real"))
+    parser.add_argument("part", choices=("planted", "real", "variants"))
     parser.add_argument("--work", required=True, help="scratch folder for the workDirs (kept: a rerun reuses them)")
     parser.add_argument("--arm", choices=("frozen", "refined"), default="frozen", help="planted: which embeddings")
     parser.add_argument("--fraction", type=float, default=0.05, help="planted: fraction of labels flipped")
     parser.add_argument("--seed", type=int, default=0, help="planted: seed of the split and the flips")
     parser.add_argument("--labels", default="", help="real: comma-separated label folders (default: all)")
     parser.add_argument("--seeds", default="0,1,2", help="real: comma-separated seeds")
+    parser.add_argument("--plantings", default="1/1,1/101,2/2,2/102",
+                        help="variants: comma-separated split seed/flip seed pairs (never the reported seed 0)")
     parser.add_argument("--reuse", action="store_true", help="reuse what an earlier run left in the workDirs (planted: step 1; real: A6)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="PARAMETERS.py override passed to every step (repeatable)")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"error: {DATA} not found (the texture set lives in ../shared/datasets/)")
-    planted(args) if args.part == "planted" else real(args)
+    {"planted": planted, "real": real, "variants": variants}[args.part](args)
 
 
 if __name__ == "__main__":
