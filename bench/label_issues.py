@@ -91,6 +91,15 @@ def read_issues(work, name):
         return list(csv.DictReader(handle))
 
 
+def flip_labels(keys, fraction, seed):
+    """``{key: another label}`` for a seeded random ``fraction`` of ``keys``, each moved to a random other label."""
+    labels = sorted({label_of(k) for k in keys})
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(keys, size=round(fraction * len(keys)), replace=False).tolist())
+    return {key: str(rng.choice([other for other in labels if other != label_of(key)]))
+            for key in keys if key in chosen}
+
+
 def plant_noise(work, fraction, seed):
     """A noisy copy of fashionTexture11 under ``work/noisy``; returns ({noisy key: true label}, n non-test)."""
     clean = Path(work) / "clean"
@@ -99,17 +108,14 @@ def plant_noise(work, fraction, seed):
         run_step("1_prepareData.py", clean, NAME, f"randomSeed={seed}")
     keys = split_keys(clean, NAME)
     non_test = keys["train"] + keys["val"]
-    labels = sorted({label_of(k) for k in non_test})
-    rng = np.random.default_rng(seed)
-    flipped = set(rng.choice(non_test, size=round(fraction * len(non_test)), replace=False).tolist())
+    flipped = flip_labels(non_test, fraction, seed)
     noisy = Path(work) / "noisy"
     rows, truth = [], {}
     for split, split_list in (("train", non_test), ("test", keys["test"])):
         for key in split_list:
             label, file = key.split("/", 1)
             if key in flipped:
-                new_label = rng.choice([other for other in labels if other != label])
-                new_key = f"{new_label}/flipped_{label}_{file}"
+                new_key = f"{flipped[key]}/flipped_{label}_{file}"
                 truth[new_key] = label
             else:
                 new_key = key
@@ -229,11 +235,8 @@ def variants(args):
     for split_seed, flip_seed in [tuple(int(v) for v in pair.split("/")) for pair in args.plantings.split(",")]:
         keys = split_keys(Path(args.work) / f"real_{NAME}_seed{split_seed}", NAME)
         non_test = keys["train"] + keys["val"]
-        labels = sorted({label_of(k) for k in non_test})
-        rng = np.random.default_rng(flip_seed)
-        flipped = set(rng.choice(non_test, size=round(args.fraction * len(non_test)), replace=False).tolist())
-        noisy = {k: rng.choice([o for o in labels if o != label_of(k)]) if k in flipped else label_of(k)
-                 for k in non_test}
+        flipped = flip_labels(non_test, args.fraction, flip_seed)
+        noisy = {k: flipped.get(k, label_of(k)) for k in non_test}
         xy = {s: (stored.rows(keys[s]), [noisy[k] for k in keys[s]]) for s in ("train", "val")}
         C = rankers_C(xy, flip_seed)
         X, y = stored.rows(non_test), [noisy[k] for k in non_test]
