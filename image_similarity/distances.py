@@ -104,12 +104,15 @@ class ProbabilityDistance:
         return probability_distances(queries, references, self.metric)
 
 
-def label_then_appearance(p, q, queries, references, weight):
-    """The hybrid distance: ``(1 - p . q) + weight * cosine distance`` of the embeddings.
+def label_then_appearance(p, q, queries, references, band):
+    """The hybrid distance, lexicographic: label agreement in bands first, the embeddings' cosine within a band.
 
-    The first term (``'same_label'`` of :func:`probability_distances`) decides between labels; with a small
-    ``weight`` the second only reorders images whose label agreement is nearly equal, that is, it orders the images
-    of one label by how they look instead of by the classifier's confidence.
+    The label term is how much less the two class-probability vectors agree than the query could at best,
+    ``max(p) - p . q`` in [0, 1] (0 for a reference the classifier is sure has the query's most probable label). It
+    is cut into bands of width ``band``; a reference in a lower band always comes first, and within one band the
+    cosine distance of the embeddings alone orders the references. So the classifier's small differences in
+    confidence among the images of one label no longer decide their order: how they look does. The result is
+    ``band * (index of the band + cosine / 2)``: it stays inside its band and reads as one number.
 
     Parameters
     ----------
@@ -119,17 +122,23 @@ def label_then_appearance(p, q, queries, references, weight):
     queries : ndarray of shape (n_q, D), float32
     references : ndarray of shape (n_r, D), float32
         Their embeddings.
-    weight : float
-        lambda, >= 0; 0 gives ``'same_label'`` alone.
+    band : float
+        Width of a label band, in (0, 1]: the label-agreement difference that appearance may override. Small:
+        close to ``'same_label'`` alone (ties broken by looks); 1: one band, the cosine alone.
 
     Returns
     -------
     ndarray of shape (n_q, n_r), float64
-        Lower is more similar, in [0, 1 + 2 * weight].
+        Lower is more similar, in [0, band * ceil(1 / band)].
     """
-    if not weight >= 0:
-        raise ValueError(f"the hybrid weight lambda must be >= 0, got {weight!r}")
-    return probability_distances(p, q, "same_label") + weight * embedding_distances(queries, references, "cosine")
+    if not 0 < band <= 1:
+        raise ValueError(f"the hybrid band width must be in (0, 1], got {band!r}")
+    p, q = check_pair(p, q)
+    shortfall = p.max(axis=1, keepdims=True) - p @ q.T
+    n_bands = int(np.ceil(1.0 / band - 1e-9))
+    level = np.clip(np.floor(shortfall / band + 1e-9), 0, n_bands - 1)
+    cosine = np.clip(embedding_distances(queries, references, "cosine"), 0.0, 2.0)
+    return band * (level + cosine / 2.0)
 
 
 def from_probability(probabilities):
