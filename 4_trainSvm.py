@@ -4,8 +4,9 @@ Training pairs are (query, reference) of the train ranking sets. C is chosen on 
 mean rank of the positive), optional hard-negative mining adds misranked different-label train pairs, and Platt
 scaling is fitted on the validation pairs. A logistic regression on the embeddings (C chosen by validation accuracy)
 gives the class-probability rankers; the hybrid ranker puts label agreement first, in bands, and orders each band by
-the embeddings' cosine distance, the band the widest candidate that keeps the validation top-1 and mean rank. Writes svm.pickle and classprob.pickle to proc/<datasetName>/ and
-svm_score_vs_probability.png to results/<datasetName>/. The test split is only reported, never used to choose.
+the embeddings' cosine distance, the band the widest candidate that keeps the validation top-1 and mean rank.
+Writes svm.pickle and classprob.pickle to proc/<datasetName>/ and svm_score_vs_probability.png to
+results/<datasetName>/. The test split is only reported, never used to choose.
 Images listed in labelIssuesExcludeFile (train/val keys, e.g. from A6_findLabelIssues.py) are left out of fitting
 and choosing; test images are never left out.
 """

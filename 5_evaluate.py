@@ -7,7 +7,8 @@ them (in evaluation.json/.csv as ``map``; printed below the table). With a group
 ``instance_recall@1``, ``@5`` and ``instance_map``: the positives are the other images of the query's group. The best ranker on the validation split (top-1, then mean rank; never on test, never the random baseline) is
 marked in evaluation.csv. The recommended ranker (hybrid when step 4 made it, as A1 and the service use; else that best
 one) draws the per-query figures and ranks, for every test query image, its TOP_K_CANDIDATES closest featurized images
-(ranking_results.csv).
+(ranking_results.csv). With eval_reRankK1 > 0 the table gains that ranker k-reciprocally re-ranked (Zhong et al.
+2017), as "<name>+kreciprocal".
 """
 import helpers
 
@@ -43,6 +44,9 @@ def main(args, P):
     groups = helpers.image_groups(P)
     run = helpers.load_run(P, network=False, attributes=False)
     features, model_id, all_rankers = run.features, run.model_id, run.rankers
+    re_ranker = helpers.re_ranked(P, all_rankers[run.default_ranker])
+    if re_ranker is not None:  # eval_reRankK1 > 0: the recommended ranker, k-reciprocally re-ranked, as one more
+        all_rankers[f"{run.default_ranker}+kreciprocal"] = re_ranker
     sets = {split: fileio.load_pickle(P.imgInfosPath[split]) for split in {args.on, "val", "test"}}
     split_keys = sorted(k for ks in fileio.load_pickle(P.imgFilenamesPath[args.on]).values() for k in ks)
     helpers.require_features(features, {k for ss in sets.values() for s in ss for k in (s.query, *s.references)}

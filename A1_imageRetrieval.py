@@ -5,6 +5,7 @@ features came from it, else the refined proc/<datasetName>/model.pt; any other m
 against every featurized image (or only the test split) with one ranker: by default hybrid (labels first, looks within
 a label) when step 4 made a classifier, else cosine; or, with --attributes a,b, by the mean of those attributes' calibrated
 match probabilities (this run's svm.pickle is the attribute named after the dataset; attributeModels adds others).
+With eval_reRankK1 > 0 the ranking is k-reciprocally re-ranked (Zhong et al. 2017) among all the references.
 Prints the top K with labels and distances and the time spent loading, in the network and searching, and saves
 results/<datasetName>/retrieval_<image stem>.png.
 """
@@ -50,6 +51,9 @@ def main(args, P):
     if name not in available:
         raise helpers.UsageError(f"ranker {name} needs {P.svmPath.name} and {P.classifierPath.name}: "
                                  "run 4_trainSvm.py first")
+    ranker, re_ranker = available[name], helpers.re_ranked(P, available[name])  # None unless eval_reRankK1 > 0
+    if re_ranker is not None:
+        ranker, name = re_ranker, f"{name}+kreciprocal"
     if args.references == "test":
         test = fileio.load_pickle(helpers.require(P.imgFilenamesPath["test"], "1_prepareData.py"))
         keys = sorted(k for ks in test.values() for k in ks)
@@ -61,7 +65,7 @@ def main(args, P):
 
     _, vector = embedder.embed_files([args.image.resolve()], args.image.resolve().parent, 1, n_workers=0)
     embedded = time.perf_counter()
-    distances = available[name].distances(vector, features.rows(keys))[0]
+    distances = ranker.distances(vector, features.rows(keys))[0]
     order = top_k(distances, args.top)
     searched = time.perf_counter()
 

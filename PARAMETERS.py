@@ -81,6 +81,9 @@ eval_topNs = [1, 2, 4, 5, 8, 10, 15, 20, 28, 32]  # Top-N accuracies to report (
 eval_boVisualizeResults = True          # Save per-query figures for the best ranker; False = skip
 eval_nrVisualizations = 12              # Most per-query figures saved
 TOP_K_CANDIDATES = 10                   # Candidates ranked for every query image in ranking_results.csv
+eval_reRankK1 = 0                       # k-reciprocal re-ranking (Zhong et al. 2017) of the recommended ranker, k1 reciprocal neighbours (paper: 20); 0 = off
+eval_reRankK2 = 6                       # Its query-expansion neighbours; 1 = no expansion
+eval_reRankLambda = 0.3                 # Its weight of the original distance, in [0, 1]; 1 = the original order
 attributeModels = {}                    # Extra attributes (A1 --attributes, the service): {name: svm/classprob.pickle of a run on this network}; {} = none
 
 # Web service (script: A4_webService.py)

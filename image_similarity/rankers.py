@@ -25,13 +25,13 @@ from sklearn.svm import LinearSVC
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
-from .distances import (check_pair, embedding_distances, from_probability, label_then_appearance,
+from .distances import (check_pair, embedding_distances, from_probability, k_reciprocal, label_then_appearance,
                         probability_distances)
 from .fileio import load_pickle, save_pickle
 
 __all__ = ["RandomRanker", "L1Ranker", "L2Ranker", "CosineRanker", "WeightedL2Ranker", "CalibratedRanker",
-           "ClassProbRanker", "HybridRanker", "CLASSPROB_METRICS", "negative_sample_weights", "save_payload", "load_payload",
-           "build_rankers", "RANKER_NAMES"]
+           "ClassProbRanker", "HybridRanker", "KReciprocalRanker", "CLASSPROB_METRICS", "negative_sample_weights",
+           "save_payload", "load_payload", "build_rankers", "RANKER_NAMES"]
 
 RANKER_NAMES = ("random", "L1", "L2", "cosine", "weightedl2", "weightedl2prob", "classprob_L2", "classprob_cosine",
                 "classprob_same", "hybrid")
@@ -314,6 +314,41 @@ class HybridRanker(BaseEstimator):
         check_is_fitted(self)
         return label_then_appearance(self.classifier.predict_proba(queries), self.classifier.predict_proba(references),
                                      queries, references, self.band)
+
+
+class KReciprocalRanker(BaseEstimator):
+    """Another ranker's distances, k-reciprocally re-ranked (:func:`.distances.k_reciprocal`).
+
+    Each call ranks the queries and references together: ``ranker.distances`` of all of them against all of them,
+    so it costs ``(n_q + n_r) ** 2`` distances, and its answer for one query depends on the other references.
+
+    Parameters
+    ----------
+    ranker : a fitted ranker
+    k1, k2 : int
+        Reciprocal neighbours and the query-expansion neighbours (the paper's 20 and 6).
+    lambda_value : float
+        Weight of the original distance, in [0, 1] (the paper's 0.3).
+    """
+
+    def __init__(self, ranker=None, k1=20, k2=6, lambda_value=0.3):
+        self.ranker = ranker
+        self.k1 = k1
+        self.k2 = k2
+        self.lambda_value = lambda_value
+
+    def fit(self, X=None, y=None):
+        """Nothing to learn; returns self."""
+        return self
+
+    def __sklearn_is_fitted__(self):
+        return True
+
+    def distances(self, queries, references):
+        """Re-ranked distances, (n_q, n_r) float64; lower is more similar."""
+        everything = np.vstack([np.asarray(queries), np.asarray(references)])
+        return k_reciprocal(self.ranker.distances(everything, everything), len(queries), self.k1, self.k2,
+                            self.lambda_value)
 
 
 def save_payload(path, model_id, **contents):

@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_FORMAT = "image_similarity.similarity_model/2"  # 2: colour histograms (colours.npy) and colour_weight
 MANIFEST, FEATURES, COLOURS, INDEX, CHECKPOINT = "model.json", "features.npy", "colours.npy", "index.faiss", "model.pt"
-DEFAULT_COLOUR_WEIGHT = 0.3  # the least that keeps plain white and black apart (tests/test_colour.py); bench/colour_weight.py
+# The least weight that keeps plain white and black apart (tests/test_colour.py); its cost: bench/colour_weight.py.
+DEFAULT_COLOUR_WEIGHT = 0.3
 QUERY_COLUMNS = ["query", "reference", "distance", "rank"]
 GRAPH_COLUMNS = ["from", "to", "distance", "rank"]
 INFO_KEYS = ("model_id", "backbone", "dim", "input_resolution")

@@ -7,8 +7,8 @@ from sklearn.preprocessing import normalize
 
 from image_similarity.evaluation import mean_rank, positive_rank
 from image_similarity.rankers import (RANKER_NAMES, CalibratedRanker, ClassProbRanker, CosineRanker, HybridRanker,
-                                      L1Ranker, L2Ranker, RandomRanker, WeightedL2Ranker, build_rankers,
-                                      negative_sample_weights)
+                                      KReciprocalRanker, L1Ranker, L2Ranker, RandomRanker, WeightedL2Ranker,
+                                      build_rankers, negative_sample_weights)
 from image_similarity.training import pair_differences
 
 
@@ -242,3 +242,23 @@ def test_hybrid_ranker_orders_a_label_by_appearance():
     for band in (0.0, -1.0, 1.5):
         with pytest.raises(ValueError, match="band width must be in"):
             HybridRanker(classifier, band).fit().distances(query, references)
+
+
+def test_k_reciprocal_re_ranking_keeps_clusters_and_falls_back_to_the_original_order():
+    rng = np.random.default_rng(0)
+    centres = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    points = np.vstack([centre + 0.05 * rng.normal(size=(8, 3)) for centre in centres]).astype(np.float32)
+    cluster = np.repeat(np.arange(3), 8)
+    queries, references = points[::4], np.delete(points, np.arange(0, len(points), 4), axis=0)
+    q_cluster, r_cluster = cluster[::4], np.delete(cluster, np.arange(0, len(points), 4))
+    re_ranked = KReciprocalRanker(CosineRanker(), k1=4, k2=2).fit()
+    d = re_ranked.distances(queries, references)
+    assert d.shape == (len(queries), len(references))
+    nearest = np.argsort(d, axis=1, kind="stable")[:, :5]
+    assert (r_cluster[nearest] == q_cluster[:, None]).all()  # the 6 same-cluster references lead
+    # With all the weight on the original distance, the original order comes back.
+    original = CosineRanker().distances(queries, references)
+    only_original = KReciprocalRanker(CosineRanker(), k1=4, k2=2, lambda_value=1.0).distances(queries, references)
+    assert np.array_equal(np.argsort(only_original, axis=1, kind="stable"), np.argsort(original, axis=1, kind="stable"))
+    with pytest.raises(ValueError, match="k1, k2 >= 1"):
+        KReciprocalRanker(CosineRanker(), k1=0).distances(queries, references)

@@ -217,3 +217,14 @@ def test_evaluate_with_groups_reports_instance_metrics(pipeline):
         assert {"map", "instance_recall@1", "instance_recall@5", "instance_map"} <= set(next(csv.DictReader(handle)))
     missing = run_script("5_evaluate.py", *args, "--set", "groupsFile=nope.tsv")
     assert missing.returncode == 2 and "groupsFile" in missing.stderr and "nope.tsv" in missing.stderr
+
+
+def test_k_reciprocal_re_ranking_is_an_option(pipeline):
+    work, args, _, _ = pipeline
+    result = run_ok("5_evaluate.py", *args, "--on", "val", "--set", "eval_boVisualizeResults=False",
+                    "--set", "eval_reRankK1=4", "--set", "eval_reRankK2=2")
+    results = json.loads((work / "results" / "tiny" / "evaluation.json").read_text())
+    assert list(results)[-1] == "hybrid+kreciprocal" and "hybrid+kreciprocal" in result.stdout
+    assert 0 < results["hybrid+kreciprocal"]["top1"] <= 1 and 0 < results["hybrid+kreciprocal"]["map"] <= 1
+    refused = run_script("5_evaluate.py", *args, "--set", "eval_reRankK1=-1")
+    assert refused.returncode == 2 and "eval_reRankK1=-1" in refused.stderr
