@@ -3,9 +3,10 @@
 Training pairs are (query, reference) of the train ranking sets. C is chosen on the validation ranking sets (lowest
 mean rank of the positive), optional hard-negative mining adds misranked different-label train pairs, and Platt
 scaling is fitted on the validation pairs. A logistic regression on the embeddings (C chosen by validation accuracy)
-gives the class-probability rankers; the hybrid ranker adds lambda times the embeddings' cosine distance to their
-1 - P(same label), lambda the largest candidate that keeps the validation top-1. Writes svm.pickle and classprob.pickle to proc/<datasetName>/ and
-svm_score_vs_probability.png to results/<datasetName>/. The test split is only reported, never used to choose.
+gives the class-probability rankers; the hybrid ranker puts label agreement first, in bands, and orders each band by
+the embeddings' cosine distance, the band the widest candidate that keeps the validation top-1 and mean rank.
+Writes svm.pickle and classprob.pickle to proc/<datasetName>/ and svm_score_vs_probability.png to
+results/<datasetName>/. The test split is only reported, never used to choose.
 Images listed in labelIssuesExcludeFile (train/val keys, e.g. from A6_findLabelIssues.py) are left out of fitting
 and choosing; test images are never left out.
 """
@@ -67,19 +68,20 @@ def main(args, P):
           "validation accuracy): " + ", ".join(f"{s} accuracy {100 * a:.2f}%" for s, a in cp_acc.items()))
 
     hybrid, hybrid_table = None, {}
-    if P.svm_hybridLambdaCandidates:
-        hybrid, hybrid_table = training.select_hybrid_weight(classprob, features, sets["val"],
-                                                             P.svm_hybridLambdaCandidates, P.svm_hybridMaxTop1Drop)
-        print(f"Hybrid ranker (1 - P(same label)) + lambda * cosine: lambda among {P.svm_hybridLambdaCandidates}, "
-              f"the largest within {100 * P.svm_hybridMaxTop1Drop:g} point(s) of lambda = 0 in validation top-1:")
-        for weight, m in hybrid_table.items():
-            print(f"   lambda = {weight:<6g} validation top-1 {100 * m['top1']:5.1f}%  mean rank {m['mean_rank']:6.2f}"
-                  + ("   <- chosen" if weight == hybrid.weight else ""))
+    if P.svm_hybridBandCandidates:
+        hybrid, hybrid_table = training.select_hybrid_band(classprob, features, sets["val"], P.svm_hybridBandCandidates,
+                                                           P.svm_hybridMaxTop1Drop, P.svm_hybridMaxMeanRankRise)
+        print(f"Hybrid ranker (label agreement in bands, cosine within a band): band width among "
+              f"{P.svm_hybridBandCandidates}, the widest within {100 * P.svm_hybridMaxTop1Drop:g} point(s) of "
+              f"classprob_same's validation top-1 and {100 * P.svm_hybridMaxMeanRankRise:g}% of its mean rank:")
+        for band, m in hybrid_table.items():
+            print(f"   band = {band:<14} validation top-1 {100 * m['top1']:5.1f}%  mean rank {m['mean_rank']:6.2f}"
+                  + ("   <- chosen" if band == hybrid.band else ""))
 
     rankers.save_payload(P.svmPath, model_id, ranker=ranker, calibrated=calibrated, C_table=fit.C_table,
                          n_hard_negatives=fit.n_hard_negatives)
     rankers.save_payload(P.classifierPath, model_id, ranker=classprob, C_table=cp_table, accuracy=cp_acc,
-                         hybrid_weight=None if hybrid is None else hybrid.weight, hybrid_table=hybrid_table)
+                         hybrid_band=None if hybrid is None else hybrid.band, hybrid_table=hybrid_table)
     plots.plot_score_vs_probability(calibrated, ranker.decision_function(data["val"][0]), data["val"][1],
                                     P.svmCurvePath)
     print(f"Wrote {P.svmPath}, {P.classifierPath}, {P.svmCurvePath}")

@@ -4,9 +4,11 @@ For each ranker (random, L1, L2, cosine, weighted L2, its calibrated probability
 cosine and 1 - P(same label)) prints and saves top-N accuracies, mean and median rank and MRR on the chosen split
 (default test), and the mAP of retrieving, for every image of that split, the others of its label among all of
 them (in evaluation.json/.csv as ``map``; printed below the table). With a groupsFile, also the instance
-``instance_recall@1``, ``@5`` and ``instance_map``: the positives are the other images of the query's group. The best ranker is chosen on the validation split (top-1, then mean rank; never on test, never the
-random baseline): it draws the per-query figures and ranks, for every test query image, its TOP_K_CANDIDATES closest
-featurized images (ranking_results.csv).
+``instance_recall@1``, ``@5`` and ``instance_map``: the positives are the other images of the query's group. The best ranker on the validation split (top-1, then mean rank; never on test, never the random baseline) is
+marked in evaluation.csv. The recommended ranker (hybrid when step 4 made it, as A1 and the service use; else that best
+one) draws the per-query figures and ranks, for every test query image, its TOP_K_CANDIDATES closest featurized images
+(ranking_results.csv). With eval_reRankK1 > 0 the table gains that ranker k-reciprocally re-ranked (Zhong et al.
+2017), as "<name>+kreciprocal".
 """
 import helpers
 
@@ -31,6 +33,7 @@ def visualize(ranker, features, ranking_sets, P, folder, skipped):
 
 def main(args, P):
     from image_similarity import evaluation, fileio, images, plots
+    from image_similarity.runs import recommended_ranker
     from image_similarity.splits import label_of
     helpers.require(P.featuresPath, "3_featurizeImages.py")
     for split in {args.on, "val", "test"}:
@@ -41,6 +44,9 @@ def main(args, P):
     groups = helpers.image_groups(P)
     run = helpers.load_run(P, network=False, attributes=False)
     features, model_id, all_rankers = run.features, run.model_id, run.rankers
+    re_ranker = helpers.re_ranked(P, all_rankers[run.default_ranker])
+    if re_ranker is not None:  # eval_reRankK1 > 0: the recommended ranker, k-reciprocally re-ranked, as one more
+        all_rankers[f"{run.default_ranker}+kreciprocal"] = re_ranker
     sets = {split: fileio.load_pickle(P.imgInfosPath[split]) for split in {args.on, "val", "test"}}
     split_keys = sorted(k for ks in fileio.load_pickle(P.imgFilenamesPath[args.on]).values() for k in ks)
     helpers.require_features(features, {k for ss in sets.values() for s in ss for k in (s.query, *s.references)}
@@ -90,17 +96,18 @@ def main(args, P):
     print(f"Wrote {P.evaluationJsonPath}, {P.evaluationCsvPath}, {P.topNPlotPath}, {P.rankHistogramPath}")
 
     skipped = images.SkippedImages()
+    shown = recommended_ranker(P.evaluationCsvPath, all_rankers)
     if P.eval_boVisualizeResults and P.eval_nrVisualizations > 0:
-        folder = P.resultsDir / f"visualizations_{best}"
-        visualize(all_rankers[best], features, sets[args.on][:P.eval_nrVisualizations], P, folder, skipped)
-        print(f"Wrote {min(P.eval_nrVisualizations, len(sets[args.on]))} per-query figures of {best} to {folder}")
+        folder = P.resultsDir / f"visualizations_{shown}"
+        visualize(all_rankers[shown], features, sets[args.on][:P.eval_nrVisualizations], P, folder, skipped)
+        print(f"Wrote {min(P.eval_nrVisualizations, len(sets[args.on]))} per-query figures of {shown} to {folder}")
     queries = sorted({s.query for s in sets["test"]})
-    found = evaluation.top_k_candidates(all_rankers[best], features, queries, features.keys, P.TOP_K_CANDIDATES)
+    found = evaluation.top_k_candidates(all_rankers[shown], features, queries, features.keys, P.TOP_K_CANDIDATES)
     fileio.save_csv(P.rankingResultsPath, ["query", "rank", "candidate", "distance", "same_label"], [
         (q, n, key, f"{dist:.6g}", int(label_of(key) == label_of(q)))
         for q, matches in zip(queries, found) for n, (key, dist) in enumerate(matches, 1)])
     print(f"Wrote the top {P.TOP_K_CANDIDATES} of {len(features) - 1} candidates for {len(queries)} test queries "
-          f"({best}) to {P.rankingResultsPath}")
+          f"({shown}) to {P.rankingResultsPath}")
     if skipped:
         skipped.save(P.skippedImagesPath)
         print(skipped.summary())

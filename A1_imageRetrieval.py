@@ -2,9 +2,10 @@
 
 The image is embedded with the same network as the stored features (the pretrained rf_backbone when the
 features came from it, else the refined proc/<datasetName>/model.pt; any other model is refused), then ranked
-against every featurized image (or only the test split) with one ranker: by default the best on validation
-recorded by 5_evaluate.py, else cosine; or, with --attributes a,b, by the mean of those attributes' calibrated
+against every featurized image (or only the test split) with one ranker: by default hybrid (labels first, looks within
+a label) when step 4 made a classifier, else cosine; or, with --attributes a,b, by the mean of those attributes' calibrated
 match probabilities (this run's svm.pickle is the attribute named after the dataset; attributeModels adds others).
+With eval_reRankK1 > 0 the ranking is k-reciprocally re-ranked (Zhong et al. 2017) among all the references.
 Prints the top K with labels and distances and the time spent loading, in the network and searching, and saves
 results/<datasetName>/retrieval_<image stem>.png.
 """
@@ -18,7 +19,7 @@ def add_arguments(parser):
     parser.add_argument("image", type=Path, help="query image file (any location)")
     parser.add_argument("--top", type=int, default=15, help="matches shown (default: 15)")
     parser.add_argument("--ranker", help="a ranker of 5_evaluate.py's table, e.g. cosine or classprob_same (default: "
-                                         "best on validation, else cosine)")
+                                         "hybrid when step 4 ran, else cosine)")
     parser.add_argument("--attributes", help="comma-separated attribute names to combine instead of one ranker "
                                              "(the dataset's own name, plus the keys of attributeModels)")
     parser.add_argument("--references", choices=("all", "test"), default="all",
@@ -50,6 +51,9 @@ def main(args, P):
     if name not in available:
         raise helpers.UsageError(f"ranker {name} needs {P.svmPath.name} and {P.classifierPath.name}: "
                                  "run 4_trainSvm.py first")
+    ranker, re_ranker = available[name], helpers.re_ranked(P, available[name])  # None unless eval_reRankK1 > 0
+    if re_ranker is not None:
+        ranker, name = re_ranker, f"{name}+kreciprocal"
     if args.references == "test":
         test = fileio.load_pickle(helpers.require(P.imgFilenamesPath["test"], "1_prepareData.py"))
         keys = sorted(k for ks in test.values() for k in ks)
@@ -61,13 +65,13 @@ def main(args, P):
 
     _, vector = embedder.embed_files([args.image.resolve()], args.image.resolve().parent, 1, n_workers=0)
     embedded = time.perf_counter()
-    distances = available[name].distances(vector, features.rows(keys))[0]
+    distances = ranker.distances(vector, features.rows(keys))[0]
     order = top_k(distances, args.top)
     searched = time.perf_counter()
 
     print(f"Top {len(order)} of {len(keys)} {args.references} references for {args.image} ({name} on {model_id}):")
     for rank, i in enumerate(order, 1):
-        print(f"{rank:4}. {distances[i]:10.4f}  {label_of(keys[i]):20} {P.imgDir / keys[i]}")
+        print(f"{rank:4}. {distances[i]:10.4g}  {label_of(keys[i]):20} {P.imgDir / keys[i]}")
     print(f"Time: loading {loaded - start:.2f} s, network {embedded - loaded:.3f} s, "
           f"search {searched - embedded:.4f} s")
     skipped = images.SkippedImages()
@@ -77,7 +81,7 @@ def main(args, P):
     print(f"Wrote {out}")
     if skipped:
         print(skipped.summary())
-    print(f"Done: best match {keys[order[0]]} ({label_of(keys[order[0]])}, distance {distances[order[0]]:.4f}) "
+    print(f"Done: best match {keys[order[0]]} ({label_of(keys[order[0]])}, distance {distances[order[0]]:.4g}) "
           f"among {len(keys)} references in {searched - start:.1f} s.")
 
 

@@ -4,11 +4,12 @@ Each step reads its inputs from tables and writes its outputs to tables in one t
   1  ImageStore, features: every image of data/<datasetName>/ and its float32 embedding as a blob, made by the
      refined proc/<datasetName>/model.pt when it exists (and rf_maxEpochs > 0), else by the pretrained rf_backbone
   2  training_images, evaluation_images (validation), testing_images, query_images (ranking sets), as 1_prepareData.py
-  3  model: the class-probability classifier of 4_trainSvm.py, pickled
+  3  model: the class-probability classifier of 4_trainSvm.py, pickled, with the hybrid ranker's band
   4  scores: every image's class probabilities (one row per image and class)
-  5  evaluation_results: top-N accuracies, mean/median rank, MRR under L2, cosine and 1 - P(same label) between
-     score vectors
-  6  ranking_results: the TOP_K_CANDIDATES closest images to every test query image, for each distance
+  5  evaluation_results: top-N accuracies, mean/median rank, MRR under the hybrid ranker (labels first, looks
+     within) and L2, cosine and 1 - P(same label) between score vectors
+  6  ranking_results: the TOP_K_CANDIDATES closest images to every test query image, for each ranker (hybrid first,
+     the recommended one)
 --db takes an SQLAlchemy URL (postgresql://user@host:port/database ...);
 default: proc/<datasetName>/image_similarity.sqlite.
 """
@@ -62,10 +63,15 @@ def main(args, P):
             print("Step 2: " + ", ".join(f"{s} {sum(map(len, splits[s].values()))} images / {len(sets[s])} ranking sets"
                                          for s in splits) + " -> training/evaluation/testing_images, query_images")
         elif step == 3:
-            payload = store.train_classifier(engine, P.svm_classProbCValCandidates, P.randomSeed)
+            payload = store.train_classifier(engine, P.svm_classProbCValCandidates, P.randomSeed,
+                                             P.svm_hybridBandCandidates, P.svm_hybridMaxTop1Drop,
+                                             P.svm_hybridMaxMeanRankRise)
+            band = payload["hybrid_band"]
             print(f"Step 3: class-probability classifier, C = {payload['ranker'].C:g} of {list(payload['C_table'])} "
                   "by validation accuracy, " + ", ".join(f"{s} accuracy {100 * a:.1f}%"
-                                                         for s, a in payload["accuracy"].items()) + " -> model")
+                                                         for s, a in payload["accuracy"].items())
+                  + (f"; hybrid band {band:g} of {P.svm_hybridBandCandidates}" if band is not None else "")
+                  + " -> model")
         elif step == 4:
             scores = store.write_scores(engine)
             print(f"Step 4: {len(scores)} images x {len(scores.meta['classes'])} class probabilities -> scores")

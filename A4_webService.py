@@ -9,7 +9,7 @@ serves until interrupted:
   GET  /images/<id>      a reference image (?thumb=1: a small JPEG)
   GET  /health           what is loaded
 
-The default ranker is the one 5_evaluate.py chose on validation, else cosine (runs.FALLBACK_RANKER). Knobs: svc_*
+The default ranker is hybrid when step 4 made a classifier (runs.PREFERRED_RANKER), else cosine (runs.FALLBACK_RANKER). Knobs: svc_*
 in PARAMETERS.py.
 """
 import os

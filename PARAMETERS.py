@@ -72,7 +72,9 @@ svm_hardNegMining_nrAddPerIter = 5000   # Most hard negatives added per iteratio
 svm_hardNegMining_maxNrRoundsPerIter = 100000  # Most different-label pairs scored per iteration
 svm_probabilityCalibrationNegPosRatio = 5.0    # Platt scaling weighs negatives to total this many times the positives
 svm_classProbCValCandidates = [0.1, 1.0, 10.0, 100.0]  # C of the class-probability logistic regression: best validation accuracy kept
-svm_hybridLambdaCandidates = [0.03, 0.1, 0.3, 1.0]  # lambda of the hybrid ranker (1 - P(same label)) + lambda * cosine: the largest within svm_hybridMaxTop1Drop of lambda = 0 on validation is kept; [] = no hybrid ranker
+svm_hybridBandCandidates = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5]  # label-agreement band widths of the hybrid ranker (labels in bands first, cosine within a band): the widest within svm_hybridMaxTop1Drop and svm_hybridMaxMeanRankRise of classprob_same on validation is kept; [] = no hybrid ranker
+svm_hybridMaxTop1Drop = 0.01            # Validation top-1 (fraction) the hybrid may lose against classprob_same
+svm_hybridMaxMeanRankRise = 0.1         # Relative rise of the validation mean rank the hybrid may cause against classprob_same; 1e9 = no limit
 svm_hybridMaxTop1Drop = 0.01            # Validation top-1 (fraction) the hybrid may lose against classprob_same
 
 # Evaluation and retrieval (scripts: 5_evaluate.py, A1_imageRetrieval.py)
@@ -80,6 +82,9 @@ eval_topNs = [1, 2, 4, 5, 8, 10, 15, 20, 28, 32]  # Top-N accuracies to report (
 eval_boVisualizeResults = True          # Save per-query figures for the best ranker; False = skip
 eval_nrVisualizations = 12              # Most per-query figures saved
 TOP_K_CANDIDATES = 10                   # Candidates ranked for every query image in ranking_results.csv
+eval_reRankK1 = 0                       # k-reciprocal re-ranking (Zhong et al. 2017) of the recommended ranker, k1 reciprocal neighbours (paper: 20); 0 = off
+eval_reRankK2 = 6                       # Its query-expansion neighbours; 1 = no expansion
+eval_reRankLambda = 0.3                 # Its weight of the original distance, in [0, 1]; 1 = the original order
 attributeModels = {}                    # Extra attributes (A1 --attributes, the service): {name: svm/classprob.pickle of a run on this network}; {} = none
 
 # Web service (script: A4_webService.py)

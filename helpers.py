@@ -195,6 +195,18 @@ def load_run(P, network=True, attributes=True):
                 backend=P.run_backend, precision=P.run_precision)
 
 
+def re_ranked(P, ranker):
+    """``ranker`` k-reciprocally re-ranked with the ``eval_reRank*`` knobs, or None when ``eval_reRankK1`` is 0."""
+    from image_similarity.rankers import KReciprocalRanker
+
+    if not P.eval_reRankK1:
+        return None
+    if P.eval_reRankK1 < 1 or P.eval_reRankK2 < 1 or not 0 <= P.eval_reRankLambda <= 1:
+        raise UsageError(f"eval_reRankK1={P.eval_reRankK1}, eval_reRankK2={P.eval_reRankK2}, eval_reRankLambda="
+                         f"{P.eval_reRankLambda}: need k1 >= 0 (0 = off), k2 >= 1 and lambda in [0, 1]")
+    return KReciprocalRanker(ranker, P.eval_reRankK1, P.eval_reRankK2, P.eval_reRankLambda)
+
+
 def load_network(P, model):
     """The :class:`image_similarity.embedder.Embedder` of ``model`` on ``P``'s inference engine (``run_backend``)."""
     from image_similarity.embedder import load_embedder

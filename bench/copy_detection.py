@@ -6,7 +6,7 @@ quality 30-70. The originals are embedded with the API (``image_similarity.creat
 (``SimilarityModel.query``, k = all originals); each copy's one positive is its original. Reports recall@1,
 recall@10, mAP (with one positive, the mean of 1 / rank) and the time per query, for each ``--model`` (the frozen
 backbone by default, or a refined ``proc/<dataset>/model.pt``) and, with ``--classprob``, the hybrid ranker of that
-run (its lambda) on the model it was trained on. Copies go to a temporary folder and are deleted afterwards.
+run (its band) on the model it was trained on. Copies go to a temporary folder and are deleted afterwards.
 
     python bench/copy_detection.py data/fridgeObjects --copies 2
     nice -n 10 python bench/copy_detection.py ../shared/datasets/fashionTexture11 --copies 2
@@ -122,13 +122,13 @@ def main():
             ranks, seconds = query_ranks(model, copies)
             results["arms"][f"cosine ({model.info['model_id']})"] = summary(ranks, seconds)
             payload = args.classprob and fileio.load_pickle(args.classprob)
-            if payload and payload.get("model_id") == model.info["model_id"] and payload.get("hybrid_weight"):
-                hybrid = rankers.HybridRanker(payload["ranker"], payload["hybrid_weight"]).fit()
+            if payload and payload.get("model_id") == model.info["model_id"] and payload.get("hybrid_band"):
+                hybrid = rankers.HybridRanker(payload["ranker"], payload["hybrid_band"]).fit()
                 start = time.perf_counter()
                 names, matrix = model.embed([str(p) for p, _ in copies])
                 distances = hybrid.distances(matrix, model.features)
                 ranks = ranks_of_originals(distances, [key for _, key in copies], model.keys)
-                results["arms"][f"hybrid lambda={hybrid.weight:g} ({model.info['model_id']})"] = summary(
+                results["arms"][f"hybrid band={hybrid.band:g} ({model.info['model_id']})"] = summary(
                     ranks, time.perf_counter() - start)
     print(f"{'arm':60} recall@1 recall@10    mAP  ms/query")
     for arm, m in results["arms"].items():

@@ -13,7 +13,7 @@ from sklearn.utils.validation import check_array
 
 __all__ = ["check_pair", "EMBEDDING_METRICS", "embedding_distances", "PROBABILITY_METRICS", "check_probability_metric",
            "probability_distances", "ProbabilityDistance", "label_then_appearance", "from_probability",
-           "cosine_from_similarity", "top_k"]
+           "cosine_from_similarity", "k_reciprocal", "top_k"]
 
 # Distances between L2-normalised embeddings.
 EMBEDDING_METRICS = {"l1": manhattan_distances, "l2": euclidean_distances, "cosine": cosine_distances}
@@ -104,12 +104,15 @@ class ProbabilityDistance:
         return probability_distances(queries, references, self.metric)
 
 
-def label_then_appearance(p, q, queries, references, weight):
-    """The hybrid distance: ``(1 - p . q) + weight * cosine distance`` of the embeddings.
+def label_then_appearance(p, q, queries, references, band):
+    """The hybrid distance, lexicographic: label agreement in bands first, the embeddings' cosine within a band.
 
-    The first term (``'same_label'`` of :func:`probability_distances`) decides between labels; with a small
-    ``weight`` the second only reorders images whose label agreement is nearly equal, that is, it orders the images
-    of one label by how they look instead of by the classifier's confidence.
+    The label term is how much less the two class-probability vectors agree than the query could at best,
+    ``max(p) - p . q`` in [0, 1] (0 for a reference the classifier is sure has the query's most probable label). It
+    is cut into bands of width ``band``; a reference in a lower band always comes first, and within one band the
+    cosine distance of the embeddings alone orders the references. So the classifier's small differences in
+    confidence among the images of one label no longer decide their order: how they look does. The result is
+    ``band * (index of the band + cosine / 2)``: it stays inside its band and reads as one number.
 
     Parameters
     ----------
@@ -119,17 +122,23 @@ def label_then_appearance(p, q, queries, references, weight):
     queries : ndarray of shape (n_q, D), float32
     references : ndarray of shape (n_r, D), float32
         Their embeddings.
-    weight : float
-        lambda, >= 0; 0 gives ``'same_label'`` alone.
+    band : float
+        Width of a label band, in (0, 1]: the label-agreement difference that appearance may override. Small:
+        close to ``'same_label'`` alone (ties broken by looks); 1: one band, the cosine alone.
 
     Returns
     -------
     ndarray of shape (n_q, n_r), float64
-        Lower is more similar, in [0, 1 + 2 * weight].
+        Lower is more similar, in [0, band * ceil(1 / band)].
     """
-    if not weight >= 0:
-        raise ValueError(f"the hybrid weight lambda must be >= 0, got {weight!r}")
-    return probability_distances(p, q, "same_label") + weight * embedding_distances(queries, references, "cosine")
+    if not 0 < band <= 1:
+        raise ValueError(f"the hybrid band width must be in (0, 1], got {band!r}")
+    p, q = check_pair(p, q)
+    shortfall = p.max(axis=1, keepdims=True) - p @ q.T
+    n_bands = int(np.ceil(1.0 / band - 1e-9))
+    level = np.clip(np.floor(shortfall / band + 1e-9), 0, n_bands - 1)
+    cosine = np.clip(embedding_distances(queries, references, "cosine"), 0.0, 2.0)
+    return band * (level + cosine / 2.0)
 
 
 def from_probability(probabilities):
@@ -140,6 +149,68 @@ def from_probability(probabilities):
 def cosine_from_similarity(similarities):
     """Cosine distances ``1 - s``, clipped to [0, 2], from inner products of L2-normalised vectors (same dtype)."""
     return np.clip(1.0 - similarities, 0.0, 2.0)
+
+
+def k_reciprocal(distances, n_queries, k1=20, k2=6, lambda_value=0.3):
+    """k-reciprocal re-ranking (Zhong et al. 2017, "Re-ranking Person Re-identification with k-reciprocal Encoding").
+
+    Two images are close when each is among the other's nearest neighbours: every image is described by its
+    expanded k1-reciprocal neighbours, weighted by ``exp(-distance)`` and averaged over its k2 nearest (local query
+    expansion); the Jaccard distance of those descriptions is blended with the original distance. The arithmetic
+    follows the authors' reference code.
+
+    Parameters
+    ----------
+    distances : ndarray of shape (n, n), float
+        Distances among the queries followed by the references (rows and columns in that order); lower is more
+        similar. Shifted to start at 0 when some are negative (the weighted-L2 scores).
+    n_queries : int
+        The first ``n_queries`` rows are the queries.
+    k1, k2 : int
+        Reciprocal neighbours (k1 >= 1) and the neighbours averaged in the query expansion (1 = none).
+    lambda_value : float
+        Weight of the original distance in [0, 1] (1 gives back the original order).
+
+    Returns
+    -------
+    ndarray of shape (n_queries, n - n_queries), float64
+        Re-ranked distances of each query to each reference, lower is more similar.
+    """
+    original = np.asarray(distances, dtype=np.float64)
+    if original.ndim != 2 or original.shape[0] != original.shape[1] or not 0 < n_queries < len(original):
+        raise ValueError(f"need an (n, n) distance matrix over queries then references, got {original.shape} with "
+                         f"{n_queries} queries")
+    if int(k1) != k1 or k1 < 1 or int(k2) != k2 or k2 < 1 or not 0 <= lambda_value <= 1:
+        raise ValueError(f"k-reciprocal re-ranking needs k1, k2 >= 1 and lambda in [0, 1], got {k1}, {k2}, "
+                         f"{lambda_value}")
+    n, k1, k2 = len(original), int(k1), int(k2)
+    original = (original - min(0.0, original.min())) ** 2
+    original = (original / np.maximum(original.max(axis=0), 1e-12)).T  # each image's distances scaled to [0, 1]
+    initial_rank = np.argsort(original, axis=1, kind="stable")
+
+    def reciprocal(i, k):
+        forward = initial_rank[i, :k + 1]
+        return forward[(initial_rank[forward, :k + 1] == i).any(axis=1)]
+
+    descriptions = np.zeros((n, n))
+    for i in range(n):
+        neighbours = reciprocal(i, k1)
+        expansion = [neighbours]
+        for candidate in neighbours:
+            theirs = reciprocal(candidate, int(np.around(k1 / 2)))
+            if len(np.intersect1d(theirs, neighbours)) > 2 / 3 * len(theirs):
+                expansion.append(theirs)
+        expanded = np.unique(np.concatenate(expansion))
+        weight = np.exp(-original[i, expanded])
+        descriptions[i, expanded] = weight / weight.sum()
+    if k2 > 1:
+        descriptions = descriptions[initial_rank[:, :k2]].mean(axis=1)
+    jaccard = np.empty((n_queries, n))
+    for i in range(n_queries):
+        shared = np.minimum(descriptions[i], descriptions).sum(axis=1)
+        jaccard[i] = 1 - shared / (2 - shared)
+    final = (1 - lambda_value) * jaccard + lambda_value * original[:n_queries]
+    return final[:, n_queries:]
 
 
 def top_k(distances, k):

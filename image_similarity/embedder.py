@@ -168,7 +168,7 @@ class Embedder:
             return out.float().cpu().numpy()
 
     def iter_batches(self, sources, batch_size=64, n_workers=2, skipped=None, names=None, desc="featurize",
-                     progress=None):
+                     progress=None, summarize=None):
         """Yield ``(indices, rows)`` batch by batch, in the order of ``sources``, skipping unreadable images.
 
         Parameters
@@ -187,11 +187,14 @@ class Embedder:
             Progress-bar label.
         progress : bool or None
             None: a bar only on a terminal.
+        summarize : callable, optional
+            Maps each batch of network-sized uint8 pixels, (n, 3, r, r), to an (n, k) array (e.g.
+            ``colour.colour_histograms``), yielded as a third item.
 
         Yields
         ------
         (list of int, ndarray of shape (n, dim), float32)
-            Positions in ``sources`` and their outputs.
+            Positions in ``sources`` and their outputs (and ``summarize(pixels)`` when given).
         """
         sources = list(sources)
         n_batches = -(-len(sources) // batch_size)
@@ -207,9 +210,10 @@ class Embedder:
                     if skipped is not None:
                         skipped.add(sources[i] if names is None else names[i], reason)
                 bar.update(len(indices) + len(bad))
-                if batch is not None:
-                    yield indices, self.forward_batch(self.transform.normalize(batch.to(self.device,
-                                                                                        non_blocking=True)))
+                if batch is None:
+                    continue
+                rows = self.forward_batch(self.transform.normalize(batch.to(self.device, non_blocking=True)))
+                yield (indices, rows) if summarize is None else (indices, rows, summarize(batch.numpy()))
 
     def iter_files(self, paths, root, batch_size=64, n_workers=2, skipped=None):
         """Yield ``(keys, rows)`` for image files, batch by batch, in the order of ``paths``.

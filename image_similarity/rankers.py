@@ -25,13 +25,13 @@ from sklearn.svm import LinearSVC
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
-from .distances import (check_pair, embedding_distances, from_probability, label_then_appearance,
+from .distances import (check_pair, embedding_distances, from_probability, k_reciprocal, label_then_appearance,
                         probability_distances)
 from .fileio import load_pickle, save_pickle
 
 __all__ = ["RandomRanker", "L1Ranker", "L2Ranker", "CosineRanker", "WeightedL2Ranker", "CalibratedRanker",
-           "ClassProbRanker", "HybridRanker", "CLASSPROB_METRICS", "negative_sample_weights", "save_payload", "load_payload",
-           "build_rankers", "RANKER_NAMES"]
+           "ClassProbRanker", "HybridRanker", "KReciprocalRanker", "CLASSPROB_METRICS", "negative_sample_weights",
+           "save_payload", "load_payload", "build_rankers", "RANKER_NAMES"]
 
 RANKER_NAMES = ("random", "L1", "L2", "cosine", "weightedl2", "weightedl2prob", "classprob_L2", "classprob_cosine",
                 "classprob_same", "hybrid")
@@ -284,23 +284,24 @@ class ClassProbRanker(BaseEstimator):
 
 
 class HybridRanker(BaseEstimator):
-    """Labels first, appearance within: ``(1 - P(same label)) + weight * cosine distance`` of the embeddings.
+    """Labels first, appearance within: label agreement in bands, then the embeddings' cosine distance.
 
     ``classprob_same`` alone gives every image of the predicted label almost the same distance, so within a label
-    its order follows the classifier's confidence. A small ``weight`` keeps the label decision and orders the
-    images of one label by how they look (see :func:`.distances.label_then_appearance`).
+    its order follows the classifier's confidence. Here a reference in a better label-agreement band always comes
+    first, and within a band the cosine distance alone orders the references, so the images of one label are
+    ordered by how they look (see :func:`.distances.label_then_appearance`).
 
     Parameters
     ----------
     classifier : ClassProbRanker
         Already fitted; only its ``predict_proba`` is used.
-    weight : float
-        lambda, >= 0; ``training.select_hybrid_weight`` chooses it on validation.
+    band : float
+        Width of a label-agreement band, in (0, 1]; ``training.select_hybrid_band`` chooses it on validation.
     """
 
-    def __init__(self, classifier=None, weight=0.1):
+    def __init__(self, classifier=None, band=0.2):
         self.classifier = classifier
-        self.weight = weight
+        self.band = band
 
     def fit(self, X=None, y=None):
         """Nothing to learn beyond the fitted classifier (checked here); returns self."""
@@ -312,7 +313,42 @@ class HybridRanker(BaseEstimator):
         """The hybrid distance of every query to every reference, (n_q, n_r) float64; lower is more similar."""
         check_is_fitted(self)
         return label_then_appearance(self.classifier.predict_proba(queries), self.classifier.predict_proba(references),
-                                     queries, references, self.weight)
+                                     queries, references, self.band)
+
+
+class KReciprocalRanker(BaseEstimator):
+    """Another ranker's distances, k-reciprocally re-ranked (:func:`.distances.k_reciprocal`).
+
+    Each call ranks the queries and references together: ``ranker.distances`` of all of them against all of them,
+    so it costs ``(n_q + n_r) ** 2`` distances, and its answer for one query depends on the other references.
+
+    Parameters
+    ----------
+    ranker : a fitted ranker
+    k1, k2 : int
+        Reciprocal neighbours and the query-expansion neighbours (the paper's 20 and 6).
+    lambda_value : float
+        Weight of the original distance, in [0, 1] (the paper's 0.3).
+    """
+
+    def __init__(self, ranker=None, k1=20, k2=6, lambda_value=0.3):
+        self.ranker = ranker
+        self.k1 = k1
+        self.k2 = k2
+        self.lambda_value = lambda_value
+
+    def fit(self, X=None, y=None):
+        """Nothing to learn; returns self."""
+        return self
+
+    def __sklearn_is_fitted__(self):
+        return True
+
+    def distances(self, queries, references):
+        """Re-ranked distances, (n_q, n_r) float64; lower is more similar."""
+        everything = np.vstack([np.asarray(queries), np.asarray(references)])
+        return k_reciprocal(self.ranker.distances(everything, everything), len(queries), self.k1, self.k2,
+                            self.lambda_value)
 
 
 def save_payload(path, model_id, **contents):
@@ -346,8 +382,8 @@ def build_rankers(svm_payload=None, classprob_payload=None, random_state=None):
         What 4_trainSvm.py saves at ``P.svmPath``: ``{'ranker': WeightedL2Ranker, 'calibrated': CalibratedRanker,
         ...}``; without it, no weightedl2 rankers.
     classprob_payload : dict, optional
-        What 4_trainSvm.py saves at ``P.classifierPath``: ``{'ranker': ClassProbRanker, 'hybrid_weight': float or
-        None, ...}``; the hybrid ranker only when ``hybrid_weight`` is set.
+        What 4_trainSvm.py saves at ``P.classifierPath``: ``{'ranker': ClassProbRanker, 'hybrid_band': float or
+        None, ...}``; the hybrid ranker only when ``hybrid_band`` is set.
     random_state : int or None
         Seeds the random baseline.
 
@@ -363,6 +399,6 @@ def build_rankers(svm_payload=None, classprob_payload=None, random_state=None):
     if classprob_payload is not None:
         for name, metric in CLASSPROB_METRICS.items():
             rankers[name] = copy.deepcopy(classprob_payload["ranker"]).set_params(metric=metric)
-        if classprob_payload.get("hybrid_weight") is not None:
-            rankers["hybrid"] = HybridRanker(classprob_payload["ranker"], classprob_payload["hybrid_weight"]).fit()
+        if classprob_payload.get("hybrid_band") is not None:
+            rankers["hybrid"] = HybridRanker(classprob_payload["ranker"], classprob_payload["hybrid_band"]).fit()
     return rankers

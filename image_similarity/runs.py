@@ -2,8 +2,8 @@
 
 Step 5, A1 and the web service all start from :func:`load_run`, so they agree on which network made the stored
 features (:func:`.embedder.resolve_embedder`), which rankers exist (those of step 4 only when its payloads are
-there), and which ranker is recommended: the one 5_evaluate.py marked best on validation, else
-:data:`FALLBACK_RANKER`.
+there), and which ranker is recommended: :data:`PREFERRED_RANKER` (labels first, appearance within) whenever step 4
+made it; without it the one 5_evaluate.py marked best on validation, else :data:`FALLBACK_RANKER`.
 """
 import csv
 import logging
@@ -15,15 +15,18 @@ from . import rankers
 from .embedder import Embedder, resolve_embedder
 from .features import Features, load_features
 
-__all__ = ["Run", "load_run", "recommended_ranker", "FALLBACK_RANKER"]
+__all__ = ["Run", "load_run", "recommended_ranker", "PREFERRED_RANKER", "FALLBACK_RANKER"]
 
 logger = logging.getLogger(__name__)
 
-FALLBACK_RANKER = "cosine"  # before 5_evaluate.py has chosen one (L2 ranks L2-normalised embeddings the same way)
+# With a classifier: the label decides, the looks order each label (the label-only rankers order it by the classifier's
+# confidence, which says nothing about appearance).
+PREFERRED_RANKER = "hybrid"
+FALLBACK_RANKER = "cosine"  # without a classifier (L2 ranks L2-normalised embeddings the same way)
 
 
 def recommended_ranker(evaluation_csv, available, default=FALLBACK_RANKER):
-    """The ranker 5_evaluate.py marked ``best_on_val`` in ``evaluation_csv``, if available, else ``default``.
+    """:data:`PREFERRED_RANKER` when available; else the one 5_evaluate.py marked ``best_on_val``; else ``default``.
 
     Parameters
     ----------
@@ -37,6 +40,8 @@ def recommended_ranker(evaluation_csv, available, default=FALLBACK_RANKER):
     -------
     str
     """
+    if PREFERRED_RANKER in set(available):
+        return PREFERRED_RANKER
     path = Path(evaluation_csv)
     if path.is_file():
         with open(path, encoding="utf-8", newline="") as handle:

@@ -9,7 +9,11 @@ Example::
     same = image_similarity.load("my_model")
 
 The embeddings come from an :class:`.embedder.Embedder` (a registry backbone or a refined checkpoint), the search
-from :class:`.index.NearestNeighborIndex` (exact below its ANN threshold, approximate above). Distances are cosine distances ``1 - cos`` in ``[0, 2]``, lower is more similar.
+from :class:`.index.NearestNeighborIndex` (exact below its ANN threshold, approximate above). Plain colour and
+brightness count too: each image's colour histogram (:mod:`.colour`) is joined to its embedding with
+``colour_weight``, so that a noisy white image is never a noisy black one's nearest neighbour. Distances are cosine
+distances of the joined vectors, ``(1 - colour_weight) * (1 - cos of the embeddings) + colour_weight * (1 - cos of
+the histograms)``, in ``[0, 2]``, lower is more similar.
 """
 import logging
 import os
@@ -28,6 +32,7 @@ from .embedder import load_embedder
 from .features import load_features, save_features
 from .fileio import atomic_path, load_json, save_json
 from .images import ImageReadError, SkippedImages, list_images
+from .colour import COLOUR_DIM, colour_histograms, with_colour
 from .index import NearestNeighborIndex
 from .splits import label_of
 
@@ -35,8 +40,10 @@ __all__ = ["SimilarityModel", "create", "load", "MODEL_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_FORMAT = "image_similarity.similarity_model/1"
-MANIFEST, FEATURES, INDEX, CHECKPOINT = "model.json", "features.npy", "index.faiss", "model.pt"
+MODEL_FORMAT = "image_similarity.similarity_model/2"  # 2: colour histograms (colours.npy) and colour_weight
+MANIFEST, FEATURES, COLOURS, INDEX, CHECKPOINT = "model.json", "features.npy", "colours.npy", "index.faiss", "model.pt"
+# The least weight that keeps plain white and black apart (tests/test_colour.py); its cost: bench/colour_weight.py.
+DEFAULT_COLOUR_WEIGHT = 0.3
 QUERY_COLUMNS = ["query", "reference", "distance", "rank"]
 GRAPH_COLUMNS = ["from", "to", "distance", "rank"]
 INFO_KEYS = ("model_id", "backbone", "dim", "input_resolution")
@@ -88,6 +95,9 @@ class SimilarityModel:
     backend : {'auto', 'torch', 'openvino', 'onnxruntime'}
         The inference engine (:mod:`.engines`), PyTorch by default like the rest of the library: ``'auto'`` is the
         fastest installed one on CPU, PyTorch on CUDA.
+    colour_weight : float
+        In [0, 1): the share of the colour-histogram distance in every distance (:func:`.colour.with_colour`);
+        0 = the embedding alone.
 
     Attributes
     ----------
@@ -96,6 +106,8 @@ class SimilarityModel:
         in-memory images.
     features : ndarray of shape (n_references, n_dims), float32
         The embeddings (not normalised), row ``i`` for ``keys[i]``.
+    colours : ndarray of shape (n_references, colour.COLOUR_DIM), float32
+        Their colour histograms (:func:`.colour.colour_histograms`).
     labels : list or None
         One label per reference, or None for an unlabelled model.
     info : dict
@@ -103,15 +115,16 @@ class SimilarityModel:
     """
 
     def __init__(self, model="efficientnet_lite0", batch_size=64, n_workers=2, index_kind="auto", device=None,
-                 backend="torch"):
+                 backend="torch", colour_weight=DEFAULT_COLOUR_WEIGHT):
         self.model = model
         self.batch_size = batch_size
         self.n_workers = n_workers
         self.index_kind = index_kind
         self.device = device
         self.backend = backend
+        self.colour_weight = colour_weight
         self.keys, self.labels, self.info = [], None, None
-        self.features = None
+        self.features, self.colours = None, None
         self._index, self._embedder, self._rows = None, None, {}
 
     # ------------------------------------------------------------------ embedding
@@ -126,34 +139,41 @@ class SimilarityModel:
             self._embedder, self.info = embedder, self.info or embedder.info
         return self._embedder
 
-    def _embed_files(self, paths, skipped):
-        """Rows (len(paths), D) float32 for image files (NaN rows for unreadable ones)."""
-        absolute = [Path(p).absolute() for p in paths]
-        n_workers = self.n_workers if len(paths) > self.batch_size else 0
-        out = np.full((len(paths), self.embedder.dim), np.nan, np.float32)
-        for indices, rows in self.embedder.iter_batches(absolute, self.batch_size, n_workers, skipped):
-            out[indices] = rows
-        return out
+    def _embed_sources(self, sources, names, n_workers, skipped):
+        """Embeddings (n, D) and colour histograms (n, COLOUR_DIM), float32, NaN rows for unreadable images."""
+        out = np.full((len(sources), self.embedder.dim), np.nan, np.float32)
+        colours = np.full((len(sources), COLOUR_DIM), np.nan, np.float32)
+        for indices, rows, histograms in self.embedder.iter_batches(sources, self.batch_size, n_workers, skipped,
+                                                                    names, summarize=colour_histograms):
+            out[indices], colours[indices] = rows, histograms
+        return out, colours
 
     def _embed(self, items, names, use_keys):
-        """Rows (len(items), D) float32 in input order, NaN for unreadable images, and the skipped files."""
+        """Embeddings and colour histograms in input order (NaN rows for unreadable images), and the skipped files."""
         skipped = SkippedImages()
         known = [use_keys and isinstance(x, str) and x in self._rows for x in items]
         files = [i for i, x in enumerate(items) if not known[i] and _is_file_source(x)]
         memory = [i for i, x in enumerate(items) if not known[i] and not _is_file_source(x)]
         dim = self.info["dim"] if self.info else self.embedder.dim
         out = np.full((len(items), dim), np.nan, np.float32)
+        colours = np.full((len(items), COLOUR_DIM), np.nan, np.float32)
         for i, x in enumerate(items):
             if known[i]:
-                out[i] = self.features[self._rows[x]]
+                out[i], colours[i] = self.features[self._rows[x]], self.colours[self._rows[x]]
         if files:
-            out[files] = self._embed_files([items[i] for i in files], skipped)
+            n_workers = self.n_workers if len(files) > self.batch_size else 0
+            out[files], colours[files] = self._embed_sources([Path(items[i]).absolute() for i in files], None,
+                                                             n_workers, skipped)
         if memory:
-            out[memory] = self.embedder.embed_images([items[i] for i in memory], self.batch_size, skipped,
-                                                     [names[i] for i in memory])
-        return out, skipped
+            out[memory], colours[memory] = self._embed_sources([items[i] for i in memory],
+                                                               [names[i] for i in memory], 0, skipped)
+        return out, colours, skipped
 
-    def embed(self, images):
+    def _searched(self, embeddings, colours):
+        """The vectors the index holds: embeddings joined with their colours (:func:`.colour.with_colour`)."""
+        return with_colour(embeddings, colours, self.colour_weight)
+
+    def embed(self, images, colours=False):
         """Embed query images.
 
         Parameters
@@ -161,12 +181,16 @@ class SimilarityModel:
         images : str, Path, PIL.Image.Image, ndarray, or a list of them
             Image files, PIL images, or uint8 arrays of shape (H, W) or (H, W, 3|4) (a (N, H, W, 3) array is N
             images). A ``str`` equal to one of :attr:`keys` is that reference: its stored embedding is used.
+        colours : bool
+            Also return the images' colour histograms.
 
         Returns
         -------
         names : list of str
             One per readable image: the path or key as given, or the position (``"0"`` ...) of an in-memory image.
         matrix : ndarray of shape (len(names), n_dims), float32
+        histograms : ndarray of shape (len(names), colour.COLOUR_DIM), float32
+            Only with ``colours=True``.
 
         Raises
         ------
@@ -176,14 +200,15 @@ class SimilarityModel:
         """
         items, single = _as_list(images)
         names = [str(x) if _is_file_source(x) else str(i) for i, x in enumerate(items)]
-        matrix, skipped = self._embed(items, names, use_keys=True)
+        matrix, histograms, skipped = self._embed(items, names, use_keys=True)
         if skipped and single:
             path, reason = next(iter(skipped))
             raise ImageReadError(path, reason)
         if skipped:
             warnings.warn(f"query images: {skipped.summary()}", UserWarning, stacklevel=3)
         ok = ~np.isnan(matrix).any(axis=1)
-        return [n for n, good in zip(names, ok) if good], matrix[ok]
+        names = [n for n, good in zip(names, ok) if good]
+        return (names, matrix[ok], histograms[ok]) if colours else (names, matrix[ok])
 
     # ------------------------------------------------------------------ references
     def add(self, images, label=None, keys=None):
@@ -228,19 +253,20 @@ class SimilarityModel:
         if clashes:
             raise ValueError(f"{len(clashes)} key(s) already in use, e.g. {clashes[0]!r}: pass other keys=")
         labels = self._new_labels(keys, label)
-        matrix, skipped = self._embed(items, keys, use_keys=False)
+        matrix, histograms, skipped = self._embed(items, keys, use_keys=False)
         if skipped:
             warnings.warn(f"references: {skipped.summary()}", UserWarning, stacklevel=2)
         ok = ~np.isnan(matrix).any(axis=1)
         if not ok.any():
             raise ValueError(f"none of the {len(items)} images could be read: {skipped.summary()}")
-        new_keys, matrix = [k for k, good in zip(keys, ok) if good], matrix[ok]
+        new_keys, matrix, histograms = [k for k, good in zip(keys, ok) if good], matrix[ok], histograms[ok]
         if self._index is None:
-            self._index = NearestNeighborIndex(self.index_kind).build(matrix)
-            self.features = matrix
+            self._index = NearestNeighborIndex(self.index_kind).build(self._searched(matrix, histograms))
+            self.features, self.colours = matrix, histograms
         else:
-            self._index.add(matrix)
+            self._index.add(self._searched(matrix, histograms))
             self.features = np.concatenate([self.features, matrix])
+            self.colours = np.concatenate([self.colours, histograms])
         if labels is not None:
             self.labels = (self.labels or []) + [lab for lab, good in zip(labels, ok) if good]
         self._rows.update((k, len(self.keys) + i) for i, k in enumerate(new_keys))
@@ -289,13 +315,14 @@ class SimilarityModel:
         Returns
         -------
         pandas.DataFrame
-            Columns ``query`` (str, see :meth:`embed`), ``reference`` (key), ``distance`` (cosine distance,
-            float64, ascending per query), ``rank`` (1-based); one row per (query, neighbour).
+            Columns ``query`` (str, see :meth:`embed`), ``reference`` (key), ``distance`` (cosine distance of
+            embedding and colour, see the module's docstring; float64, ascending per query), ``rank`` (1-based); one
+            row per (query, neighbour).
         """
-        names, matrix = self.embed(images)
+        names, matrix, histograms = self.embed(images, colours=True)
         if not names:
             return pd.DataFrame(columns=QUERY_COLUMNS)
-        distances, indices = self._index.search(matrix, k, radius)
+        distances, indices = self._index.search(self._searched(matrix, histograms), k, radius)
         return _frame(names, self.keys, distances, indices, QUERY_COLUMNS)
 
     def similarity_graph(self, k=5, radius=None, include_self_edges=False):
@@ -319,7 +346,7 @@ class SimilarityModel:
         if int(k) != k or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         extra = 0 if include_self_edges else 1
-        distances, indices = self._index.search(self.features, int(k) + extra, radius)
+        distances, indices = self._index.search(self._searched(self.features, self.colours), int(k) + extra, radius)
         if not include_self_edges:
             indices[indices == np.arange(len(indices))[:, None]] = -1
         return _frame(self.keys, self.keys, distances, indices, GRAPH_COLUMNS, max_per_row=int(k))
@@ -367,6 +394,7 @@ class SimilarityModel:
         (folder / MANIFEST).unlink(missing_ok=True)
         meta = {"model_id": self.info["model_id"], "backbone": self.info["backbone"]}
         save_features(folder / FEATURES, self.keys, self.features, meta)
+        save_features(folder / COLOURS, self.keys, self.colours, meta)
         self._index.save(folder / INDEX)
         model = self.model
         if self.model not in backbones.list_backbones():
@@ -377,13 +405,13 @@ class SimilarityModel:
         info = {k: self.info[k] for k in INFO_KEYS}
         save_json(folder / MANIFEST, {"format": MODEL_FORMAT, "model": str(model), **info, "labels": self.labels,
                                       "batch_size": self.batch_size, "n_workers": self.n_workers,
-                                      "index_kind": self.index_kind})
+                                      "index_kind": self.index_kind, "colour_weight": self.colour_weight})
         logger.info("saved %s to %s", self, folder)
         return folder
 
 
 def create(images, label=None, model="efficientnet_lite0", batch_size=64, keys=None, n_workers=2, index_kind="auto",
-           device=None, backend="torch"):
+           device=None, backend="torch", colour_weight=DEFAULT_COLOUR_WEIGHT):
     """Embed reference images and index them.
 
     Parameters
@@ -407,13 +435,16 @@ def create(images, label=None, model="efficientnet_lite0", batch_size=64, keys=N
     device : str or torch.device, optional
     backend : {'auto', 'torch', 'openvino', 'onnxruntime'}
         The inference engine, PyTorch by default; ``'auto'``: the fastest installed one on CPU, PyTorch on CUDA.
+    colour_weight : float
+        In [0, 1): how much plain colour and brightness count in every distance (see the module's docstring);
+        0 = the embedding alone.
 
     Returns
     -------
     SimilarityModel
     """
-    return SimilarityModel(model, batch_size, n_workers, index_kind, device, backend).add(images, label=label,
-                                                                                         keys=keys)
+    return SimilarityModel(model, batch_size, n_workers, index_kind, device, backend, colour_weight).add(
+        images, label=label, keys=keys)
 
 
 def load(folder, device=None, backend="torch"):
@@ -439,14 +470,17 @@ def load(folder, device=None, backend="torch"):
         raise ValueError(f"{model} is {backbones.model_id(model)} but {folder} was embedded with "
                          f"{manifest['model_id']}")
     stored = load_features(folder / FEATURES, mmap=False)
+    colours = load_features(folder / COLOURS, mmap=False)
     index = NearestNeighborIndex.load(folder / INDEX)
     labels = manifest["labels"]
-    if len(index) != len(stored) or (labels is not None and len(labels) != len(stored)):
-        raise ValueError(f"{folder}: {len(stored)} feature rows, {len(index)} indexed vectors and "
-                         f"{'no' if labels is None else len(labels)} labels do not belong together")
+    if (len(index) != len(stored) or colours.keys != stored.keys
+            or (labels is not None and len(labels) != len(stored))):
+        raise ValueError(f"{folder}: {len(stored)} feature rows, {len(colours)} colour rows, {len(index)} indexed "
+                         f"vectors and {'no' if labels is None else len(labels)} labels do not belong together")
     similarity = SimilarityModel(model, manifest["batch_size"], manifest["n_workers"], manifest["index_kind"], device,
-                                 backend)
+                                 backend, manifest["colour_weight"])
     similarity.keys, similarity.features, similarity.labels = list(stored.keys), stored.matrix, labels
+    similarity.colours = colours.matrix
     similarity.info = {k: manifest[k] for k in INFO_KEYS}
     similarity._index, similarity._rows = index, {k: i for i, k in enumerate(similarity.keys)}
     return similarity

@@ -11,14 +11,16 @@ reaches (SQLite by default, PostgreSQL with ``postgresql://...``). Tables, by th
    ``reference_id``, ``is_positive``): the ranking sets of the validation and test splits, one row per reference, in
    the set's (shuffled) reference order.
 3. ``model`` (``name``, ``model_id``, ``payload``): the pickled class-probability classifier payload
-   (``{'model_id', 'ranker': ClassProbRanker, 'C_table', 'accuracy'}``, as ``4_trainSvm.py`` saves it).
+   (``{'model_id', 'ranker': ClassProbRanker, 'C_table', 'accuracy', 'hybrid_band', 'hybrid_table'}``, as
+   ``4_trainSvm.py`` saves it).
 4. ``scores`` (``image_id``, ``class_index``, ``label``, ``score``): one row per (image, class): the classifier's
    probability of that class, so ``n_features x n_classes`` rows.
 5. ``evaluation_results`` (``split``, ``ranker``, ``metric``, ``value``): ``evaluation.evaluate`` of the positive
-   ranks under L2, cosine and 1 - P(same label) between score vectors (``classprob_L2``, ``classprob_cosine``,
+   ranks under the ``hybrid`` ranker (labels first, the embeddings' cosine within a label; when step 3 chose its
+   band) and L2, cosine and 1 - P(same label) between score vectors (``classprob_L2``, ``classprob_cosine``,
    ``classprob_same``).
 6. ``ranking_results`` (``ranker``, ``query_id``, ``rank``, ``candidate_id``, ``distance``, ``same_label``): the
-   ``k`` closest scored images to every test query image, for each of those distances.
+   ``k`` closest scored images to every test query image, for each of those rankers (``hybrid`` the recommended one).
 
 Each step writes in one transaction: it deletes its own tables' rows and those of the steps that depend on it
 (they are stale), then inserts, so a re-run replaces its output and never duplicates rows.
@@ -34,6 +36,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from . import evaluation, rankers, training
 from .distances import ProbabilityDistance
+from .rankers import HybridRanker
 from .features import Features
 from .splits import SPLITS, RankingSet, group_by_label, label_of, splits_and_ranking_sets
 
@@ -285,20 +288,25 @@ def read_ranking_sets(conn, split):
     return sets
 
 
-def train_classifier(engine, C_candidates, random_state=None):
+def train_classifier(engine, C_candidates, random_state=None, hybrid_bands=(), max_top1_drop=0.01,
+                     max_mean_rank_rise=0.1):
     """Step 3: the class-probability classifier of 4_trainSvm.py (``training.select_classprob_C``) into ``model``.
 
-    Trained on ``training_images``, C chosen by accuracy on ``evaluation_images`` (the validation split).
+    Trained on ``training_images``, C chosen by accuracy on ``evaluation_images`` (the validation split); the hybrid
+    ranker's band chosen on the validation ranking sets (``training.select_hybrid_band``) when ``hybrid_bands`` are
+    given.
 
     Returns
     -------
     dict
-        The stored payload: ``{'model_id', 'ranker': ClassProbRanker, 'C_table', 'accuracy': {split: fraction}}``.
+        The stored payload: ``{'model_id', 'ranker': ClassProbRanker, 'C_table', 'accuracy': {split: fraction},
+        'hybrid_band': float or None, 'hybrid_table'}``.
     """
     with engine.connect() as conn:
         feats = read_features(conn)
         keys = {split: [k for label in sorted(d) for k in d[label]]
                 for split, d in ((s, read_split(conn, s)) for s in SPLITS)}
+        val_sets = read_ranking_sets(conn, "val")
     _require_rows(keys["train"], split_tables["train"], 2)
     if not keys["val"]:
         raise ValueError("table evaluation_images is empty: the classifier's C is chosen on the validation split "
@@ -306,8 +314,13 @@ def train_classifier(engine, C_candidates, random_state=None):
     xy = {split: (feats.rows(keys[split]), [label_of(k) for k in keys[split]])
           for split in SPLITS if keys[split]}
     classifier, table = training.select_classprob_C(*xy["train"], *xy["val"], C_candidates, random_state)
+    hybrid, hybrid_table = None, {}
+    if hybrid_bands and val_sets:
+        hybrid, hybrid_table = training.select_hybrid_band(classifier, feats, val_sets, hybrid_bands, max_top1_drop,
+                                                           max_mean_rank_rise)
     payload = {"model_id": feats.meta["model_id"], "ranker": classifier, "C_table": table,
-               "accuracy": {split: classifier.score(*data) for split, data in xy.items()}}
+               "accuracy": {split: classifier.score(*data) for split, data in xy.items()},
+               "hybrid_band": None if hybrid is None else hybrid.band, "hybrid_table": hybrid_table}
     with engine.begin() as conn:
         _replace(conn, 3, {model_table: [{"name": MODEL_NAME, "model_id": payload["model_id"],
                                           "payload": pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)}]})
@@ -358,24 +371,36 @@ def read_scores(conn):
     return Features([row.path for row in rows[::len(classes)]], matrix, {"classes": list(classes.values())})
 
 
+def _rankers(conn):
+    """``{name: (ranker, stored vectors it ranks)}``: the hybrid on the features (when step 3 chose its band), then
+    the distances of ``SCORE_RANKERS`` on the scores."""
+    scores = read_scores(conn)
+    found = {}
+    payload = read_model(conn)
+    if payload.get("hybrid_band") is not None:
+        found["hybrid"] = (HybridRanker(payload["ranker"], payload["hybrid_band"]).fit(), read_features(conn))
+    found.update((name, (ProbabilityDistance(metric), scores)) for name, metric in SCORE_RANKERS.items())
+    return found
+
+
 def evaluate_scores(engine, top_ns, splits=("val", "test")):
-    """Step 5: rank every ranking set's references by each distance of ``SCORE_RANKERS``; ``evaluation.evaluate``.
+    """Step 5: rank every ranking set's references by the hybrid and each distance of ``SCORE_RANKERS``.
 
     Returns
     -------
     dict
         ``{split: {ranker: {'top1', ..., 'mean_rank', 'median_rank', 'mrr', 'n_queries'}}}`` for the splits with
-        ranking sets, also written to ``evaluation_results`` as one row per (split, ranker, metric).
+        ranking sets (``evaluation.evaluate``), also written to ``evaluation_results`` as one row per (split, ranker,
+        metric).
     """
     with engine.connect() as conn:
-        scores = read_scores(conn)
+        by_name = _rankers(conn)
         sets = {split: read_ranking_sets(conn, split) for split in splits}
     if not any(sets.values()):
         raise ValueError(f"table query_images holds no {' or '.join(splits)} ranking sets: run step 2 (a label "
                          "needs two images in a split to give queries)")
-    results = {split: {name: evaluation.evaluate(
-        evaluation.rank_ranking_sets(ProbabilityDistance(metric), scores, sets[split]), top_ns)
-        for name, metric in SCORE_RANKERS.items()} for split in splits if sets[split]}
+    results = {split: {name: evaluation.evaluate(evaluation.rank_ranking_sets(ranker, vectors, sets[split]), top_ns)
+                       for name, (ranker, vectors) in by_name.items()} for split in splits if sets[split]}
     with engine.begin() as conn:
         _replace(conn, 5, {evaluation_results: [
             {"split": split, "ranker": name, "metric": metric, "value": float(value)}
@@ -385,23 +410,23 @@ def evaluate_scores(engine, top_ns, splits=("val", "test")):
 
 
 def rank_candidates(engine, k):
-    """Step 6: the ``k`` scored images closest to every test query image (itself excluded), for each distance.
+    """Step 6: the ``k`` images closest to every test query image (itself excluded), for each ranker.
 
     Returns
     -------
     dict
-        ``{ranker: {query key: [(candidate key, distance), ...]}}``, also written to ``ranking_results``.
+        ``{ranker: {query key: [(candidate key, distance), ...]}}`` (``hybrid`` first when step 3 chose its band),
+        also written to ``ranking_results``.
     """
     with engine.connect() as conn:
-        scores = read_scores(conn)
+        by_name = _rankers(conn)
         queries = sorted({s.query for s in read_ranking_sets(conn, "test")})
         ids = {key: i for i, key in _paths(conn).items()}
     if not queries:
         raise ValueError("table query_images holds no test ranking sets: run step 2 (a label needs two test images "
                          "to give queries)")
-    found = {name: dict(zip(queries, evaluation.top_k_candidates(ProbabilityDistance(metric), scores, queries,
-                                                                 scores.keys, k)))
-             for name, metric in SCORE_RANKERS.items()}
+    found = {name: dict(zip(queries, evaluation.top_k_candidates(ranker, vectors, queries, vectors.keys, k)))
+             for name, (ranker, vectors) in by_name.items()}
     with engine.begin() as conn:
         _replace(conn, 6, {ranking_results: [
             {"ranker": name, "query_id": ids[query], "rank": n, "candidate_id": ids[key], "distance": distance,

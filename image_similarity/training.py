@@ -4,9 +4,10 @@ Step 4 (``4_trainSvm.py``), the attributes (:meth:`.attributes.AttributeModel.fi
 through these functions, so the tutorial's recipe is written once: a linear SVM on the squared differences of
 (query, reference) pairs of the train ranking sets, C chosen by the mean rank of the positive on the validation
 ranking sets, optional rounds of hard negatives, and Platt scaling on the validation pairs. The
-class-probability classifier's C is chosen by validation accuracy, and the hybrid ranker's weight by how far it may
-go before the validation top-1 drops. Nothing here looks at a test split.
+class-probability classifier's C is chosen by validation accuracy, and the hybrid ranker's label band by how wide it
+may be before the validation top-1 or mean rank suffers. Nothing here looks at a test split.
 """
+import copy
 import logging
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from .evaluation import mean_rank, rank_ranking_sets, top_k_accuracy
 from .rankers import CalibratedRanker, ClassProbRanker, HybridRanker, WeightedL2Ranker
 
 __all__ = ["pair_differences", "ranking_set_pairs", "select_C", "mine_hard_negatives", "WeightedL2Fit",
-           "fit_weighted_l2", "pair_accuracies", "select_classprob_C", "select_hybrid_weight"]
+           "fit_weighted_l2", "pair_accuracies", "select_classprob_C", "select_hybrid_band"]
 
 logger = logging.getLogger(__name__)
 
@@ -236,13 +237,15 @@ def select_classprob_C(X_train, y_train, X_val, y_val, candidates, random_state=
     return best, table
 
 
-def select_hybrid_weight(classifier, features, val_sets, candidates, max_top1_drop=0.01):
-    """The largest hybrid weight lambda whose validation top-1 stays within ``max_top1_drop`` of lambda = 0.
+def select_hybrid_band(classifier, features, val_sets, candidates, max_top1_drop=0.01, max_mean_rank_rise=0.1):
+    """The widest label band of the hybrid ranker that keeps ``classprob_same``'s validation top-1 and mean rank.
 
-    Labels come first: lambda = 0 is ``classprob_same``, and the validation ranking sets (one positive of the
-    query's label among negatives of other labels) only measure label agreement. Appearance should weigh as much
-    as it can without costing that, so the largest admissible candidate is kept; when none is admissible, the one
-    with the best validation top-1 (ties: the smaller).
+    Labels come first: the validation ranking sets (one positive of the query's label among negatives of other
+    labels) only measure label agreement, which ``classprob_same`` ranks best. Appearance should decide as often
+    as it can without costing that, so the widest admissible band is kept: validation top-1 within
+    ``max_top1_drop`` of ``classprob_same``'s and mean rank at most ``max_mean_rank_rise`` (relative) above it.
+    When none is admissible (a small validation split, where one query is more than a point), the best validation
+    top-1, then the lowest mean rank, then the widest band.
 
     Parameters
     ----------
@@ -251,23 +254,30 @@ def select_hybrid_weight(classifier, features, val_sets, candidates, max_top1_dr
     val_sets : list of RankingSet
         The validation ranking sets (never the test split).
     candidates : iterable of float
-        lambda values, each >= 0.
+        Band widths, each in (0, 1].
     max_top1_drop : float
-        Largest accepted loss of validation top-1 against lambda = 0, as a fraction (0.01 = 1 point).
+        Largest accepted loss of validation top-1, as a fraction (0.01 = 1 point).
+    max_mean_rank_rise : float
+        Largest accepted rise of the validation mean rank, relative (0.1 = 10%).
 
     Returns
     -------
     best : HybridRanker
-    table : dict of float to dict
-        ``{lambda: {'top1': fraction, 'mean_rank': float}}`` for 0 and every candidate.
+    table : dict
+        ``{band: {'top1': fraction, 'mean_rank': float}}`` for every candidate, and ``'classprob_same'`` for the
+        label-only ranking it is held to.
     """
     candidates = sorted(set(map(float, candidates)))
     if not candidates:
-        raise ValueError("no hybrid weight candidates to choose from")
+        raise ValueError("no hybrid band candidates to choose from")
+    label_only = copy.deepcopy(classifier).set_params(metric="same_label")
     table = {}
-    for weight in [0.0, *candidates]:
-        ranks = rank_ranking_sets(HybridRanker(classifier, weight).fit(), features, val_sets)
-        table[weight] = {"top1": top_k_accuracy(ranks, 1), "mean_rank": mean_rank(ranks)}
-    admissible = [w for w in candidates if table[w]["top1"] >= table[0.0]["top1"] - max_top1_drop - 1e-12]
-    weight = max(admissible) if admissible else max(candidates, key=lambda w: (table[w]["top1"], -w))
-    return HybridRanker(classifier, weight).fit(), table
+    for name, ranker in [("classprob_same", label_only), *((b, HybridRanker(classifier, b).fit()) for b in candidates)]:
+        ranks = rank_ranking_sets(ranker, features, val_sets)
+        table[name] = {"top1": top_k_accuracy(ranks, 1), "mean_rank": mean_rank(ranks)}
+    reference = table["classprob_same"]
+    admissible = [b for b in candidates if table[b]["top1"] >= reference["top1"] - max_top1_drop - 1e-12
+                  and table[b]["mean_rank"] <= reference["mean_rank"] * (1 + max_mean_rank_rise) + 1e-12]
+    band = max(admissible) if admissible else min(
+        candidates, key=lambda b: (-table[b]["top1"], table[b]["mean_rank"], -b))
+    return HybridRanker(classifier, band).fit(), table

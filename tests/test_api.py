@@ -167,7 +167,8 @@ def test_add_embeds_only_the_new_images(copy_of, tmp_path):
 
 def test_save_load_gives_identical_results(model, folder, tmp_path):
     out = model.save(tmp_path / "saved")
-    assert sorted(p.name for p in out.iterdir()) == ["features.json", "features.npy", "index.faiss", "model.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["colours.json", "colours.npy", "features.json", "features.npy",
+                                                   "index.faiss", "model.json"]
     loaded = image_similarity.load(out)
     queries = [folder / "can" / _photos("can", 0, 1)[0].name, _photos("water_bottle", PER_LABEL, PER_LABEL + 1)[0],
                "carton/" + _photos("carton", 1, 2)[0].name]

@@ -7,8 +7,8 @@ from sklearn.preprocessing import normalize
 
 from image_similarity.evaluation import mean_rank, positive_rank
 from image_similarity.rankers import (RANKER_NAMES, CalibratedRanker, ClassProbRanker, CosineRanker, HybridRanker,
-                                      L1Ranker, L2Ranker, RandomRanker, WeightedL2Ranker, build_rankers,
-                                      negative_sample_weights)
+                                      KReciprocalRanker, L1Ranker, L2Ranker, RandomRanker, WeightedL2Ranker,
+                                      build_rankers, negative_sample_weights)
 from image_similarity.training import pair_differences
 
 
@@ -193,11 +193,11 @@ def test_build_rankers_in_report_order(trained):
     assert list(build_rankers(random_state=0)) == ["random", "L1", "L2", "cosine"]
     x, labels = make_clusters(n_noise=4)
     svm = {"ranker": ranker, "calibrated": CalibratedRanker(ranker).fit(val_diffs, val_same)}
-    classprob = {"ranker": ClassProbRanker().fit(x, labels), "hybrid_weight": 0.1}
+    classprob = {"ranker": ClassProbRanker().fit(x, labels), "hybrid_band": 0.1}
     rankers = build_rankers(svm, classprob, random_state=0)
     assert tuple(rankers) == RANKER_NAMES
-    assert rankers["hybrid"].weight == 0.1 and rankers["hybrid"].classifier is classprob["ranker"]
-    assert "hybrid" not in build_rankers(svm, {"ranker": classprob["ranker"], "hybrid_weight": None})
+    assert rankers["hybrid"].band == 0.1 and rankers["hybrid"].classifier is classprob["ranker"]
+    assert "hybrid" not in build_rankers(svm, {"ranker": classprob["ranker"], "hybrid_band": None})
     assert {name: rankers[name].metric for name in RANKER_NAMES if name.startswith("classprob")} == {
         "classprob_L2": "l2", "classprob_cosine": "cosine", "classprob_same": "same_label"}
     assert classprob["ranker"].metric == "l2"  # the payload itself is not changed
@@ -217,17 +217,48 @@ def test_hybrid_ranker_orders_a_label_by_appearance():
     references = np.array([far, near, other], np.float32)
     label_only = classifier.distances(query, references)[0]
     assert label_only[0] < label_only[1] < label_only[2]  # classprob_same: the surer, unlike one first
-    hybrid = HybridRanker(classifier, weight=0.1).fit()
-    d = hybrid.distances(query, references)[0]
-    assert d[1] < d[0] < d[2]  # the one that looks alike first, the other label still last
-    expected = label_only + 0.1 * cosine_distances(normalize(query), normalize(references))[0]
-    np.testing.assert_allclose(d, expected, atol=1e-12)
-    # The printed distances are informative: the two same-label references are far apart, not 1e-5 (file order).
-    assert d[0] - d[1] > 0.02 and abs(label_only[0] - label_only[1]) < 0.02
-    # The order does not depend on where the references are listed.
-    np.testing.assert_allclose(hybrid.distances(query, references[::-1])[0], d[::-1], atol=1e-12)
-    assert np.array_equal(HybridRanker(classifier, 0.0).fit().distances(query, references)[0], label_only)
+    cosine = cosine_distances(normalize(query), normalize(references))[0]
+    for band in (0.05, 0.1, 0.2, 0.5):
+        hybrid = HybridRanker(classifier, band=band).fit()
+        d = hybrid.distances(query, references)[0]
+        assert d[1] < d[0] < d[2], band  # the one that looks alike first, the other label still last
+        # The printed distances are informative: the two same-label references are far apart, as their looks.
+        np.testing.assert_allclose(d[0] - d[1], band * (cosine[0] - cosine[1]) / 2, atol=1e-7)
+        # The order does not depend on where the references are listed.
+        np.testing.assert_allclose(hybrid.distances(query, references[::-1])[0], d[::-1], atol=1e-12)
+    # By hand, band 0.2: max(p) - p . q is 0.076 and 0.093 for far and near (band 0), 0.662 for other (band 3).
+    p, q = classifier.predict_proba(query), classifier.predict_proba(references)
+    np.testing.assert_allclose(p.max() - p @ q.T, [[0.0756, 0.0933, 0.6624]], atol=1e-4)
+    np.testing.assert_allclose(HybridRanker(classifier, 0.2).fit().distances(query, references)[0],
+                               0.2 * (np.array([0, 0, 3]) + cosine / 2), atol=1e-7)
+    # One band is the cosine alone; a lower band always wins, however the references look.
+    np.testing.assert_allclose(HybridRanker(classifier, 1.0).fit().distances(query, references)[0], cosine / 2,
+                               atol=1e-7)
+    lookalike = np.array([[0.7, 1, 0.9]], np.float32)  # label b, closer to the query than `far` in cosine
+    d = HybridRanker(classifier, 0.2).fit().distances(query, np.vstack([far, lookalike]))[0]
+    assert cosine_distances(normalize(query), lookalike)[0, 0] < cosine[0] and d[0] < d[1]
     with pytest.raises(NotFittedError):
         HybridRanker(ClassProbRanker()).fit()
-    with pytest.raises(ValueError, match="lambda must be >= 0"):
-        HybridRanker(classifier, -1.0).fit().distances(query, references)
+    for band in (0.0, -1.0, 1.5):
+        with pytest.raises(ValueError, match="band width must be in"):
+            HybridRanker(classifier, band).fit().distances(query, references)
+
+
+def test_k_reciprocal_re_ranking_keeps_clusters_and_falls_back_to_the_original_order():
+    rng = np.random.default_rng(0)
+    centres = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    points = np.vstack([centre + 0.05 * rng.normal(size=(8, 3)) for centre in centres]).astype(np.float32)
+    cluster = np.repeat(np.arange(3), 8)
+    queries, references = points[::4], np.delete(points, np.arange(0, len(points), 4), axis=0)
+    q_cluster, r_cluster = cluster[::4], np.delete(cluster, np.arange(0, len(points), 4))
+    re_ranked = KReciprocalRanker(CosineRanker(), k1=4, k2=2).fit()
+    d = re_ranked.distances(queries, references)
+    assert d.shape == (len(queries), len(references))
+    nearest = np.argsort(d, axis=1, kind="stable")[:, :5]
+    assert (r_cluster[nearest] == q_cluster[:, None]).all()  # the 6 same-cluster references lead
+    # With all the weight on the original distance, the original order comes back.
+    original = CosineRanker().distances(queries, references)
+    only_original = KReciprocalRanker(CosineRanker(), k1=4, k2=2, lambda_value=1.0).distances(queries, references)
+    assert np.array_equal(np.argsort(only_original, axis=1, kind="stable"), np.argsort(original, axis=1, kind="stable"))
+    with pytest.raises(ValueError, match="k1, k2 >= 1"):
+        KReciprocalRanker(CosineRanker(), k1=0).distances(queries, references)

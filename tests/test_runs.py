@@ -1,4 +1,4 @@
-"""Loading a finished run: the recommended ranker and its one fallback."""
+"""Loading a finished run: the recommended ranker (hybrid whenever a classifier exists) and its fallbacks."""
 from image_similarity.runs import recommended_ranker
 
 
@@ -8,3 +8,6 @@ def test_recommended_ranker(tmp_path):
     csv_path.write_text("ranker,top1,best_on_val\nL2,0.5,0\nweightedl2,0.7,1\n")
     assert recommended_ranker(csv_path, ["cosine", "L2", "weightedl2"]) == "weightedl2"
     assert recommended_ranker(csv_path, ["cosine", "L2"]) == "cosine"  # recommended one not available
+    # With a classifier the hybrid ranker is the default, whatever step 5 marked best on validation.
+    assert recommended_ranker(csv_path, ["cosine", "weightedl2", "classprob_same", "hybrid"]) == "hybrid"
+    assert recommended_ranker(tmp_path / "missing.csv", ["cosine", "hybrid"]) == "hybrid"

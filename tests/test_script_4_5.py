@@ -66,7 +66,7 @@ def test_train_svm_reports_and_saves_payloads(pipeline):
         assert any(line.strip().startswith(split) and "balanced accuracy" in line for line in out.splitlines()), out
     assert "as the tutorial's 'accuracy'" in out and "<- chosen" in out
     assert "Hard-negative mining 1 of 1: added" in out
-    assert "Hybrid ranker (1 - P(same label)) + lambda * cosine" in out
+    assert "Hybrid ranker (label agreement in bands, cosine within a band)" in out
     features_meta = json.loads((work / "proc" / "tiny" / "features.json").read_text())
     with open(work / "proc" / "tiny" / "svm.pickle", "rb") as handle:
         svm = pickle.load(handle)
@@ -78,11 +78,12 @@ def test_train_svm_reports_and_saves_payloads(pipeline):
     assert f"added {svm['n_hard_negatives']} pairs" in out
     assert set(classprob["accuracy"]) == {"train", "val", "test"}
     assert classprob["accuracy"]["test"] > 0.9  # three colours are easy
-    assert list(classprob["hybrid_table"]) == [0.0, 0.03, 0.1, 0.3, 1.0]  # lambda = 0 and svm_hybridLambdaCandidates
-    top1 = {w: m["top1"] for w, m in classprob["hybrid_table"].items()}
-    assert top1[classprob["hybrid_weight"]] >= top1[0.0] - 0.01
-    assert all(top1[w] < top1[0.0] - 0.01 for w in top1 if w > classprob["hybrid_weight"])
-    assert f"lambda = {classprob['hybrid_weight']:<6g}" in out
+    table = classprob["hybrid_table"]
+    assert list(table) == ["classprob_same", 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]  # svm_hybridBandCandidates
+    band, same = classprob["hybrid_band"], table["classprob_same"]
+    admissible = [b for b in table if b != "classprob_same" and table[b]["top1"] >= same["top1"] - 0.01
+                  and table[b]["mean_rank"] <= 1.1 * same["mean_rank"]]
+    assert band == (max(admissible) if admissible else band) and f"band = {band:<14} " in out
     assert_figure(work / "results" / "tiny" / "svm_score_vs_probability.png", (900, 600))
 
 
@@ -116,7 +117,7 @@ def test_evaluation_csv_and_figures(pipeline):
     assert len(best) == 1 and best[0] != "random"
     assert_figure(results / "topN_accuracy.png", (900, 600))
     assert_figure(results / "rank_histogram.png", (900, 600))
-    figures = sorted((results / f"visualizations_{best[0]}").glob("*.png"))
+    figures = sorted((results / "visualizations_hybrid").glob("*.png"))  # the recommended ranker, as A1's
     assert len(figures) == 3
     pixels = assert_figure(figures[0], (900, 360))
     corner = pixels[2, 2]
@@ -135,7 +136,7 @@ def test_ranking_results_csv(pipeline):
         assert [int(row["rank"]) for row in mine] == [1, 2, 3, 4]
         assert query not in {row["candidate"] for row in mine}
         distances = [float(row["distance"]) for row in mine]
-        assert distances == sorted(distances)
+        assert distances == sorted(distances) and len(set(distances)) == 4  # hybrid: the looks order a label
     assert np.mean([row["same_label"] == "1" for row in rows]) > 0.8
 
 
@@ -216,3 +217,14 @@ def test_evaluate_with_groups_reports_instance_metrics(pipeline):
         assert {"map", "instance_recall@1", "instance_recall@5", "instance_map"} <= set(next(csv.DictReader(handle)))
     missing = run_script("5_evaluate.py", *args, "--set", "groupsFile=nope.tsv")
     assert missing.returncode == 2 and "groupsFile" in missing.stderr and "nope.tsv" in missing.stderr
+
+
+def test_k_reciprocal_re_ranking_is_an_option(pipeline):
+    work, args, _, _ = pipeline
+    result = run_ok("5_evaluate.py", *args, "--on", "val", "--set", "eval_boVisualizeResults=False",
+                    "--set", "eval_reRankK1=4", "--set", "eval_reRankK2=2")
+    results = json.loads((work / "results" / "tiny" / "evaluation.json").read_text())
+    assert list(results)[-1] == "hybrid+kreciprocal" and "hybrid+kreciprocal" in result.stdout
+    assert 0 < results["hybrid+kreciprocal"]["top1"] <= 1 and 0 < results["hybrid+kreciprocal"]["map"] <= 1
+    refused = run_script("5_evaluate.py", *args, "--set", "eval_reRankK1=-1")
+    assert refused.returncode == 2 and "eval_reRankK1=-1" in refused.stderr

@@ -82,3 +82,20 @@ def test_attributes_rank_by_combined_probability(featurized, tmp_path):
     assert all(0.0 <= float(d) <= 1.0 for d, _ in ranked)  # 1 - combined probability
     result = run_script("A1_imageRetrieval.py", query, "--attributes", "colour", *args)
     assert result.returncode == 2 and "unknown attribute(s) ['colour']: configured are ['tiny']" in result.stderr
+
+
+def test_hybrid_is_the_default_once_step_4_ran(featurized, tmp_path):
+    """Last in this module: step 4 makes a classifier, and A1 then ranks labels first, looks within a label."""
+    work, args = featurized
+    step4 = run_script("4_trainSvm.py", *args, "--set", "svm_CValCandidates=[1.0]")
+    assert step4.returncode == 0, step4.stderr[-3000:]
+    query = make_image(tmp_path / "q.png", (205, 25, 35), pattern="stripes")
+    result = run_script("A1_imageRetrieval.py", query, "--top", "8", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(hybrid on pretrained:" in result.stdout
+    ranked = re.findall(r"^\s+(\d+)\.\s+(\S+)\s+(\S+)\s+(.+)$", result.stdout, re.M)
+    distances = [float(r[1]) for r in ranked]
+    # Informative: no column of zeros, no ties left to the file order; the query's label first.
+    assert distances == sorted(distances) and len(set(distances)) == 8 and min(distances) > 0, result.stdout
+    labels = [label for _, _, label, _ in ranked]
+    assert labels[:8] == ["red"] * 8, result.stdout

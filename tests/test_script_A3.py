@@ -93,7 +93,7 @@ def test_tables_columns_and_row_counts(sqlite_run):
     assert counts["training_images"] + counts["evaluation_images"] + counts["testing_images"] == n
     assert counts["query_images"] == n_sets * (1 + N_NEGATIVES)
     assert counts["model"] == 1 and counts["scores"] == n * len(LABEL_LOOKS)
-    n_rankers = len(store.SCORE_RANKERS)  # the splits (val, test) x rankers x (top-Ns, mean, median, MRR, count)
+    n_rankers = len(store.SCORE_RANKERS) + 1  # with the hybrid; the splits (val, test) x rankers x (top-Ns, mean, median, MRR, count)
     assert counts["evaluation_results"] == 2 * n_rankers * (len(TOP_NS) + 4)
     assert counts["ranking_results"] == n_rankers * len(test_queries) * K
 

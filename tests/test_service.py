@@ -99,7 +99,7 @@ def test_health(server):
     assert health["model_id"] == "pretrained:efficientnet_lite0"
     assert health["rankers"] == ["random", "L1", "L2", "cosine", "weightedl2", "weightedl2prob", "classprob_L2",
                                  "classprob_cosine", "classprob_same", "hybrid"]
-    assert health["default_ranker"] == "cosine"  # 5_evaluate.py has not run
+    assert health["default_ranker"] == "hybrid"  # step 4 made a classifier: labels first, looks within
     assert health["attributes"] == ["tiny", "again"]
     assert health["max_upload_bytes"] == LIMIT and health["notes"] == []
 
@@ -131,7 +131,9 @@ def test_query_returns_k_sorted_matches_that_are_served(server, tmp_path):
 def test_default_k_and_ranker(server, tmp_path):
     client, _ = server
     body = query(client, red_query(tmp_path)).json()
-    assert body["ranker"] == "cosine" and len(body["results"]) == 5
+    assert body["ranker"] == "hybrid" and len(body["results"]) == 5
+    distances = [r["distance"] for r in body["results"]]
+    assert distances == sorted(distances) and len(set(distances)) == 5  # looks order the label: no ties
 
 
 def test_weightedl2prob_gives_probabilities(server, tmp_path):

@@ -16,6 +16,8 @@ from sqlalchemy.exc import IntegrityError
 
 from image_similarity import evaluation, store
 from image_similarity.distances import ProbabilityDistance
+from image_similarity.features import Features
+from image_similarity.rankers import HybridRanker
 from image_similarity.splits import SPLITS, label_of, make_ranking_sets, split_images
 
 LABELS = ("dotted", "leopard", "striped")
@@ -123,7 +125,7 @@ def run_all(engine, unreadable=("striped/broken.jpg",)):
     keys, matrix = synthetic()
     store.write_image_store(engine, keys + list(unreadable), keys, matrix, "pretrained:test")
     splits, sets = store.write_splits(engine, **SPLIT_ARGS)
-    payload = store.train_classifier(engine, [0.1, 10.0], random_state=0)
+    payload = store.train_classifier(engine, [0.1, 10.0], random_state=0, hybrid_bands=[0.1, 0.2])
     scores = store.write_scores(engine)
     results = store.evaluate_scores(engine, TOP_NS)
     found = store.rank_candidates(engine, 5)
@@ -157,7 +159,7 @@ def test_full_chain_counts_and_consistency(engine):
     n, n_classes = len(out["keys"]), len(LABELS)
     n_sets = {split: len(out["sets"][split]) for split in ("val", "test")}
     n_test_queries = len({s.query for s in out["sets"]["test"]})
-    n_rankers = len(store.SCORE_RANKERS)
+    n_rankers = len(store.SCORE_RANKERS) + 1  # and the hybrid
     assert counts == {"ImageStore": n + 1, "features": n,
                       "training_images": sum(map(len, out["splits"]["train"].values())),
                       "evaluation_images": sum(map(len, out["splits"]["val"].values())),
@@ -211,6 +213,9 @@ def test_evaluation_equals_evaluate_on_classifier_ranks(engine):
             expected = evaluation.evaluate(ranks, TOP_NS)
             assert out["results"][split][name] == expected
             assert {m: stored[(split, name, m)] for m in expected} == pytest.approx(expected, abs=0, rel=1e-12)
+        hybrid = HybridRanker(classifier, out["payload"]["hybrid_band"]).fit()
+        assert out["results"][split]["hybrid"] == evaluation.evaluate(
+            evaluation.rank_ranking_sets(hybrid, feats, out["sets"][split]), TOP_NS)
 
 
 def test_ranking_results_are_the_closest_scores(engine):
@@ -235,6 +240,16 @@ def test_ranking_results_are_the_closest_scores(engine):
                                                                                  scores.rows(others))[0]
             assert distances == pytest.approx(np.sort(everything)[:5], abs=1e-12)
             assert all(r.same_label == (label_of(paths[r.candidate_id]) == label_of(query)) for r in mine)
+    # The recommended hybrid ranker too (first), on the embeddings: labels first, distinct distances within.
+    assert list(out["found"])[0] == "hybrid" and out["payload"]["hybrid_band"] in (0.1, 0.2)
+    hybrid = HybridRanker(out["payload"]["ranker"], out["payload"]["hybrid_band"]).fit()
+    features = Features(out["keys"], out["matrix"], {})
+    for query in test_queries:
+        mine = [r for r in rows if r.ranker == "hybrid" and paths[r.query_id] == query]
+        others = [k for k in out["keys"] if k != query]
+        everything = hybrid.distances(features.rows([query]), features.rows(others))[0]
+        assert [r.distance for r in mine] == pytest.approx(np.sort(everything)[:5], abs=1e-12)
+        assert len({r.distance for r in mine}) == 5
 
 
 def test_rerun_replaces_rows_and_clears_stale_steps(engine):

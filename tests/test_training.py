@@ -5,7 +5,7 @@ from image_similarity.features import Features
 from image_similarity.rankers import ClassProbRanker, WeightedL2Ranker
 from image_similarity.splits import RankingSet, make_ranking_sets
 from image_similarity.training import (fit_weighted_l2, mine_hard_negatives, pair_accuracies, ranking_set_pairs,
-                                       select_C, select_hybrid_weight)
+                                       select_C, select_hybrid_band)
 from test_rankers import HYBRID_LABELS, HYBRID_TRAIN, make_clusters, random_pairs, trained  # noqa: F401 (a fixture)
 
 
@@ -59,17 +59,20 @@ def test_fit_weighted_l2_chooses_C_on_validation_mines_and_calibrates():
     np.testing.assert_array_equal(plain.ranker.coef_, WeightedL2Ranker(C=chosen.C, random_state=0).fit(*train).coef_)
 
 
-def test_hybrid_weight_is_the_largest_that_keeps_validation_top1():
+def test_hybrid_band_is_the_widest_that_keeps_validation_top1_and_mean_rank():
     classifier = ClassProbRanker(metric="same_label", C=10.0, random_state=0).fit(HYBRID_TRAIN, HYBRID_LABELS)
     # The positive has the query's label but looks unlike it; the negative has the other label and looks alike.
-    # lambda = 0.1 and 1 still rank the positive first; from lambda = 3 the look-alike wins (worked out by hand:
-    # 0.198 + 3 * 0.402 > 0.590 + 3 * 0.266).
+    # Worked out by hand: max(p) - p . q is 0.076 for the positive, 0.467 for the look-alike, and their cosine
+    # distances are 0.402 and 0.266. Bands up to 0.4 put them in different bands (positive first); from 0.5 both
+    # share band 0 and the look-alike wins on looks.
     keys = ["a/query.jpg", "a/positive.jpg", "b/lookalike.jpg"]
     features = Features(keys, np.array([[1, 0.1, 0.5], [1, 0, -0.5], [0.7, 1, 0.9]], np.float32), {})
     val_sets = [RankingSet(keys[0], keys[1], [keys[2]], [keys[2], keys[1]])]
-    best, table = select_hybrid_weight(classifier, features, val_sets, [10.0, 0.1, 3.0, 1.0])
-    assert best.weight == 1.0 and list(table) == [0.0, 0.1, 1.0, 3.0, 10.0]
-    assert [table[w]["top1"] for w in table] == [1.0, 1.0, 1.0, 0.0, 0.0]
-    assert [table[w]["mean_rank"] for w in table] == [1.0, 1.0, 1.0, 2.0, 2.0]
-    # None keeps the top-1: the best of them, ties to the smaller.
-    assert select_hybrid_weight(classifier, features, val_sets, [3.0, 10.0])[0].weight == 3.0
+    best, table = select_hybrid_band(classifier, features, val_sets, [1.0, 0.1, 0.5, 0.3])
+    assert best.band == 0.3 and list(table) == ["classprob_same", 0.1, 0.3, 0.5, 1.0]
+    assert [table[b]["top1"] for b in table] == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert [table[b]["mean_rank"] for b in table] == [1.0, 1.0, 1.0, 2.0, 2.0]
+    # The mean rank counts too: with any top-1 accepted, a 10% rise of the mean rank is still refused.
+    assert select_hybrid_band(classifier, features, val_sets, [0.4, 0.5, 1.0], max_top1_drop=1.0)[0].band == 0.4
+    # None keeps the top-1: the best of them, then the lowest mean rank, then the widest.
+    assert select_hybrid_band(classifier, features, val_sets, [0.5, 1.0])[0].band == 1.0
