@@ -50,7 +50,14 @@ rf_dropoutRate = 0.5                    # Dropout before the classification head
 rf_mbSize = 32                          # Minibatch size (reduce if running out of memory)
 rf_maxEpochs = 8                        # Training epochs; 0 = no refinement: pretrained features only
 rf_maxTrainImages = None                # Most training images per epoch; None = all
-rf_lrPerMb = [0.01] * 4 + [0.001] * 4   # Learning rate per epoch (the last value repeats)
+rf_lrPerMb = [0.01] * 4 + [0.001] * 4   # Learning rate per epoch (the last value repeats); the cosine schedule uses the first
+rf_lrSchedule = "step"                  # 'cosine': rf_lrPerMb[0] decays along a half cosine over rf_maxEpochs; 'step' = off (rf_lrPerMb as listed)
+rf_backboneLrFactor = 1.0               # The backbone learns at this fraction of the head's learning rate; 1.0 = off
+rf_head = "linear"                      # 'normsoftmax': cosine classifier on L2-normalised embeddings (Zhai & Wu 2018); 'linear' = off (the tutorial's)
+rf_normSoftmaxTemperature = 0.05        # Temperature of the normalised softmax: logits = cosine / temperature
+rf_embeddingDim = 0                     # Normalised softmax only: project the embedding to this many dims first; 0 = off
+rf_randomResizedCropScale = None        # Training crops of this to 100% of the image area (random-resized-crop); None = off (pad and crop)
+rf_fallbackToPretrained = True          # Steps 3+ keep the pretrained network when it ranks validation better than the refined one; False = off
 rf_momentumPerMb = 0.9                  # SGD momentum
 rf_l2RegWeight = 0.0005                 # L2 weight decay
 rf_boFreezeWeights = False              # True = train only the head; False = refine the whole network
