@@ -1,11 +1,14 @@
 """Step 2: refine the pretrained backbone as an image classifier on the training split.
 
-Reads the split lists and label table written by 1_prepareData.py. Trains backbone + dropout + linear head with
-SGD for rf_maxEpochs epochs (rf_lrPerMb is the per-epoch learning rate), evaluates on the validation split after
-every epoch and keeps the best epoch by validation accuracy (the test split is never used). Writes the best model
-to proc/<datasetName>/model.pt, refine_log.csv and refine_curves.png to results/<datasetName>/, and a resume
-checkpoint after every epoch: run again with --resume to continue an interrupted run (or to add epochs).
-rf_maxEpochs=0 skips refinement: step 3 then uses the pretrained backbone's features. Images listed in
+Reads the split lists, validation ranking sets and label table written by 1_prepareData.py. Trains backbone +
+dropout + head (rf_head: linear or normalised softmax) with SGD for rf_maxEpochs epochs (rf_lrPerMb and
+rf_lrSchedule give the learning rate), evaluates on the validation split after every epoch and keeps the best epoch
+by validation accuracy (the test split is never used). Then it ranks the validation ranking sets by cosine distance
+with the refined and with the pretrained embedding: when the pretrained one ranks better, it says so, and steps 3+
+keep the pretrained network (rf_fallbackToPretrained=False uses the refined one anyway). Writes the best model, with
+that comparison, to proc/<datasetName>/model.pt, refine_log.csv and refine_curves.png to results/<datasetName>/,
+and a resume checkpoint after every epoch: run again with --resume to continue an interrupted run (or to add
+epochs). rf_maxEpochs=0 skips refinement: step 3 then uses the pretrained backbone's features. Images listed in
 labelIssuesExcludeFile (train/val keys, e.g. from A6_findLabelIssues.py) are left out of training and validation.
 """
 import os
@@ -23,13 +26,13 @@ def add_arguments(parser):
 
 
 def main(args, P):
-    from image_similarity import backbones, fileio, plots, refine
+    from image_similarity import backbones, fileio, label_issues, plots, refine
     from image_similarity.images import SkippedImages
     if P.rf_maxEpochs == 0:
         print("rf_maxEpochs = 0: no refinement, nothing written; step 3 will use the pretrained "
               f"{P.rf_backbone} features.")
         return
-    for path in (P.imgFilenamesPath["train"], P.imgFilenamesPath["val"], P.lutLabel2IdPath):
+    for path in (P.imgFilenamesPath["train"], P.imgFilenamesPath["val"], P.imgInfosPath["val"], P.lutLabel2IdPath):
         helpers.require(path, "1_prepareData.py")
     label2id = fileio.load_pickle(P.lutLabel2IdPath)
     classes = sorted(label2id, key=label2id.get)
@@ -59,8 +62,20 @@ def main(args, P):
     if result.resumed_after_epoch:
         print(f"Resumed after epoch {result.resumed_after_epoch} from {P.refineCheckpointPath}.")
 
+    val_sets = label_issues.without_keys(fileio.load_pickle(P.imgInfosPath["val"]), excluded)
+    comparison = refine.compare_on_validation(result.model, config.backbone, config.input_resolution, P.imgDir,
+                                              val_sets, device, config.batch_size, config.n_workers, skipped)
+    worse = refine.pretrained_ranks_better(comparison)
+    print(f"Validation ranking by cosine distance ({comparison['refined']['n_sets']} ranking sets): " + ", ".join(
+        f"{name} top-1 {100 * m['top1']:.1f}% mean rank {m['mean_rank']:.2f}" for name, m in comparison.items()))
+    if worse:
+        print("The refined network ranks validation WORSE than the pretrained one: "
+              + (f"steps 3+ will use the pretrained {config.backbone} (rf_fallbackToPretrained=False to use the "
+                 "refined one)." if P.rf_fallbackToPretrained else
+                 "rf_fallbackToPretrained = False, so steps 3+ use the refined one anyway."))
     meta = {"epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy, "val_loss": result.best_val_loss,
-            "n_train": result.n_train, "n_val": result.n_val, "train_params": config.as_dict()}
+            "n_train": result.n_train, "n_val": result.n_val, "train_params": config.as_dict(),
+            "val_ranking": comparison, "pretrained_ranks_better": worse}
     backbones.save_checkpoint(P.modelPath, result.model, config.backbone, classes, config.input_resolution, meta)
     fileio.save_csv(P.refineLogPath, refine.LOG_COLUMNS, [[row[c] for c in refine.LOG_COLUMNS]
                                                          for row in result.log_rows])
@@ -69,8 +84,9 @@ def main(args, P):
     if len(skipped) > n_skipped_before:
         skipped.save(P.skippedImagesPath)
         print(f"{len(skipped) - n_skipped_before} unreadable image(s) skipped, listed in {P.skippedImagesPath}")
+    kept = "pretrained" if worse and P.rf_fallbackToPretrained else "refined"
     print(f"Done: best epoch {result.best_epoch} of {len(result.log_rows)}, val accuracy "
-          f"{100 * result.best_val_accuracy:.1f}%, {result.seconds / 60:.1f} min.")
+          f"{100 * result.best_val_accuracy:.1f}%, {result.seconds / 60:.1f} min; steps 3+ use the {kept} network.")
 
 
 if __name__ == "__main__":

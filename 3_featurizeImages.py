@@ -17,6 +17,9 @@ def main(args, P):
     model = helpers.featurizing_model(P)
     if P.rf_maxEpochs == 0 and P.modelPath.exists():
         print(f"rf_maxEpochs = 0: using the pretrained {P.rf_backbone}, not {P.modelPath}")
+    elif P.rf_maxEpochs > 0 and model == P.rf_backbone:
+        print(f"Step 2 found that the pretrained {P.rf_backbone} ranks validation better than {P.modelPath}: using it "
+              "(rf_fallbackToPretrained=False to use the refined one)")
     skipped = images.SkippedImages()
     paths = helpers.dataset_images(P, skipped)
     embedder = helpers.load_network(P, model)
@@ -25,7 +28,8 @@ def main(args, P):
           f"{P.run_nrWorkers} workers ...")
     feats = features.featurize_to_file(paths, P.imgDir, embedder, P.featuresPath, P.run_mbSize, P.run_nrWorkers,
                                        skipped)
-    expected = backbones.get_backbone(embedder.backbone).embedding_dim
+    # A refined checkpoint may project its embedding (rf_embeddingDim); the pretrained network has the registry's dim.
+    expected = embedder.dim if embedder.checkpoint else backbones.get_backbone(embedder.backbone).embedding_dim
     if feats.matrix.shape[1] != expected:
         raise ValueError(f"{P.featuresPath}: features have {feats.matrix.shape[1]} dims but {embedder.backbone} "
                          f"gives {expected}")

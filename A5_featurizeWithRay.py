@@ -44,7 +44,8 @@ def main(args, P):
           f"batches of {P.run_mbSize} ...")
     keys, matrix, info = scaleout.featurize_ray(paths, root, model, P.run_mbSize, args.actors, args.cpus_per_actor,
                                                 skipped, P.run_backend, P.run_precision)
-    expected = backbones.get_backbone(info["backbone"]).embedding_dim
+    # A refined checkpoint may project its embedding (rf_embeddingDim); the pretrained network has the registry's dim.
+    expected = backbones.get_backbone(info["backbone"]).embedding_dim if model == info["backbone"] else info["dim"]
     if matrix.shape[1] != expected:
         raise ValueError(f"{out}: features have {matrix.shape[1]} dims but {info['backbone']} gives {expected}")
     features.save_features(out, keys, matrix, {"model_id": info["model_id"], "backbone": info["backbone"]})

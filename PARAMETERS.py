@@ -45,13 +45,20 @@ labelIssuesExcludeFile = ""             # TSV of keys (first column) left out of
 
 # DNN refinement (script: 2_refineDNN.py)
 rf_backbone = "efficientnet_lite0"      # Backbone registry name (image_similarity.backbones.list_backbones())
-rf_inputResolution = 320                # Refined DNN's input width and height in pixels (resized to 256/224 of it first);
-                                        # 320 beat 224 on 11-texture validation (doc/EXPERIMENTS.md); 224 has half the pixels
+rf_inputResolution = 224                # Refined DNN's input width and height in pixels (resized to 256/224 of it first; 320 for fine detail);
+                                        # 224 is part of the recipe below that won on validation (doc/RESULTS.md, the normalised-softmax recipe); 224 against 320 alone is unmeasured
 rf_dropoutRate = 0.5                    # Dropout before the classification head; 0 = none
 rf_mbSize = 32                          # Minibatch size (reduce if running out of memory)
-rf_maxEpochs = 8                        # Training epochs; 0 = no refinement: pretrained features only
+rf_maxEpochs = 12                       # Training epochs; 0 = no refinement: pretrained features only
 rf_maxTrainImages = None                # Most training images per epoch; None = all
-rf_lrPerMb = [0.01] * 4 + [0.001] * 4   # Learning rate per epoch (the last value repeats)
+rf_lrPerMb = [0.01]                     # Learning rate per epoch (the last value repeats); the cosine schedule uses the first
+rf_lrSchedule = "cosine"                # 'cosine': rf_lrPerMb[0] decays along a half cosine over rf_maxEpochs; 'step' = off (rf_lrPerMb as listed)
+rf_backboneLrFactor = 1.0               # The backbone learns at this fraction of the head's learning rate; 1.0 = off
+rf_head = "normsoftmax"                 # 'normsoftmax': cosine classifier on L2-normalised embeddings (Zhai & Wu 2018); 'linear' = off (the tutorial's)
+rf_normSoftmaxTemperature = 0.05        # Temperature of the normalised softmax: logits = cosine / temperature
+rf_embeddingDim = 0                     # Normalised softmax only: project the embedding to this many dims first; 0 = off
+rf_randomResizedCropScale = 0.5         # Training crops of this to 100% of the image area (random-resized-crop); None = off (pad and crop)
+rf_fallbackToPretrained = True          # Steps 3+ keep the pretrained network when it ranks validation better than the refined one; False = off
 rf_momentumPerMb = 0.9                  # SGD momentum
 rf_l2RegWeight = 0.0005                 # L2 weight decay
 rf_boFreezeWeights = False              # True = train only the head; False = refine the whole network

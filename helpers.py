@@ -18,7 +18,9 @@ REFINE_KNOBS = {"backbone": "rf_backbone", "input_resolution": "rf_inputResoluti
                 "batch_size": "rf_mbSize", "max_epochs": "rf_maxEpochs", "lr_per_epoch": "rf_lrPerMb",
                 "momentum": "rf_momentumPerMb", "weight_decay": "rf_l2RegWeight",
                 "freeze_backbone": "rf_boFreezeWeights", "balance": "rf_boBalanceTrainingSet", "max_train_images": "rf_maxTrainImages",
-                "n_workers": "rf_nrWorkers", "seed": "randomSeed"}
+                "n_workers": "rf_nrWorkers", "lr_schedule": "rf_lrSchedule", "backbone_lr_factor": "rf_backboneLrFactor",
+                "head": "rf_head", "temperature": "rf_normSoftmaxTemperature", "embedding_dim": "rf_embeddingDim",
+                "crop_scale": "rf_randomResizedCropScale", "seed": "randomSeed"}
 
 
 class UsageError(Exception):
@@ -178,12 +180,26 @@ def refine_config(P):
 def featurizing_model(P, fallback=False):
     """The network to embed with: the refined ``P.modelPath``, or the pretrained ``P.rf_backbone``.
 
-    The pretrained backbone when ``rf_maxEpochs`` is 0, or, with ``fallback``, when no refined network exists yet;
-    else a missing checkpoint is a UsageError naming step 2.
+    The pretrained backbone when ``rf_maxEpochs`` is 0, when step 2 found that it ranks the validation sets better
+    and ``rf_fallbackToPretrained`` is on, or, with ``fallback``, when no refined network exists yet; else a missing
+    checkpoint is a UsageError naming step 2.
     """
     if P.rf_maxEpochs > 0 and (P.modelPath.exists() or not fallback):
-        return require(P.modelPath, "2_refineDNN.py")
+        require(P.modelPath, "2_refineDNN.py")
+        if P.rf_fallbackToPretrained and refined_is_worse(P.modelPath):
+            return P.rf_backbone
+        return P.modelPath
     return P.rf_backbone
+
+
+def refined_is_worse(model_path):
+    """Whether step 2 recorded in ``model_path`` that the pretrained network ranks the validation sets better."""
+    from image_similarity.backbones import checkpoint_meta
+
+    try:
+        return bool(checkpoint_meta(model_path).get("pretrained_ranks_better", False))
+    except ValueError:  # not a checkpoint: loading it names the file and the reason
+        return False
 
 
 def load_run(P, network=True, attributes=True):

@@ -2,7 +2,10 @@
 
 For each seed it runs ``run_pipeline.py`` (steps 1-5) in a scratch workDir whose ``data/<name>`` links to DATA_DIR,
 then reads the test metrics of every ranker from ``evaluation.json``, which ranker was chosen on validation, and the
-training minutes of step 2. Prints a mean ± std table and writes ``bench/results/accuracy_<name>.json``.
+training minutes of step 2. It then runs ``5_evaluate.py --on val`` and records every ranker's validation metrics,
+with step 2's validation comparison of the refined and pretrained embeddings, so that recipes can be compared on
+validation (``val_metrics``, ``refine_val_ranking`` per run). Prints a mean ± std table and writes
+``bench/results/accuracy_<name>.json``.
 
     .venv/bin/python bench/accuracy.py ../shared/datasets/fashionTexture11 --labels dotted,striped,leopard --seeds 0,1,2
     .venv/bin/python bench/accuracy.py ../shared/datasets/fashionTexture11 --seeds 0,1,2 --name textures11
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from image_similarity import backbones
 from image_similarity.fileio import save_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +34,11 @@ METRICS = ("top1", "top5", "mean_rank", "median_rank", "mrr")
 
 
 def run_seed(data_dir, name, labels, seed, overrides, scratch):
-    """Run steps 1-5 for one seed; return ({ranker: metrics}, best ranker on val, train minutes, wall minutes)."""
+    """Run steps 1-5 for one seed.
+
+    Returns ({ranker: test metrics}, best ranker on val, train minutes, wall minutes, {ranker: validation metrics},
+    step 2's validation ranking of the refined and pretrained embeddings or None).
+    """
     work = scratch / f"seed{seed}"
     link = work / "data" / name
     link.parent.mkdir(parents=True, exist_ok=True)
@@ -49,12 +57,20 @@ def run_seed(data_dir, name, labels, seed, overrides, scratch):
     metrics = json.loads((results / "evaluation.json").read_text())
     with open(results / "evaluation.csv", newline="") as handle:
         best = next(row["ranker"] for row in csv.DictReader(handle) if row["best_on_val"] == "1")
+    test_outputs = {path: path.read_bytes() for path in results.iterdir() if path.is_file()}
+    subprocess.run([sys.executable, str(REPO / "5_evaluate.py"), "--on", "val", "--set", "eval_boVisualizeResults=False"]
+                   + [a for s in sets for a in ("--set", s)], check=True, stdout=subprocess.DEVNULL)
+    val_metrics = json.loads((results / "evaluation.json").read_text())
+    for path, content in test_outputs.items():  # a --keep folder keeps the test evaluation
+        path.write_bytes(content)
+    model = work / "proc" / name / "model.pt"
+    refine_val = backbones.checkpoint_meta(model).get("val_ranking") if model.exists() else None
     log = results / "refine_log.csv"
     train_minutes = 0.0
     if log.exists():
         with open(log, newline="") as handle:
             train_minutes = sum(float(row["seconds"]) for row in csv.DictReader(handle)) / 60
-    return metrics, best, train_minutes, wall
+    return metrics, best, train_minutes, wall, val_metrics, refine_val
 
 
 def code_version():
@@ -98,10 +114,10 @@ def main():
     runs = []
     with tempfile.TemporaryDirectory(prefix="accuracy_") as scratch:
         for seed in seeds:
-            metrics, best, train_minutes, wall = run_seed(args.data_dir, name, labels, seed, args.overrides,
-                                                          args.keep or Path(scratch))
+            metrics, best, train_minutes, wall, val_metrics, refine_val = run_seed(
+                args.data_dir, name, labels, seed, args.overrides, args.keep or Path(scratch))
             runs.append({"seed": seed, "best": best, "train_minutes": train_minutes, "wall_minutes": wall,
-                         "metrics": metrics})
+                         "metrics": metrics, "val_metrics": val_metrics, "refine_val_ranking": refine_val})
     table = summarise(runs)
 
     print(f"\n{name}: test metrics over seeds {seeds} (mean ± std)")
@@ -111,6 +127,13 @@ def main():
                   f"{v['mean']:.3f} ± {v['std']:.3f}") for m, v in values.items()]
         print(f"{ranker:17}" + "".join(f"{c:>18}" for c in cells))
     print("chosen on validation: " + ", ".join(f"seed {r['seed']}: {r['best']}" for r in runs))
+    print("validation top-1 (cosine / chosen ranker): " + ", ".join(
+        f"seed {r['seed']}: {100 * r['val_metrics']['cosine']['top1']:.1f}% / "
+        f"{100 * r['val_metrics'][r['best']]['top1']:.1f}%" for r in runs))
+    for r in runs:
+        if r["refine_val_ranking"]:
+            print(f"step 2, seed {r['seed']}, validation cosine top-1: " + ", ".join(
+                f"{k} {100 * v['top1']:.1f}%" for k, v in r["refine_val_ranking"].items()))
     print("training minutes per run: " + ", ".join(f"{r['train_minutes']:.1f}" for r in runs))
 
     out = REPO / "bench" / "results" / f"accuracy_{name}.json"

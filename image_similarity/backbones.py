@@ -29,7 +29,8 @@ from .fileio import atomic_path
 
 __all__ = ["BackboneSpec", "register_backbone", "list_backbones", "get_backbone", "weights_path_for", "create_model",
            "ResizeCenterCrop", "EvalTransform", "eval_transform", "torchvision_eval_transform", "train_transform",
-           "ImageClassifier", "save_checkpoint", "load_checkpoint", "model_id", "file_sha256",
+           "HEADS", "NormSoftmaxHead", "EmbeddingNet", "ImageClassifier", "save_checkpoint", "checkpoint_meta",
+           "load_checkpoint", "model_id", "file_sha256",
            "CHECKPOINT_FORMAT"]
 
 logger = logging.getLogger(__name__)
@@ -381,16 +382,29 @@ def torchvision_eval_transform(spec, resolution=None):
                                transforms.CenterCrop(size), *_normalize(spec)])
 
 
-def train_transform(spec, resolution=None):
-    """The training augmentation: the eval resize, then pad, random crop, horizontal flip and colour jitter.
+def train_transform(spec, resolution=None, crop_scale=None):
+    """The training augmentation: a crop of the image, horizontal flip and colour jitter.
+
+    Parameters
+    ----------
+    spec : BackboneSpec or str
+    resolution : int, optional
+        Output width and height in pixels; default ``spec.input_size``.
+    crop_scale : float, optional
+        Random-resized-crop: a random box of ``crop_scale`` to 1 of the image's area (aspect 3/4 to 4/3) resized to
+        the resolution. None = the eval resize, then a random crop of the reflect-padded image.
 
     Returns a transform from a PIL RGB image to a normalised float32 tensor of shape (3, r, r).
     """
     spec = get_backbone(spec) if isinstance(spec, str) else spec
     size = resolution or spec.input_size
+    if crop_scale is None:
+        crop = [transforms.Resize(spec.resize_size(size), interpolation=_interpolation(spec)),
+                transforms.RandomCrop(size, padding=size // 16, padding_mode="reflect")]
+    else:
+        crop = [transforms.RandomResizedCrop(size, scale=(crop_scale, 1.0), interpolation=_interpolation(spec))]
     return transforms.Compose([
-        transforms.Resize(spec.resize_size(size), interpolation=_interpolation(spec)),
-        transforms.RandomCrop(size, padding=size // 16, padding_mode="reflect"),
+        *crop,
         transforms.RandomHorizontalFlip(),
         transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
         *_normalize(spec)])
@@ -398,8 +412,56 @@ def train_transform(spec, resolution=None):
 
 # ---------------------------------------------------------------- classifier and checkpoints
 
+HEADS = ("linear", "normsoftmax")
+
+
+class NormSoftmaxHead(nn.Module):
+    """A cosine classifier: logits = cos(embedding, class weight) / temperature (Zhai & Wu 2018, "normalised softmax").
+
+    Both the embedding (optionally projected to ``embedding_dim`` first) and every class weight are L2-normalised,
+    so training pulls each image's embedding towards its label's direction: cosine distance is what the loss shapes.
+
+    Parameters
+    ----------
+    in_dim : int
+        Length of the backbone's features.
+    n_classes : int
+    temperature : float
+        > 0; small values sharpen the softmax (0.05 in the paper).
+    embedding_dim : int
+        A bias-free linear projection to this many dims before normalising; 0 = none.
+    """
+
+    def __init__(self, in_dim, n_classes, temperature=0.05, embedding_dim=0):
+        super().__init__()
+        self.temperature = float(temperature)
+        self.projection = nn.Linear(in_dim, embedding_dim, bias=False) if embedding_dim else nn.Identity()
+        self.dim = embedding_dim or in_dim
+        self.weight = nn.Parameter(torch.empty(n_classes, self.dim))
+        nn.init.normal_(self.weight, std=0.01)
+
+    def embed(self, features):
+        """(N, in_dim) backbone features -> (N, dim) L2-normalised embeddings."""
+        return nn.functional.normalize(self.projection(features), dim=1)
+
+    def forward(self, features):
+        """(N, in_dim) -> logits (N, n_classes)."""
+        return self.embed(features) @ nn.functional.normalize(self.weight, dim=1).T / self.temperature
+
+
+class EmbeddingNet(nn.Module):
+    """The retrieval part of an :class:`ImageClassifier`: images -> (N, num_features) embeddings."""
+
+    def __init__(self, backbone, embed, num_features):
+        super().__init__()
+        self.backbone, self.embed, self.num_features = backbone, embed, num_features
+
+    def forward(self, x):
+        return self.embed(self.backbone(x))
+
+
 class ImageClassifier(nn.Module):
-    """A backbone with a dropout + linear head, trained by 2_refineDNN.py.
+    """A backbone with a dropout + classification head, trained by 2_refineDNN.py.
 
     Parameters
     ----------
@@ -407,21 +469,41 @@ class ImageClassifier(nn.Module):
         Returns ``(N, D)`` pooled features and has ``num_features == D``.
     n_classes : int
     dropout : float
-        Dropout probability before the linear layer (0 = none).
+        Dropout probability before the head (0 = none).
+    head : {'linear', 'normsoftmax'}
+        The tutorial's linear layer (the embedding is the backbone's features), or :class:`NormSoftmaxHead` (the
+        embedding is its L2-normalised, optionally projected, features).
+    temperature, embedding_dim
+        Of :class:`NormSoftmaxHead`; ignored by the linear head.
     """
 
-    def __init__(self, backbone, n_classes, dropout=0.5):
+    def __init__(self, backbone, n_classes, dropout=0.5, head="linear", temperature=0.05, embedding_dim=0):
         super().__init__()
-        self.backbone = backbone
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, n_classes))
+        if head not in HEADS:
+            raise ValueError(f"head = {head!r}: must be one of {', '.join(HEADS)}")
+        self.backbone, self.n_classes, self.head_kind = backbone, int(n_classes), head
+        self.head_params = {"temperature": float(temperature), "embedding_dim": int(embedding_dim)}
+        classifier = (nn.Linear(backbone.num_features, n_classes) if head == "linear" else
+                      NormSoftmaxHead(backbone.num_features, n_classes, temperature, embedding_dim))
+        self.head = nn.Sequential(nn.Dropout(dropout), classifier)
+
+    @property
+    def embedding_dim(self):
+        """Length of :meth:`embed`'s vectors."""
+        return self.head[1].dim if self.head_kind == "normsoftmax" else self.backbone.num_features
 
     def forward(self, x):
         """(N, 3, H, W) float32 -> logits (N, n_classes)."""
         return self.head(self.backbone(x))
 
     def embed(self, x):
-        """(N, 3, H, W) float32 -> pooled features (N, D)."""
-        return self.backbone(x)
+        """(N, 3, H, W) float32 -> embeddings (N, embedding_dim): what retrieval compares."""
+        return self.embedding_net()(x)
+
+    def embedding_net(self):
+        """An :class:`EmbeddingNet` sharing this model's weights (the backbone, and the normalised head's part)."""
+        embed = self.head[1].embed if self.head_kind == "normsoftmax" else nn.Identity()
+        return EmbeddingNet(self.backbone, embed, self.embedding_dim)
 
 
 def save_checkpoint(path, model, backbone_name, classes, input_resolution, meta=None):
@@ -432,25 +514,14 @@ def save_checkpoint(path, model, backbone_name, classes, input_resolution, meta=
     get_backbone(backbone_name)
     payload = {"format": CHECKPOINT_FORMAT, "backbone": backbone_name, "classes": list(classes),
                "input_resolution": int(input_resolution), "dropout": float(model.head[0].p),
-               "meta": dict(meta or {}), "state_dict": model.state_dict()}
+               "head": model.head_kind, **model.head_params, "meta": dict(meta or {}),
+               "state_dict": model.state_dict()}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Rebuild the :class:`ImageClassifier` saved by :func:`save_checkpoint`.
-
-    Returns
-    -------
-    (ImageClassifier in eval mode, dict)
-        The dict holds ``backbone``, ``classes``, ``input_resolution``, ``dropout``, ``meta`` and ``model_id``.
-
-    Raises
-    ------
-    ValueError
-        When ``path`` is not one of our checkpoints (names the path).
-    """
+def _read_checkpoint(path, map_location="cpu"):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -460,10 +531,37 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"{path}: not an image_similarity checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an image_similarity checkpoint (no {CHECKPOINT_FORMAT!r} format tag)")
+    return payload
+
+
+def checkpoint_meta(path):
+    """The ``meta`` dict saved by :func:`save_checkpoint` (e.g. step 2's validation comparison); errors as
+    :func:`load_checkpoint`."""
+    return _read_checkpoint(path)["meta"]
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Rebuild the :class:`ImageClassifier` saved by :func:`save_checkpoint`.
+
+    Returns
+    -------
+    (ImageClassifier in eval mode, dict)
+        The dict holds ``backbone``, ``classes``, ``input_resolution``, ``dropout``, ``head``, ``meta`` and
+        ``model_id``.
+
+    Raises
+    ------
+    ValueError
+        When ``path`` is not one of our checkpoints (names the path).
+    """
+    payload = _read_checkpoint(path, map_location)
     backbone = create_model(payload["backbone"], pretrained=False)
-    model = ImageClassifier(backbone, len(payload["classes"]), payload["dropout"])
+    head = payload.get("head", "linear")  # checkpoints from before the normalised-softmax head have a linear one
+    model = ImageClassifier(backbone, len(payload["classes"]), payload["dropout"], head,
+                            payload.get("temperature", 0.05), payload.get("embedding_dim", 0))
     model.load_state_dict(payload["state_dict"], strict=True)
     info = {k: payload[k] for k in ("backbone", "classes", "input_resolution", "dropout", "meta")}
+    info["head"] = head
     info["model_id"] = model_id(path)
     return model.eval(), info
 

@@ -277,8 +277,8 @@ def load_embedder(model, device=None, backend="torch", precision="f32"):
         backbones.model_id(model)  # a clear error when it is neither a name nor a file
         classifier, ckpt = backbones.load_checkpoint(model)
         spec, resolution = backbones.get_backbone(ckpt["backbone"]), ckpt["input_resolution"]
-        embedder = Embedder(classifier.backbone, backbones.eval_transform(spec, resolution), ckpt["model_id"],
-                            ckpt["backbone"], resolution, device=device, checkpoint=model)
+        embedder = Embedder(classifier.embedding_net(), backbones.eval_transform(spec, resolution),
+                            ckpt["model_id"], ckpt["backbone"], resolution, device=device, checkpoint=model)
     return embedder.use_engine(backend, precision)
 
 

@@ -1,8 +1,12 @@
 """Refine (fine-tune) a pretrained backbone as an image classifier: the tutorial's step 2.
 
-The backbone plus a dropout + linear head (:class:`backbones.ImageClassifier`) is trained with SGD and momentum on
-the training split, with the backbone's training augmentation. After every epoch it is evaluated on the validation
-split and the epoch with the best validation accuracy (ties: the lower validation loss) is kept. The test split is
+The backbone plus a dropout + classification head (:class:`backbones.ImageClassifier`: the tutorial's linear layer
+or a normalised-softmax cosine classifier) is trained with SGD and momentum on the training split, with the
+backbone's training augmentation (optionally random-resized-crop), a step or cosine learning-rate schedule and
+optionally a lower learning rate for the backbone than for the head. After every epoch it is evaluated on the
+validation split and the epoch with the best validation accuracy (ties: the lower validation loss) is kept.
+:func:`compare_on_validation` then ranks the validation ranking sets by cosine distance with the refined embedding
+and with the pretrained one, so that step 2 can keep the pretrained network when it ranks better. The test split is
 never seen here.
 
 After every epoch a resume checkpoint (weights, optimizer, best-so-far weights, log rows and every random state) is
@@ -37,9 +41,10 @@ from .embedder import Embedder, ImageDataset, collate_good_bad
 from .embedder import default_device as select_device
 from .fileio import atomic_path, remove_stale_temporaries
 
-__all__ = ["RefineConfig", "RefineResult", "LOG_COLUMNS", "LabelledImages",
+__all__ = ["RefineConfig", "RefineResult", "LOG_COLUMNS", "LR_SCHEDULES", "LabelledImages",
            "select_device", "configure_threads", "lr_for_epoch", "epoch_indices", "make_loader", "train_one_epoch",
-           "evaluate", "load_resume_checkpoint", "fine_tune"]
+           "evaluate", "load_resume_checkpoint", "fine_tune", "validation_ranking", "compare_on_validation",
+           "pretrained_ranks_better"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,7 @@ LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_err", "val_loss", "val_err", 
 RESUME_FORMAT = "image_similarity.refine_resume/1"
 # Settings that may differ between an interrupted run and its resumption: more epochs extend a finished run.
 RESUMABLE_CHANGES = ("max_epochs", "n_workers")
+LR_SCHEDULES = ("step", "cosine")
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,21 @@ class RefineConfig:
     max_epochs : int
         Training epochs (>= 1; a run with 0 epochs is the caller's "no refinement" case).
     lr_per_epoch : tuple of float
-        Learning rate of epoch ``i`` (0-based) is ``lr_per_epoch[min(i, len - 1)]``: the last value repeats.
+        With the step schedule, the learning rate of epoch ``i`` (0-based) is ``lr_per_epoch[min(i, len - 1)]``:
+        the last value repeats. With the cosine schedule only ``lr_per_epoch[0]`` is used.
+    lr_schedule : {'step', 'cosine'}
+        'cosine': ``lr_per_epoch[0] * (1 + cos(pi * i / max_epochs)) / 2`` in epoch ``i``.
+    backbone_lr_factor : float
+        The backbone trains at this fraction (0, 1] of the head's learning rate.
+    head : {'linear', 'normsoftmax'}
+        :class:`backbones.ImageClassifier`'s head.
+    temperature : float
+        Of the normalised-softmax head (> 0).
+    embedding_dim : int
+        Projection of the normalised-softmax head (0 = none).
+    crop_scale : float or None
+        Smallest area fraction of random-resized-crop in (0, 1]; None = pad-and-crop
+        (:func:`backbones.train_transform`).
     momentum : float
         SGD momentum.
     weight_decay : float
@@ -89,6 +109,12 @@ class RefineConfig:
     batch_size: int = 32
     max_epochs: int = 8
     lr_per_epoch: tuple = (0.01,)
+    lr_schedule: str = "step"
+    backbone_lr_factor: float = 1.0
+    head: str = "linear"
+    temperature: float = 0.05
+    embedding_dim: int = 0
+    crop_scale: Optional[float] = None
     momentum: float = 0.9
     weight_decay: float = 0.0005
     freeze_backbone: bool = False
@@ -107,6 +133,12 @@ class RefineConfig:
                   ("max_epochs", self.max_epochs >= 1, ">= 1"),
                   ("lr_per_epoch", len(self.lr_per_epoch) > 0 and all(lr > 0 for lr in self.lr_per_epoch),
                    "a non-empty list of positive learning rates"),
+                  ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
+                  ("backbone_lr_factor", 0.0 < self.backbone_lr_factor <= 1.0, "in (0, 1]"),
+                  ("head", self.head in backbones.HEADS, f"one of {', '.join(backbones.HEADS)}"),
+                  ("temperature", self.temperature > 0.0, "> 0"),
+                  ("embedding_dim", self.embedding_dim >= 0, ">= 0 (0 = no projection)"),
+                  ("crop_scale", self.crop_scale is None or 0.0 < self.crop_scale <= 1.0, "None or in (0, 1]"),
                   ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
                   ("weight_decay", self.weight_decay >= 0.0, ">= 0"),
                   ("max_train_images", self.max_train_images is None or self.max_train_images >= 1, "None or >= 1"),
@@ -243,8 +275,14 @@ def configure_threads(device):
 
 # ---------------------------------------------------------------- one epoch
 
-def lr_for_epoch(lr_per_epoch, epoch):
-    """Learning rate of 0-based ``epoch``: the schedule's last value repeats."""
+def lr_for_epoch(lr_per_epoch, epoch, schedule="step", max_epochs=None):
+    """Learning rate of 0-based ``epoch``.
+
+    'step': ``lr_per_epoch[epoch]``, the last value repeating. 'cosine': ``lr_per_epoch[0]`` decayed along a half
+    cosine that would reach 0 after ``max_epochs`` epochs.
+    """
+    if schedule == "cosine":
+        return float(lr_per_epoch[0]) * 0.5 * (1.0 + math.cos(math.pi * epoch / max_epochs))
     return float(lr_per_epoch[min(epoch, len(lr_per_epoch) - 1)])
 
 
@@ -320,7 +358,7 @@ def evaluate(model, dataset, batch_size, n_workers, device, skipped=None, desc="
     """
     model.eval()
     net = Embedder(model, dataset.transform, "refining", "image classifier", dataset.transform.resize_crop.size,
-                   dim=model.head[1].out_features, device=device)
+                   dim=model.n_classes, device=device)
     criterion = nn.CrossEntropyLoss(reduction="sum")
     total_loss, n_wrong, n_seen = 0.0, 0, 0
     for indices, logits in net.iter_batches(dataset.sources, batch_size, n_workers, skipped, desc=desc,
@@ -451,11 +489,15 @@ def fine_tune(config, train_items, val_items, img_dir, classes, device=None, che
     random.seed(config.seed)
     spec = backbones.get_backbone(config.backbone)
     backbone = backbones.create_model(config.backbone, pretrained=state is None)
-    model = backbones.ImageClassifier(backbone, n_classes, config.dropout)
+    model = backbones.ImageClassifier(backbone, n_classes, config.dropout, config.head, config.temperature,
+                                      config.embedding_dim)
     if config.freeze_backbone:
         model.backbone.requires_grad_(False)
     model.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr_per_epoch[0],
+    # One group per learning rate: the head's, and the backbone's at backbone_lr_factor of it.
+    groups = [{"params": [p for p in part.parameters() if p.requires_grad], "lr_factor": factor}
+              for part, factor in ((model.head, 1.0), (model.backbone, config.backbone_lr_factor))]
+    optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=config.lr_per_epoch[0],
                                 momentum=config.momentum, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     if device.type == "cuda":
@@ -470,15 +512,16 @@ def fine_tune(config, train_items, val_items, img_dir, classes, device=None, che
         _restore_rng_states(state["rng"])
         logger.info("resuming %s after epoch %d of %d", checkpoint_path, start_epoch, config.max_epochs)
 
-    train_set = LabelledImages(img_dir, train_items, backbones.train_transform(spec, config.input_resolution))
+    train_set = LabelledImages(img_dir, train_items,
+                               backbones.train_transform(spec, config.input_resolution, config.crop_scale))
     val_set = LabelledImages(img_dir, val_items, backbones.eval_transform(spec, config.input_resolution))
     labels = [y for _, y in train_items]
     n_train = len(epoch_indices(labels, 0, config.seed, config.balance, config.max_train_images))
     for epoch in range(start_epoch, config.max_epochs):
         epoch_start = time.perf_counter()
-        lr = lr_for_epoch(config.lr_per_epoch, epoch)
+        lr = lr_for_epoch(config.lr_per_epoch, epoch, config.lr_schedule, config.max_epochs)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_factor"]
         indices = epoch_indices(labels, epoch, config.seed, config.balance, config.max_train_images)
         loader = make_loader(train_set, indices, config.batch_size, config.n_workers, device,
                              seed=config.seed * 1_000_003 + epoch, training=True)
@@ -512,3 +555,64 @@ def fine_tune(config, train_items, val_items, img_dir, classes, device=None, che
                         resumed_after_epoch=state["epoch"] if state else 0,
                         seconds=time.perf_counter() - start_time)
 
+
+
+# ---------------------------------------------------------------- refined or pretrained: validation decides
+
+def validation_ranking(embedder, img_dir, ranking_sets, batch_size=32, n_workers=0, skipped=None):
+    """How well ``embedder``'s cosine distance ranks ``ranking_sets``.
+
+    Parameters
+    ----------
+    embedder : embedder.Embedder
+    img_dir : str or Path
+        Folder the ranking sets' keys are relative to.
+    ranking_sets : list of splits.RankingSet
+        The validation ranking sets (never the test split).
+
+    Returns
+    -------
+    dict
+        ``{'top1': fraction in [0, 1], 'mean_rank': float, 'n_sets': int}``. An embedding with NaN or infinite
+        values (a diverged network) gets top-1 0 and the worst mean rank.
+    """
+    from .evaluation import mean_rank, rank_ranking_sets, top_k_accuracy
+    from .features import Features
+    from .rankers import CosineRanker
+
+    keys = sorted({k for s in ranking_sets for k in (s.query, *s.references)})
+    found, matrix = embedder.embed_files([Path(img_dir) / k for k in keys], img_dir, batch_size, n_workers, skipped)
+    sets = [s for s in ranking_sets if {s.query, *s.references} <= set(found)]  # unreadable images drop their sets
+    if not sets:
+        raise ValueError(f"no validation ranking set has all its images readable under {img_dir}")
+    if not np.isfinite(matrix).all():
+        return {"top1": 0.0, "mean_rank": float(max(len(s.references) for s in sets)), "n_sets": len(sets)}
+    ranks = rank_ranking_sets(CosineRanker(), Features(found, matrix, {}), sets)
+    return {"top1": top_k_accuracy(ranks, 1), "mean_rank": mean_rank(ranks), "n_sets": len(sets)}
+
+
+def compare_on_validation(model, backbone, input_resolution, img_dir, ranking_sets, device=None, batch_size=32,
+                          n_workers=0, skipped=None):
+    """:func:`validation_ranking` of the refined ``model``'s embedding and of the pretrained ``backbone``'s.
+
+    The pretrained network runs at its own input size, as step 3 would run it without refinement.
+
+    Returns
+    -------
+    dict
+        ``{'refined': {...}, 'pretrained': {...}}``, each as :func:`validation_ranking`.
+    """
+    spec = backbones.get_backbone(backbone)
+    refined = Embedder(model.embedding_net(), backbones.eval_transform(spec, input_resolution), "refined", backbone,
+                       input_resolution, dim=model.embedding_dim, device=device)
+    pretrained = Embedder(backbones.create_model(backbone), backbones.eval_transform(spec), "pretrained", backbone,
+                          spec.input_size, device=device)
+    return {name: validation_ranking(net, img_dir, ranking_sets, batch_size, n_workers, skipped)
+            for name, net in (("refined", refined), ("pretrained", pretrained))}
+
+
+def pretrained_ranks_better(comparison):
+    """Whether the pretrained network ranks the validation sets strictly better: higher top-1, then lower mean rank
+    (the order 5_evaluate.py chooses rankers by)."""
+    refined, pretrained = comparison["refined"], comparison["pretrained"]
+    return (-pretrained["top1"], pretrained["mean_rank"]) < (-refined["top1"], refined["mean_rank"])

@@ -14,7 +14,7 @@ from image_similarity.images import list_images, read_image
 pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")
 
-RESOLUTION = 320  # rf_inputResolution's default
+RESOLUTION = 320  # a refined network's input size (rf_inputResolution; 320 was its default)
 
 
 def _min_cosine(a, b):

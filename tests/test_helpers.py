@@ -44,7 +44,7 @@ def test_unknown_name_lists_close_matches():
 
 @pytest.mark.parametrize("text, message", [
     ("ratioTrainTest='half'", "expected float like the default 0.75, got str"),
-    ("rf_maxEpochs=True", "expected int like the default 8, got bool"),
+    ("rf_maxEpochs=True", "expected int like the default 12, got bool"),
     ("dedup_enabled=1", "expected bool like the default True, got int"),
     ("datasetName=123", "expected str like the default 'fridgeObjects', got int"),
     ("rf_lrPerMb=0.1", "expected list like the default"),

@@ -2,6 +2,7 @@
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,6 +175,46 @@ def test_learning_rate_schedule_repeats_its_last_value():
     assert [refine.lr_for_epoch([0.1, 0.01], e) for e in range(4)] == [0.1, 0.01, 0.01, 0.01]
 
 
+def test_cosine_schedule_decays_from_the_first_rate():
+    rates = [refine.lr_for_epoch([0.1, 0.5], e, "cosine", max_epochs=4) for e in range(4)]
+    assert rates == pytest.approx([0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2, 0.05,
+                                   0.1 * (1 + math.cos(3 * math.pi / 4)) / 2])
+
+
+def test_normalised_softmax_head_gives_unit_embeddings_of_its_projection(colours, single_thread, tmp_path):
+    """The cosine classifier with a 64-dim projection, cosine schedule, slower backbone and random-resized-crop
+    trains, and its checkpoint's embedder returns the L2-normalised 64-dim embedding (accuracy is not asserted: see
+    test_training_lowers_the_loss)."""
+    from image_similarity import backbones
+    from image_similarity.embedder import load_embedder
+
+    root, train, val = colours
+    result = refine.fine_tune(config(max_epochs=2, head="normsoftmax", embedding_dim=64, backbone_lr_factor=0.1,
+                                     lr_per_epoch=(0.05,), lr_schedule="cosine", crop_scale=0.5), train, val, root,
+                              CLASSES, "cpu", progress=False)
+    model = result.model
+    assert model.head_kind == "normsoftmax" and model.embedding_dim == 64
+    assert [row["lr"] for row in result.log_rows] == pytest.approx([0.05, 0.025])
+    assert all(math.isfinite(row["train_loss"]) for row in result.log_rows)
+    path = backbones.save_checkpoint(tmp_path / "model.pt", model, "efficientnet_lite0", CLASSES, 64)
+    embedder = load_embedder(path)
+    keys, matrix = embedder.embed_files([root / key for key, _ in val], root, n_workers=0)
+    assert matrix.shape == (9, 64) and embedder.dim == 64
+    assert np.linalg.norm(matrix, axis=1) == pytest.approx(np.ones(9), abs=1e-5)
+    reloaded, info = backbones.load_checkpoint(path)
+    assert info["head"] == "normsoftmax" and reloaded.head[1].temperature == 0.05
+
+
+def test_pretrained_ranks_better_only_when_strictly_better():
+    def comparison(refined, pretrained):
+        return {"refined": dict(zip(("top1", "mean_rank"), refined)),
+                "pretrained": dict(zip(("top1", "mean_rank"), pretrained))}
+    assert refine.pretrained_ranks_better(comparison((0.5, 3.0), (0.6, 4.0)))
+    assert refine.pretrained_ranks_better(comparison((0.5, 3.0), (0.5, 2.5)))
+    assert not refine.pretrained_ranks_better(comparison((0.5, 3.0), (0.5, 3.0)))  # a tie keeps the refined one
+    assert not refine.pretrained_ranks_better(comparison((0.7, 9.0), (0.6, 1.0)))
+
+
 def test_config_names_the_setting_at_fault():
     with pytest.raises(ValueError, match="batch_size = 0: must be >= 1"):
         config(batch_size=0)
@@ -182,6 +223,12 @@ def test_config_names_the_setting_at_fault():
     with pytest.raises(ValueError, match="unknown backbone"):
         config(backbone="nope")
     assert config(lr_per_epoch=0.5).lr_per_epoch == (0.5,)
+    with pytest.raises(ValueError, match="head = 'arcface': must be one of linear, normsoftmax"):
+        config(head="arcface")
+    with pytest.raises(ValueError, match="backbone_lr_factor = 0.0: must be in"):
+        config(backbone_lr_factor=0.0)
+    with pytest.raises(ValueError, match="crop_scale = 1.5"):
+        config(crop_scale=1.5)
 
 
 def test_refine_curves_png(tmp_path):

@@ -10,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+import helpers
 from conftest import REPO, run_script
 from image_similarity import backbones, fileio
+from image_similarity.splits import make_ranking_sets
 
 SCRIPT = "2_refineDNN.py"
 FAST = ["--set", "rf_inputResolution=64", "--set", "rf_mbSize=8", "--set", "rf_nrWorkers=0",
@@ -20,8 +22,8 @@ FAST = ["--set", "rf_inputResolution=64", "--set", "rf_mbSize=8", "--set", "rf_n
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
-def write_step1_outputs(tmp_path, root, n_val=2, extra_train=()):
-    """What 1_prepareData.py leaves in proc/tiny/: split lists (train/val/test) and the label table."""
+def write_step1_outputs(tmp_path, root, n_val=2, extra_train=(), dataset="tiny"):
+    """What 1_prepareData.py leaves in proc/<dataset>/: split lists, validation ranking sets and the label table."""
     labels = sorted(p.name for p in root.iterdir())
     splits = {"train": {}, "val": {}, "test": {}}
     for label in labels:
@@ -29,9 +31,10 @@ def write_step1_outputs(tmp_path, root, n_val=2, extra_train=()):
         splits["val"][label], splits["train"][label], splits["test"][label] = keys[:n_val], keys[n_val:], []
     for key in extra_train:
         splits["train"][key.split("/")[0]].append(key)
-    proc = tmp_path / "proc" / "tiny"
+    proc = tmp_path / "proc" / dataset
     for split, content in splits.items():
         fileio.save_pickle(proc / f"imgFilenames{split.title()}.pickle", content)
+    fileio.save_pickle(proc / "imgInfosVal.pickle", make_ranking_sets(splits["val"], 20, 100, 0))
     fileio.save_pickle(proc / "lutLabel2Id.pickle", {label: i for i, label in enumerate(labels)})
     return proc
 
@@ -122,3 +125,31 @@ def test_kill_during_an_epoch_then_resume(tiny_dataset, tmp_path):
     assert again.returncode == 0, again.stderr
     assert "Ignoring the existing checkpoint" in again.stdout
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
+
+
+def test_falls_back_to_the_pretrained_network_when_validation_prefers_it(sample_dir, tmp_path):
+    """Real photos, a refinement wrecked on purpose (learning rate 2, 48 px): step 2 says that the pretrained network
+    ranks validation better, records it in model.pt, and the pipeline keeps the pretrained network unless
+    rf_fallbackToPretrained is off."""
+    root = tmp_path / "data" / "fridge"
+    for label in ("can", "carton", "milk_bottle"):
+        for src in sorted((sample_dir / label).iterdir())[:6]:
+            (root / label).mkdir(parents=True, exist_ok=True)
+            (root / label / src.name).write_bytes(src.read_bytes())
+    proc = write_step1_outputs(tmp_path, root, n_val=3, dataset="fridge")
+    common = ["--set", f"workDir={tmp_path}", "--set", "datasetName=fridge", *FAST, "--set", "rf_maxEpochs=1",
+              "--set", "rf_inputResolution=48", "--set", "rf_lrPerMb=[2.0]"]
+    done = run_script(SCRIPT, *common, env=ENV)
+    assert done.returncode == 0, done.stderr
+    assert "ranks validation WORSE than the pretrained one: steps 3+ will use the pretrained" in done.stdout
+    assert done.stdout.strip().splitlines()[-1].endswith("steps 3+ use the pretrained network.")
+    meta = backbones.checkpoint_meta(proc / "model.pt")
+    assert meta["pretrained_ranks_better"] is True
+    refined, pretrained = meta["val_ranking"]["refined"], meta["val_ranking"]["pretrained"]
+    assert refined["n_sets"] == pretrained["n_sets"] == 9
+    assert (pretrained["top1"], -pretrained["mean_rank"]) > (refined["top1"], -refined["mean_rank"])
+
+    P = helpers.load_parameters([f"workDir={tmp_path}", "datasetName=fridge"])
+    assert helpers.featurizing_model(P) == helpers.featurizing_model(P, fallback=True) == "efficientnet_lite0"
+    told = helpers.load_parameters([f"workDir={tmp_path}", "datasetName=fridge", "rf_fallbackToPretrained=False"])
+    assert helpers.featurizing_model(told) == proc / "model.pt"
