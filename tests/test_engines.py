@@ -1,6 +1,7 @@
 """The CPU inference engines: parity with PyTorch on real photos, the export cache, and the fallbacks."""
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -51,6 +52,30 @@ def test_f32_engines_match_pytorch_on_real_photos(lite0, backend):
     assert out.shape == expected.shape and out.dtype == np.float32
     assert _min_cosine(out, expected) >= 0.99999
     assert _min_cosine(engine(batch[:1]), expected[:1]) >= 0.99999  # any batch size
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_streams_run_concurrent_calls_without_mixing_them(lite0, backend):
+    """Calls from several threads at once (the service) share the streams and each gets its own rows back."""
+    net, batch, expected, path = lite0
+    engine = engines.load_engine(net, MODEL_ID, RESOLUTION, path, backend)
+    assert engine.streams == engines._n_threads()
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: engine(batch[i % len(batch)][None]), range(3 * len(batch))))
+    for i, out in enumerate(outs):
+        assert _min_cosine(out, expected[i % len(batch)][None]) >= 0.99999
+
+
+def test_one_stream_when_torch_is_given_one_thread(lite0):
+    """A Ray actor gives each worker one thread: its engine then runs one stream, on one core."""
+    net, batch, expected, path = lite0
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = engines.load_engine(net, MODEL_ID, RESOLUTION, path, "openvino")
+    finally:
+        torch.set_num_threads(before)
+    assert engine.streams == 1 and _min_cosine(engine(batch), expected) >= 0.99999
 
 
 def test_the_embedder_runs_on_the_engine_end_to_end(lite0, sample_dir):
