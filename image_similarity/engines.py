@@ -287,6 +287,11 @@ def _compile(name, precision, net, model_id, input_resolution, path, reasons):
     for attempt in range(2):
         try:
             run, streams = _COMPILERS[name](path, precision, _n_threads())
+            # One pass per stream here, one at a time: the engines set up their per-process state on a first call
+            # (pybind11 statics behind OpenVINO's Tensor.data), and two streams doing that at once deadlocked.
+            warm_up = np.zeros((1, 3, int(input_resolution), int(input_resolution)), np.float32)
+            for _ in range(streams):
+                run(warm_up)
             return Engine(name, precision, path, run, streams)
         except Exception as err:  # each engine has its own load errors (RuntimeError, onnxruntime's Fail ...)
             if attempt or not _ensure_export(net, model_id, input_resolution, path, reasons, force=True):

@@ -1,5 +1,6 @@
 """The CPU inference engines: parity with PyTorch on real photos, the export cache, and the fallbacks."""
 import logging
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -64,6 +65,29 @@ def test_streams_run_concurrent_calls_without_mixing_them(lite0, backend):
         outs = list(pool.map(lambda i: engine(batch[i % len(batch)][None]), range(3 * len(batch))))
     for i, out in enumerate(outs):
         assert _min_cosine(out, expected[i % len(batch)][None]) >= 0.99999
+
+
+FIRST_CALLS_AT_ONCE = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+from image_similarity import backbones, engines
+net = backbones.create_model("efficientnet_lite0")
+engine = engines.load_engine(net, sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+with ThreadPoolExecutor(4) as pool:
+    outs = list(pool.map(engine, [np.zeros((1, 3, int(sys.argv[2]), int(sys.argv[2])), np.float32)] * 8))
+print(engine.name, engine.streams, len(outs))
+"""
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_the_first_calls_of_a_fresh_process_may_come_from_several_threads(lite0, backend):
+    """The service's first queries arrive together: in a new process they must not deadlock the engine."""
+    path = lite0[3]
+    done = subprocess.run([sys.executable, "-c", FIRST_CALLS_AT_ONCE, MODEL_ID, str(RESOLUTION), str(path), backend],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[::2] == [backend, "8"]
 
 
 def test_one_stream_when_torch_is_given_one_thread(lite0):
