@@ -103,7 +103,7 @@ class SimilarityModel:
     """
 
     def __init__(self, model="efficientnet_lite0", batch_size=64, n_workers=2, index_kind="auto", device=None,
-                 backend="auto"):
+                 backend="torch"):
         self.model = model
         self.batch_size = batch_size
         self.n_workers = n_workers
@@ -383,7 +383,7 @@ class SimilarityModel:
 
 
 def create(images, label=None, model="efficientnet_lite0", batch_size=64, keys=None, n_workers=2, index_kind="auto",
-           device=None, backend="auto"):
+           device=None, backend="torch"):
     """Embed reference images and index them.
 
     Parameters
@@ -416,7 +416,7 @@ def create(images, label=None, model="efficientnet_lite0", batch_size=64, keys=N
                                                                                          keys=keys)
 
 
-def load(folder, device=None, backend="auto"):
+def load(folder, device=None, backend="torch"):
     """Read a model written by :meth:`SimilarityModel.save`; the network is only loaded when a query needs it.
 
     ``device`` and ``backend`` are those of :func:`create`.
