@@ -11,7 +11,8 @@ as JPEG to a temporary folder, are embedded with the same backbone at --resoluti
      runs), what 3_featurizeImages.py runs, for each arm.
 All arms alternate for --rounds rounds and the best rate of each is kept, since the machine may be shared.
 "auto" is the arm run_backend="auto" picks. Then the forward alone by batch size (1-32) for torch in both memory
-formats and for the auto engine, which is how run_mbSize was chosen, and the preprocessing cost per image in one
+formats and for the auto engine, which is how run_mbSize was chosen, the auto engine's forward by chunk size and its
+end to end by loader workers (how engines.CHUNK_IMAGES and run_nrWorkers were chosen), and the preprocessing cost per image in one
 thread: decoding plus torchvision's Resize + CenterCrop + ToTensor + Normalize against decoding plus
 backbones.EvalTransform.to_uint8 (one resize of the crop's pixels, uint8 out), which is what the workers run.
 The CPU model and its vector flags are reported with the numbers.
@@ -133,9 +134,12 @@ def throughput(paths, root, name, resolution, batch_size, n_workers, rounds, swe
         Images/s of each arm, one per round.
     chosen : str
         The arm ``run_backend="auto"`` runs.
+    streams : int
+        Forward passes that arm runs at once.
     sweep : dict of str to dict of int to float
         Forward-only images/s per batch size in ``sweep_sizes`` on the first 32 decoded images: torch channels-last
-        (as the Embedder runs it), torch contiguous, and the chosen engine.
+        (as the Embedder runs it), torch contiguous, and the chosen engine; for an engine also its forward by chunk
+        size (``engines.CHUNK_IMAGES``) and its end-to-end rate by number of loader workers.
     preprocessing : dict of str to float
         Milliseconds per image to decode and preprocess, torchvision's two steps against ``EvalTransform.to_uint8``.
     """
@@ -159,9 +163,18 @@ def throughput(paths, root, name, resolution, batch_size, n_workers, rounds, swe
     sweep = {"torch_channels_last": {s: round(forward_only(b, arms["torch"]), 2) for s, b in by_size.items()},
              "torch_contiguous": {s: round(torch_contiguous(b, plain), 2) for s, b in by_size.items()},
              chosen: {s: round(forward_only(b, arms[chosen]), 2) for s, b in by_size.items()}}
+    if chosen != "torch":  # how engines.CHUNK_IMAGES was chosen: batches of --batch cut into chunks over the streams
+        default_chunk = engines.CHUNK_IMAGES
+        sweep[f"{chosen}_by_chunk_of_batch_{batch_size}"] = {}
+        for chunk in (1, 2, 4, 8, 16):
+            engines.CHUNK_IMAGES = chunk
+            sweep[f"{chosen}_by_chunk_of_batch_{batch_size}"][chunk] = round(forward_only(batches, arms[chosen]), 2)
+        engines.CHUNK_IMAGES = default_chunk
+        sweep[f"project_{chosen}_by_workers"] = {
+            w: round(project_path(paths, root, arms[chosen], batch_size, w), 2) for w in (0, 1, 2)}
     preprocessing = {"torchvision_resize_crop_float32": preprocess_ms(paths[:100], reference),
                      "one_step_crop_resize_uint8": preprocess_ms(paths[:100], transform.to_uint8)}
-    return runs, chosen, sweep, preprocessing
+    return runs, chosen, getattr(arms[chosen].engine, "streams", 1), sweep, preprocessing
 
 
 def _rss_mb(pid):
@@ -262,27 +275,29 @@ def main():
     else:
         with tempfile.TemporaryDirectory() as tmp:
             paths = make_images(Path(tmp), args.n, args.size)
-            runs, chosen, sweep, preprocessing = throughput(paths, Path(tmp), args.backbone, resolution, args.batch,
+            runs, chosen, streams, sweep, preprocessing = throughput(paths, Path(tmp), args.backbone, resolution, args.batch,
                                                             args.workers, args.rounds)
         rates = {k: max(v) for k, v in runs.items()}
         tutorial = rates["tutorial_one_at_a_time"]
         ratios = {f"project_{chosen}_vs_tutorial": rates[f"project_{chosen}"] / tutorial,
                   f"project_{chosen}_vs_forward_{chosen}": rates[f"project_{chosen}"] / rates[f"forward_{chosen}"],
                   **{f"{k}_vs_tutorial": v / tutorial for k, v in rates.items() if k.startswith("project_")}}
-        print(f"{resolution} px, batches of {args.batch}, {args.workers} workers; run_backend='auto' runs {chosen}")
+        print(f"{resolution} px, batches of {args.batch}, {args.workers} workers; run_backend='auto' runs {chosen} "
+              f"({streams} streams)")
         for key, value in rates.items():
             print(f"{key:30} {value:8.2f} images/s")
         for key, value in ratios.items():
             print(f"{key:40} {value:8.2f} x")
         for arm, rates_by_size in sweep.items():
-            print(f"forward only, {arm}, images/s by batch size: "
+            print(f"{arm}, images/s by {'batch size' if arm in ('torch_channels_last', 'torch_contiguous', chosen) else 'value'}: "
                   + ", ".join(f"{k}: {v}" for k, v in rates_by_size.items()))
         print("decode + preprocess, ms per image in one thread: "
               + ", ".join(f"{k} {v}" for k, v in preprocessing.items()))
         machine["load_avg_at_end"] = os.getloadavg()
         results["throughput"] = {"images_per_s": {k: round(v, 2) for k, v in rates.items()},
                                  "images_per_s_each_round": {k: [round(x, 2) for x in v] for k, v in runs.items()},
-                                 "auto_runs": chosen, "ratios": {k: round(v, 3) for k, v in ratios.items()},
+                                 "auto_runs": chosen, "auto_streams": streams,
+                                 "ratios": {k: round(v, 3) for k, v in ratios.items()},
                                  "forward_images_per_s_by_batch_size": sweep,
                                  "decode_preprocess_ms_per_image": preprocessing,
                                  "n_images": args.n, "rounds": args.rounds, "long_side_px": args.size,

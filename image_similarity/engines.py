@@ -14,7 +14,8 @@ import copy
 import importlib
 import logging
 import os
-import threading
+import queue
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ PRECISIONS = ("f32", "bf16")
 # an Intel Xeon (issue 17's probe), 2.5-3x PyTorch eager; bench/featurize.py measures all three in one run.
 AUTO_ORDER = ("openvino", "onnxruntime")
 EXPORT_FORMAT = "image_similarity.onnx_export/1"
+# Images per forward pass on one stream: small chunks kept the streams' working set in cache (bench/featurize.py).
+CHUNK_IMAGES = 2
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
 
 
@@ -134,7 +137,12 @@ def _stale_reason(path, model_id, input_resolution):
 
 
 class Engine:
-    """A compiled network: a float32 NCHW batch (ndarray or CPU tensor) -> (n, D) float32 ndarray.
+    """A compiled network: a float32 NCHW batch (ndarray or CPU tensor) -> (n, D) float32 ndarray; thread-safe.
+
+    The engine runs ``streams`` forward passes at once, each on one core (OpenVINO's throughput mode, or concurrent
+    ONNX Runtime runs of one thread each): on this small network that does more images per second than one pass
+    spread over all cores (bench/featurize.py). A batch is cut into chunks of :data:`CHUNK_IMAGES` that run on the
+    streams side by side; calls from several threads (the service) share the same streams.
 
     Attributes
     ----------
@@ -144,40 +152,67 @@ class Engine:
         ``"f32"`` or ``"bf16"``: what the engine computes in.
     path : Path
         The ONNX export it runs.
+    streams : int
+        Forward passes run at once.
     """
 
-    def __init__(self, name, precision, path, run):
+    def __init__(self, name, precision, path, run, streams=1):
         self.name, self.precision, self.path, self._run = name, precision, Path(path), run
+        self.streams = int(streams)
+        self._pool = ThreadPoolExecutor(self.streams, f"{name}-stream") if self.streams > 1 else None
 
     def __call__(self, batch):
         pixels = np.ascontiguousarray(batch.numpy() if hasattr(batch, "numpy") else batch, dtype=np.float32)
-        return np.asarray(self._run(pixels), dtype=np.float32)
+        if self._pool is None or len(pixels) <= CHUNK_IMAGES:
+            return np.asarray(self._run(pixels), dtype=np.float32)
+        chunks = [pixels[i:i + CHUNK_IMAGES] for i in range(0, len(pixels), CHUNK_IMAGES)]
+        return np.concatenate(list(self._pool.map(self._run, chunks))).astype(np.float32, copy=False)
 
     def __repr__(self):
-        return f"Engine({self.name}, {self.precision}, {self.path.name})"
+        return f"Engine({self.name}, {self.precision}, {self.streams} streams, {self.path.name})"
 
 
-def _openvino(path, precision):
-    ov = importlib.import_module("openvino")
-    core = ov.Core()
-    # The hint is always set: on CPUs with AMX, OpenVINO would pick bf16 by itself.
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-        "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": _n_threads(), "PERFORMANCE_HINT": "LATENCY"})
-    lock = threading.Lock()  # one infer request, and the service calls from several threads
+def _stream_pool(requests):
+    """``run(pixels)`` over a pool of per-stream callables: each call takes a free one, waiting when all are busy."""
+    free = queue.SimpleQueue()
+    for request in requests:
+        free.put(request)
 
     def run(pixels):
-        with lock:
-            return compiled(pixels)[0].copy()
+        request = free.get()
+        try:
+            return request(pixels)
+        finally:
+            free.put(request)
     return run
 
 
-def _onnxruntime(path, precision):
+def _openvino(path, precision, streams):
+    ov = importlib.import_module("openvino")
+    core = ov.Core()
+    # The precision hint is always set: on CPUs with AMX, OpenVINO would pick bf16 by itself.
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+        "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": streams, "NUM_STREAMS": streams,
+        "PERFORMANCE_HINT": "THROUGHPUT"})
+    streams = int(compiled.get_property("NUM_STREAMS"))
+
+    def request_runner():
+        request = compiled.create_infer_request()
+
+        def run(pixels):  # infer() releases the GIL, so the streams really run side by side
+            request.infer({0: pixels})
+            return request.get_output_tensor(0).data.copy()
+        return run
+    return _stream_pool([request_runner() for _ in range(streams)]), streams
+
+
+def _onnxruntime(path, precision, streams):
     ort = importlib.import_module("onnxruntime")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = _n_threads()
+    options.intra_op_num_threads = 1  # one core per run; ``streams`` runs at once (run() releases the GIL)
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda pixels: session.run(None, {"pixels": pixels})[0]
+    return _stream_pool([lambda pixels: session.run(None, {"pixels": pixels})[0]] * streams), streams
 
 
 _COMPILERS = {"openvino": _openvino, "onnxruntime": _onnxruntime}
@@ -241,7 +276,7 @@ def load_engine(net, model_id, input_resolution, export_path, backend="auto", pr
         for name in installed:
             engine = _compile(name, precision, net, model_id, input_resolution, path, reasons)
             if engine is not None:
-                logger.info("inference engine: %s, %s, on %s", name, precision, path)
+                logger.info("inference engine: %s, %s, %d streams, on %s", name, precision, engine.streams, path)
                 return engine
     logger.warning("inference engine: running PyTorch because %s", "; ".join(reasons))
     return None
@@ -251,7 +286,13 @@ def _compile(name, precision, net, model_id, input_resolution, path, reasons):
     """Load the export into engine ``name``; an export it cannot load is rebuilt once. None (and why) on failure."""
     for attempt in range(2):
         try:
-            return Engine(name, precision, path, _COMPILERS[name](path, precision))
+            run, streams = _COMPILERS[name](path, precision, _n_threads())
+            # One pass per stream here, one at a time: the engines set up their per-process state on a first call
+            # (pybind11 statics behind OpenVINO's Tensor.data), and two streams doing that at once deadlocked.
+            warm_up = np.zeros((1, 3, int(input_resolution), int(input_resolution)), np.float32)
+            for _ in range(streams):
+                run(warm_up)
+            return Engine(name, precision, path, run, streams)
         except Exception as err:  # each engine has its own load errors (RuntimeError, onnxruntime's Fail ...)
             if attempt or not _ensure_export(net, model_id, input_resolution, path, reasons, force=True):
                 reasons.append(f"{name} could not load {path} ({type(err).__name__}: {err})")

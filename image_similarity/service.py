@@ -108,7 +108,9 @@ class SimilarityService:
         self.thumb_px = int(thumb_px)
         self.notes = list(notes)
         self.label_issues_path = Path(label_issues_path) if label_issues_path else None
-        self._net_lock = threading.Lock()  # one forward pass at a time: parallel ones only fight over the cores
+        # As many forward passes at once as the network runs side by side (an engine's streams; PyTorch: one, as
+        # parallel ones only fight over the cores).
+        self._net_slots = threading.BoundedSemaphore(getattr(embedder.engine, "streams", 1))
         self.thumbnail = lru_cache(maxsize=4096)(self._thumbnail)
 
     @classmethod
@@ -173,7 +175,7 @@ class SimilarityService:
         image = read_image(io.BytesIO(data))
         batch = self.embedder.transform(image).unsqueeze(0)
         decoded = time.perf_counter()
-        with self._net_lock:
+        with self._net_slots:
             locked = time.perf_counter()
             vector = self.embedder.forward_batch(batch)
             embedded = time.perf_counter()

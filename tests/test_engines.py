@@ -1,6 +1,8 @@
 """The CPU inference engines: parity with PyTorch on real photos, the export cache, and the fallbacks."""
 import logging
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -51,6 +53,53 @@ def test_f32_engines_match_pytorch_on_real_photos(lite0, backend):
     assert out.shape == expected.shape and out.dtype == np.float32
     assert _min_cosine(out, expected) >= 0.99999
     assert _min_cosine(engine(batch[:1]), expected[:1]) >= 0.99999  # any batch size
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_streams_run_concurrent_calls_without_mixing_them(lite0, backend):
+    """Calls from several threads at once (the service) share the streams and each gets its own rows back."""
+    net, batch, expected, path = lite0
+    engine = engines.load_engine(net, MODEL_ID, RESOLUTION, path, backend)
+    assert engine.streams == engines._n_threads()
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: engine(batch[i % len(batch)][None]), range(3 * len(batch))))
+    for i, out in enumerate(outs):
+        assert _min_cosine(out, expected[i % len(batch)][None]) >= 0.99999
+
+
+FIRST_CALLS_AT_ONCE = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+from image_similarity import backbones, engines
+net = backbones.create_model("efficientnet_lite0")
+engine = engines.load_engine(net, sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+with ThreadPoolExecutor(4) as pool:
+    outs = list(pool.map(engine, [np.zeros((1, 3, int(sys.argv[2]), int(sys.argv[2])), np.float32)] * 8))
+print(engine.name, engine.streams, len(outs))
+"""
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_the_first_calls_of_a_fresh_process_may_come_from_several_threads(lite0, backend):
+    """The service's first queries arrive together: in a new process they must not deadlock the engine."""
+    path = lite0[3]
+    done = subprocess.run([sys.executable, "-c", FIRST_CALLS_AT_ONCE, MODEL_ID, str(RESOLUTION), str(path), backend],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[::2] == [backend, "8"]
+
+
+def test_one_stream_when_torch_is_given_one_thread(lite0):
+    """A Ray actor gives each worker one thread: its engine then runs one stream, on one core."""
+    net, batch, expected, path = lite0
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = engines.load_engine(net, MODEL_ID, RESOLUTION, path, "openvino")
+    finally:
+        torch.set_num_threads(before)
+    assert engine.streams == 1 and _min_cosine(engine(batch), expected) >= 0.99999
 
 
 def test_the_embedder_runs_on_the_engine_end_to_end(lite0, sample_dir):
