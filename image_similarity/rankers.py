@@ -13,6 +13,7 @@ negatives and the whole weighted-L2 fit in :mod:`.training`.
 """
 import copy
 import warnings
+import weakref
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -272,6 +273,27 @@ class ClassProbRanker(BaseEstimator):
         check_is_fitted(self)
         return self.classifier_.predict_proba(normalize(check_array(X, dtype=np.float64)))
 
+    def reference_proba(self, references):
+        """``predict_proba(references)``, remembered for the last array object asked about.
+
+        A service or A1 scores every query against the same reference matrix; this computes its probabilities once.
+        The matrix must not be changed in place between calls (a new array is recomputed).
+        """
+        memo = self.__dict__.get("_reference_memo")
+        if memo is not None and memo[0]() is references:
+            return memo[1]
+        probabilities = self.predict_proba(references)
+        try:
+            self._reference_memo = (weakref.ref(references), probabilities)
+        except TypeError:  # a list or other object that takes no weak reference: nothing remembered
+            pass
+        return probabilities
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_reference_memo", None)  # a cache, never pickled
+        return state
+
     def score(self, X, y):
         """Classification accuracy, in [0, 1] (sklearn's meaning: higher is better)."""
         check_is_fitted(self)
@@ -280,7 +302,7 @@ class ClassProbRanker(BaseEstimator):
     def distances(self, queries, references):
         """``metric`` distance between the probability vectors, (n_q, n_r) float64."""
         check_is_fitted(self)
-        return probability_distances(self.predict_proba(queries), self.predict_proba(references), self.metric)
+        return probability_distances(self.predict_proba(queries), self.reference_proba(references), self.metric)
 
 
 class HybridRanker(BaseEstimator):
@@ -312,7 +334,7 @@ class HybridRanker(BaseEstimator):
     def distances(self, queries, references):
         """The hybrid distance of every query to every reference, (n_q, n_r) float64; lower is more similar."""
         check_is_fitted(self)
-        return label_then_appearance(self.classifier.predict_proba(queries), self.classifier.predict_proba(references),
+        return label_then_appearance(self.classifier.predict_proba(queries), self.classifier.reference_proba(references),
                                      queries, references, self.band)
 
 

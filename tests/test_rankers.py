@@ -6,6 +6,7 @@ from sklearn.metrics.pairwise import cosine_distances
 from sklearn.preprocessing import normalize
 
 from image_similarity.evaluation import mean_rank, positive_rank
+from image_similarity.fileio import load_pickle, save_pickle
 from image_similarity.rankers import (RANKER_NAMES, CalibratedRanker, ClassProbRanker, CosineRanker, HybridRanker,
                                       KReciprocalRanker, L1Ranker, L2Ranker, RandomRanker, WeightedL2Ranker,
                                       build_rankers, negative_sample_weights)
@@ -174,6 +175,26 @@ def test_classprob_ranker_compares_probability_vectors():
     assert 0 <= same < 0.1 < other <= 1
     with pytest.raises(ValueError, match="metric"):
         ranker.set_params(metric="chi2").distances(x[:1], x[:1])
+
+
+def test_reference_probabilities_are_computed_once_per_matrix_and_never_pickled(tmp_path):
+    """A service scores every query against one matrix: its probabilities are remembered for that array only."""
+    x, labels = make_clusters(n_noise=4)
+    names = np.array(["a", "b", "c", "d", "e"])[labels]
+    ranker = ClassProbRanker(metric="same_label", C=10.0, random_state=0).fit(x, names)
+    references = x[100:140].copy()
+    first = ranker.distances(x[:2], references)
+    calls = []
+    ranker.predict_proba = lambda X: calls.append(len(X)) or ClassProbRanker.predict_proba(ranker, X)
+    np.testing.assert_array_equal(ranker.distances(x[:2], references), first)
+    assert calls == [2]  # the queries only: the references' probabilities were remembered
+    changed = references.copy()
+    changed[:10] = x[:10]
+    assert not np.allclose(ranker.distances(x[:2], changed), first)  # another array is computed afresh
+    assert calls == [2, 2, 40]
+    del ranker.predict_proba
+    save_pickle(tmp_path / "r.pickle", ranker)
+    assert "_reference_memo" not in load_pickle(tmp_path / "r.pickle").__dict__
 
 
 def test_classprob_same_label_ranks_same_class_references_first():
