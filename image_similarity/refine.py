@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import backbones
+from . import backbones, engines
 from .embedder import Embedder, ImageDataset, collate_good_bad
 from .embedder import default_device as select_device
 from .fileio import atomic_path, remove_stale_temporaries
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_err", "val_loss", "val_err", "seconds")
 RESUME_FORMAT = "image_similarity.refine_resume/1"
 # Settings that may differ between an interrupted run and its resumption: more epochs extend a finished run.
-RESUMABLE_CHANGES = ("max_epochs", "n_workers")
+RESUMABLE_CHANGES = ("max_epochs", "n_workers", "cpu_bf16")
 LR_SCHEDULES = ("step", "cosine")
 
 
@@ -99,6 +99,9 @@ class RefineConfig:
         Most training images per epoch (a fresh random subset each epoch); None = all.
     n_workers : int
         DataLoader worker processes; 0 = load in the main process.
+    cpu_bf16 : bool
+        On CPU, train under bf16 autocast where the CPU computes bf16 natively (``engines.native_bf16()``, read at
+        run time); elsewhere float32, with a warning.
     seed : int
         Seed of the head's initialisation, the sample order, dropout and augmentation.
     """
@@ -121,6 +124,7 @@ class RefineConfig:
     balance: bool = False
     max_train_images: Optional[int] = None
     n_workers: int = 2
+    cpu_bf16: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -517,6 +521,10 @@ def fine_tune(config, train_items, val_items, img_dir, classes, device=None, che
     val_set = LabelledImages(img_dir, val_items, backbones.eval_transform(spec, config.input_resolution))
     labels = [y for _, y in train_items]
     n_train = len(epoch_indices(labels, 0, config.seed, config.balance, config.max_train_images))
+    cpu_bf16 = config.cpu_bf16 and device.type == "cpu" and engines.native_bf16()
+    if config.cpu_bf16 and not cpu_bf16:
+        logger.warning("bf16 training asked for, but %s: training in float32", "the network is on CUDA (mixed "
+                       "precision there)" if device.type != "cpu" else "this CPU has no native bf16")
     for epoch in range(start_epoch, config.max_epochs):
         epoch_start = time.perf_counter()
         lr = lr_for_epoch(config.lr_per_epoch, epoch, config.lr_schedule, config.max_epochs)
@@ -527,7 +535,8 @@ def fine_tune(config, train_items, val_items, img_dir, classes, device=None, che
                              seed=config.seed * 1_000_003 + epoch, training=True)
         tag = f"epoch {epoch + 1}/{config.max_epochs}"
         train_loss, train_err, _ = train_one_epoch(model, loader, optimizer, scaler, device, config.freeze_backbone,
-                                                   skipped=skipped, desc=f"{tag} train", progress=progress)
+                                                   skipped=skipped, desc=f"{tag} train", progress=progress,
+                                                   cpu_bf16=cpu_bf16)
         val_loss, val_err, _ = evaluate(model, val_set, config.batch_size, config.n_workers, device, skipped=skipped,
                                         desc=f"{tag} val", progress=progress)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_err": train_err,

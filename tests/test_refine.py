@@ -136,6 +136,20 @@ def test_no_validation_images_keeps_the_last_epoch(colours, single_thread, caplo
     assert "no validation images" in caplog.text
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_training_only_where_the_cpu_has_it(colours, single_thread, caplog, monkeypatch, native):
+    """rf_cpuBf16 trains under bf16 autocast on a CPU with native bf16; elsewhere float32, with a warning."""
+    root, train, _ = colours
+    monkeypatch.setattr(refine.engines, "native_bf16", lambda: native)
+    seen = []
+    real = refine.train_one_epoch
+    monkeypatch.setattr(refine, "train_one_epoch", lambda *a, **k: seen.append(k["cpu_bf16"]) or real(*a, **k))
+    result = refine.fine_tune(config(max_epochs=1, freeze_backbone=True, cpu_bf16=True), train, [], root, CLASSES,
+                              "cpu", progress=False)
+    assert seen == [native] and np.isfinite(result.log_rows[-1]["train_loss"])
+    assert ("no native bf16" in caplog.text) is not native
+
+
 def test_unreadable_images_are_skipped_and_recorded(colours, tmp_path):
     root, train, _ = colours
     bad = tmp_path / "red" / "broken.jpg"
