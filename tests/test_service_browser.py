@@ -48,7 +48,7 @@ def test_page_shows_k_matches(browser, server, tmp_path):  # noqa: F811
     browser.get(str(client.base_url))
     wait = WebDriverWait(browser, 60)
     wait.until(lambda d: len(Select(d.find_element(By.ID, "ranker")).options) == len(RANKER_NAMES))  # from /health
-    assert Select(browser.find_element(By.ID, "ranker")).first_selected_option.text == "cosine"
+    assert Select(browser.find_element(By.ID, "ranker")).first_selected_option.text == "hybrid"  # it has a classifier
     Select(browser.find_element(By.ID, "k")).select_by_value("10")
     query = make_image(tmp_path / "query.png", (205, 25, 35), size=(120, 90), pattern="stripes")
     browser.find_element(By.ID, "file").send_keys(str(query))
@@ -56,7 +56,7 @@ def test_page_shows_k_matches(browser, server, tmp_path):  # noqa: F811
     matches = browser.find_elements(By.CSS_SELECTOR, "#results .match")
     captions = [m.find_element(By.TAG_NAME, "figcaption").text for m in matches]
     assert captions[0].startswith("1. red - distance ")
-    assert "10 matches (cosine)" in browser.find_element(By.ID, "status").text
+    assert "10 matches (hybrid)" in browser.find_element(By.ID, "status").text
     # Every thumbnail came from /images/<id>?thumb=1 and decoded in the browser.
     wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
                              for img in d.find_elements(By.CSS_SELECTOR, "#results img")))
