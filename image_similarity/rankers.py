@@ -334,8 +334,8 @@ class HybridRanker(BaseEstimator):
     def distances(self, queries, references):
         """The hybrid distance of every query to every reference, (n_q, n_r) float64; lower is more similar."""
         check_is_fitted(self)
-        return label_then_appearance(self.classifier.predict_proba(queries), self.classifier.reference_proba(references),
-                                     queries, references, self.band)
+        query_p, reference_p = self.classifier.predict_proba(queries), self.classifier.reference_proba(references)
+        return label_then_appearance(query_p, reference_p, queries, references, self.band)
 
 
 class KReciprocalRanker(BaseEstimator):
