@@ -11,9 +11,9 @@ as JPEG to a temporary folder, are embedded with the same backbone at --resoluti
      runs), what 3_featurizeImages.py runs, for each arm.
 All arms alternate for --rounds rounds and the best rate of each is kept, since the machine may be shared.
 "auto" is the arm run_backend="auto" picks. Then the forward alone by batch size (1-32) for torch in both memory
-formats and for the auto engine, which is how run_mbSize was chosen, the auto engine's forward by chunk size and its
-end to end by loader workers (how engines.CHUNK_IMAGES and run_nrWorkers were chosen), and the preprocessing cost per image in one
-thread: decoding plus torchvision's Resize + CenterCrop + ToTensor + Normalize against decoding plus
+formats and for the auto engine, which is how run_mbSize was chosen; the auto engine's forward by chunk size and its
+end to end by loader workers (how engines.CHUNK_IMAGES and run_nrWorkers were chosen); and the preprocessing cost
+per image in one thread: decoding plus torchvision's Resize + CenterCrop + ToTensor + Normalize against decoding plus
 backbones.EvalTransform.to_uint8 (one resize of the crop's pixels, uint8 out), which is what the workers run.
 The CPU model and its vector flags are reported with the numbers.
 Memory (--memory N): features.featurize_to_file on N hard links to the sample photos, sampling the resident memory of
@@ -275,8 +275,8 @@ def main():
     else:
         with tempfile.TemporaryDirectory() as tmp:
             paths = make_images(Path(tmp), args.n, args.size)
-            runs, chosen, streams, sweep, preprocessing = throughput(paths, Path(tmp), args.backbone, resolution, args.batch,
-                                                            args.workers, args.rounds)
+            runs, chosen, streams, sweep, preprocessing = throughput(paths, Path(tmp), args.backbone, resolution,
+                                                                     args.batch, args.workers, args.rounds)
         rates = {k: max(v) for k, v in runs.items()}
         tutorial = rates["tutorial_one_at_a_time"]
         ratios = {f"project_{chosen}_vs_tutorial": rates[f"project_{chosen}"] / tutorial,
@@ -289,7 +289,8 @@ def main():
         for key, value in ratios.items():
             print(f"{key:40} {value:8.2f} x")
         for arm, rates_by_size in sweep.items():
-            print(f"{arm}, images/s by {'batch size' if arm in ('torch_channels_last', 'torch_contiguous', chosen) else 'value'}: "
+            by = "" if "_by_" in arm else " by batch size"  # the engine's own sweeps name what they vary
+            print(f"{arm}, images/s{by}: "
                   + ", ".join(f"{k}: {v}" for k, v in rates_by_size.items()))
         print("decode + preprocess, ms per image in one thread: "
               + ", ".join(f"{k} {v}" for k, v in preprocessing.items()))

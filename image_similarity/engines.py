@@ -164,9 +164,11 @@ class Engine:
     def __call__(self, batch):
         pixels = np.ascontiguousarray(batch.numpy() if hasattr(batch, "numpy") else batch, dtype=np.float32)
         if self._pool is None or len(pixels) <= CHUNK_IMAGES:
-            return np.asarray(self._run(pixels), dtype=np.float32)
-        chunks = [pixels[i:i + CHUNK_IMAGES] for i in range(0, len(pixels), CHUNK_IMAGES)]
-        return np.concatenate(list(self._pool.map(self._run, chunks))).astype(np.float32, copy=False)
+            out = self._run(pixels)
+        else:
+            chunks = [pixels[i:i + CHUNK_IMAGES] for i in range(0, len(pixels), CHUNK_IMAGES)]
+            out = np.concatenate(list(self._pool.map(self._run, chunks)))
+        return np.asarray(out, dtype=np.float32)
 
     def __repr__(self):
         return f"Engine({self.name}, {self.precision}, {self.streams} streams, {self.path.name})"

@@ -146,7 +146,8 @@ class RefineConfig:
                   ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
                   ("weight_decay", self.weight_decay >= 0.0, ">= 0"),
                   ("max_train_images", self.max_train_images is None or self.max_train_images >= 1, "None or >= 1"),
-                  ("n_workers", self.n_workers >= 0, ">= 0")]
+                  ("n_workers", self.n_workers >= 0, ">= 0"),
+                  ("cpu_bf16", isinstance(self.cpu_bf16, bool), "True or False")]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name} = {getattr(self, name)!r}: must be {allowed}")

@@ -243,6 +243,8 @@ def test_config_names_the_setting_at_fault():
         config(backbone_lr_factor=0.0)
     with pytest.raises(ValueError, match="crop_scale = 1.5"):
         config(crop_scale=1.5)
+    with pytest.raises(ValueError, match="cpu_bf16 = 'yes': must be True or False"):
+        config(cpu_bf16="yes")
 
 
 def test_refine_curves_png(tmp_path):
