@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from image_similarity import evaluation, fileio, rankers  # noqa: E402
 from image_similarity.features import load_features  # noqa: E402
-from image_similarity.splits import label_of  # noqa: E402
+from image_similarity.splits import label_of, parse_groups_file  # noqa: E402
 
 
 def main():
@@ -31,7 +31,7 @@ def main():
     features = load_features(proc / "features.npy")
     payload = fileio.load_pickle(proc / "classprob.pickle")
     classifier = payload["ranker"]
-    groups = dict(fileio.read_tsv(args.groups)) if args.groups else None
+    groups = parse_groups_file(fileio.read_tsv(args.groups)) if args.groups else None
     arms = {"cosine": rankers.CosineRanker(),
             "classprob_same": copy.deepcopy(classifier).set_params(metric="same_label"),
             **{f"band {b:g}": rankers.HybridRanker(classifier, b).fit() for b in args.bands}}
