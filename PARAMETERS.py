@@ -83,7 +83,6 @@ svm_classProbCValCandidates = [0.1, 1.0, 10.0, 100.0]  # C of the class-probabil
 svm_hybridBandCandidates = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5]  # label-agreement band widths of the hybrid ranker (labels in bands first, cosine within a band): the widest within svm_hybridMaxTop1Drop and svm_hybridMaxMeanRankRise of classprob_same on validation is kept; [] = no hybrid ranker
 svm_hybridMaxTop1Drop = 0.01            # Validation top-1 (fraction) the hybrid may lose against classprob_same
 svm_hybridMaxMeanRankRise = 0.1         # Relative rise of the validation mean rank the hybrid may cause against classprob_same; 1e9 = no limit
-svm_hybridMaxTop1Drop = 0.01            # Validation top-1 (fraction) the hybrid may lose against classprob_same
 
 # Evaluation and retrieval (scripts: 5_evaluate.py, A1_imageRetrieval.py)
 eval_topNs = [1, 2, 4, 5, 8, 10, 15, 20, 28, 32]  # Top-N accuracies to report (the SQL variant's list)

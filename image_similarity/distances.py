@@ -108,9 +108,12 @@ def label_then_appearance(p, q, queries, references, band):
     """The hybrid distance, lexicographic: label agreement in bands first, the embeddings' cosine within a band.
 
     The label term is how much less the two class-probability vectors agree than the query could at best,
-    ``max(p) - p . q`` in [0, 1] (0 for a reference the classifier is sure has the query's most probable label). It
-    is cut into bands of width ``band``; a reference in a lower band always comes first, and within one band the
-    cosine distance of the embeddings alone orders the references. So the classifier's small differences in
+    ``max(p) - p . q`` in [0, 1] (0 for a reference the classifier is sure has the query's most probable label), or
+    how differently the classifier sees the two images, the total variation ``|p - q|_1 / 2``, if that is smaller.
+    The second keeps the query itself, and the images the classifier cannot tell from it, in the first band: without
+    it an image the classifier is unsure of ranks below every surer image of its label, even when it is the query.
+    The term is cut into bands of width ``band``; a reference in a lower band always comes first, and within one
+    band the cosine distance of the embeddings alone orders the references. So the classifier's small differences in
     confidence among the images of one label no longer decide their order: how they look does. The result is
     ``band * (index of the band + cosine / 2)``: it stays inside its band and reads as one number.
 
@@ -134,7 +137,7 @@ def label_then_appearance(p, q, queries, references, band):
     if not 0 < band <= 1:
         raise ValueError(f"the hybrid band width must be in (0, 1], got {band!r}")
     p, q = check_pair(p, q)
-    shortfall = p.max(axis=1, keepdims=True) - p @ q.T
+    shortfall = np.minimum(p.max(axis=1, keepdims=True) - p @ q.T, 0.5 * manhattan_distances(p, q))
     n_bands = int(np.ceil(1.0 / band - 1e-9))
     level = np.clip(np.floor(shortfall / band + 1e-9), 0, n_bands - 1)
     cosine = np.clip(embedding_distances(queries, references, "cosine"), 0.0, 2.0)

@@ -265,6 +265,20 @@ def test_hybrid_ranker_orders_a_label_by_appearance():
             HybridRanker(classifier, band).fit().distances(query, references)
 
 
+def test_hybrid_ranker_puts_the_query_itself_first_when_the_classifier_is_unsure_of_it():
+    classifier = ClassProbRanker(metric="same_label", C=10.0, random_state=0).fit(HYBRID_TRAIN, HYBRID_LABELS)
+    unsure = np.array([[0.6, 0.55, 0.5]], np.float32)  # between label a and label b
+    sure_a = np.array([[1, 0, -0.5]], np.float32)
+    p, q = classifier.predict_proba(unsure), classifier.predict_proba(sure_a)
+    assert 0.5 < p.max() < 0.9 and q.max() > p.max()
+    # max(p) - p . q alone puts the surer image of the query's label in a lower band than the query itself.
+    assert p.max() - p @ q.T < p.max() - p @ p.T - 0.02
+    references = np.vstack([sure_a, unsure])
+    for band in (0.02, 0.05, 0.2):
+        d = HybridRanker(classifier, band).fit().distances(unsure, references)[0]
+        assert d[1] < d[0] and d[1] == pytest.approx(0.0, abs=1e-6), band  # the query, at distance 0, first
+
+
 def test_k_reciprocal_re_ranking_keeps_clusters_and_falls_back_to_the_original_order():
     rng = np.random.default_rng(0)
     centres = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
