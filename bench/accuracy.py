@@ -30,7 +30,7 @@ from image_similarity import backbones
 from image_similarity.fileio import save_json
 
 REPO = Path(__file__).resolve().parents[1]
-METRICS = ("top1", "top5", "mean_rank", "median_rank", "mrr")
+METRICS = ("top1", "top5", "mean_rank", "median_rank", "mrr", "map")
 
 
 def run_seed(data_dir, name, labels, seed, overrides, scratch):
@@ -90,7 +90,7 @@ def summarise(runs):
     for ranker in rankers + ["best_on_val"]:
         rows = [run["metrics"][run["best"] if ranker == "best_on_val" else ranker] for run in runs]
         table[ranker] = {m: {"mean": float(np.mean([r[m] for r in rows])), "std": float(np.std([r[m] for r in rows]))}
-                         for m in METRICS}
+                         for m in METRICS if m in rows[0]}  # an older run's JSON may lack a metric added since
     return table
 
 

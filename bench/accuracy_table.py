@@ -14,11 +14,15 @@ every marked block of both files from the JSON, and tests/test_readme.py checks 
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 from image_similarity.fileio import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from accuracy import summarise  # noqa: E402  (the one mean ± std over seeds)
+
 RESULTS = REPO / "bench" / "results"
 DOCUMENTS = (REPO / "doc" / "RESULTS.md", REPO / "README.md")  # the files whose marked blocks --update rewrites
 TABLE = re.compile(r"<!-- accuracy:(?P<name>\S+)(?P<tutorial> --tutorial)? -->\n(?P<body>.*?)\n<!-- /accuracy -->",
@@ -30,6 +34,7 @@ RANKER_TITLES = {"random": "random", "L1": "L1", "L2": "L2", "cosine": "cosine",
                  "weightedl2prob": "weighted L2, Platt probability", "classprob_L2": "class probability, L2",
                  "classprob_cosine": "class probability, cosine",
                  "classprob_same": "class probability, 1 - P(same label)",
+                 "hybrid": "hybrid: label bands, cosine within a band",
                  "best_on_val": "**the recommended ranker** (chosen on validation)"}
 # The README's summary: (bench/accuracy.py --name, row title, whether the tutorial's weighted L2 is shown beside it).
 SUMMARY_ROWS = (("fashionTexture11_3labels", "3 texture labels, the tutorial's protocol", True),
@@ -38,27 +43,33 @@ SUMMARY_ROWS = (("fashionTexture11_3labels", "3 texture labels, the tutorial's p
 
 
 def load_result(name):
-    """The JSON of ``bench/accuracy.py --name NAME`` (``bench/results/accuracy_NAME.json``)."""
+    """The JSON of ``bench/accuracy.py --name NAME`` (``bench/results/accuracy_NAME.json``), its summary taken
+    afresh from its runs (so that a metric added to bench/accuracy.py's summary reaches older runs' tables)."""
     path = RESULTS / f"accuracy_{name}.json"
     if not path.is_file():
         raise SystemExit(f"error: {path} is missing: run bench/accuracy.py with --name {name} first")
-    return json.loads(path.read_text())
+    result = json.loads(path.read_text())
+    result["summary"] = summarise(result["runs"])
+    return result
 
 
-def cell(summary, n_seeds):
-    """'top-1 / top-5 / mean rank' as mean ± std over the seeds, or the value alone for one seed."""
+def cell(summary, n_seeds, with_map=False):
+    """'top-1 / top-5 / mean rank' (and ' / mAP') as mean ± std over the seeds, or the value alone for one seed."""
     def fmt(metric, scale, digits):
         mean, std = summary[metric]["mean"] * scale, summary[metric]["std"] * scale
         return f"{mean:.{digits}f}" if n_seeds == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
-    return f"{fmt('top1', 100, 1)}% / {fmt('top5', 100, 1)}% / {fmt('mean_rank', 1, 2)}"
+    if summary is None:
+        return "not measured"  # a ranker added after this run
+    return (f"{fmt('top1', 100, 1)}% / {fmt('top5', 100, 1)}% / {fmt('mean_rank', 1, 2)}"
+            + ((f" / {fmt('map', 1, 3)}" if "map" in summary else " / -") if with_map else ""))
 
 
-def tutorial_cell(ranker):
+def tutorial_cell(ranker, with_map=False):
     """The tutorial's published 'top-1 / top-5 / mean rank' for ``ranker``, or '' where it published none."""
     if ranker not in TUTORIAL:
         return ""
     top1, top5, mean_rank = TUTORIAL[ranker]
-    return f"{100 * top1:.1f}% / {100 * top5:.1f}% / {mean_rank:.1f}"
+    return f"{100 * top1:.1f}% / {100 * top5:.1f}% / {mean_rank:.1f}" + (" / -" if with_map else "")  # no mAP published
 
 
 def seed_list(result):
@@ -74,10 +85,10 @@ def table_lines(header, rows):
 def render(name, tutorial=False):
     """Markdown for the protocol ``name``: ``accuracy_NAME.json`` (refined) and ``accuracy_NAME_frozen.json``."""
     refined, frozen = load_result(name), load_result(f"{name}_frozen")
-    header = ["ranker: top-1 / top-5 / mean rank"] + (["tutorial (CNTK ResNet-18, 1 run)"] if tutorial else [])
+    header = ["ranker: top-1 / top-5 / mean rank / mAP"] + (["tutorial (CNTK ResNet-18, 1 run)"] if tutorial else [])
     header += [f"frozen Lite0 ({seed_list(frozen)})", f"refined Lite0 ({seed_list(refined)})"]
-    rows = [[title] + ([tutorial_cell(ranker)] if tutorial else [])
-            + [cell(result["summary"][ranker], len(result["seeds"])) for result in (frozen, refined)]
+    rows = [[title] + ([tutorial_cell(ranker, with_map=True)] if tutorial else [])
+            + [cell(result["summary"].get(ranker), len(result["seeds"]), with_map=True) for result in (frozen, refined)]
             for ranker, title in RANKER_TITLES.items()]
     chosen = [", ".join(sorted({run["best"] for run in result["runs"]})) for result in (frozen, refined)]
     minutes = [", ".join(f"{run['train_minutes']:.1f}" for run in result["runs"]) for result in (frozen, refined)]
