@@ -39,6 +39,7 @@ test_maxNegImgsPerQueryImg = 100        # Negative images per test query image
 # Label issues (script: A6_findLabelIssues.py; the exclude file: steps 2 and 4)
 li_nrFolds = 5                          # Cross-validation folds for the out-of-fold class probabilities
 li_nrRepeats = 3                        # k-fold repeats (other fold assignments) whose probabilities are averaged; 1 = one k-fold
+li_cCriterion = "log_loss"              # How A6 chooses the classifier's C among svm_classProbCValCandidates: validation log loss (how well the probabilities fit); "accuracy" = step 4's rule and choice
 li_rankedBy = "self_confidence"         # cleanlab label-quality score that ranks the suspects, or "normalized_margin"
 li_nrShown = 24                         # Suspects shown in label_issues.png; 0 = no contact sheet
 labelIssuesExcludeFile = ""             # TSV of keys (first column) left out of training in steps 2 and 4, path from the root; "" = none

@@ -205,7 +205,8 @@ def planted(args):
 
 
 FINDER_VARIANTS = {"one 5-fold": dict(n_folds=5), "one 10-fold": dict(n_folds=10),
-                   "3 averaged 5-folds": dict(n_folds=5, n_repeats=3), "cosine 15-NN, 5-fold": dict(n_folds=5)}
+                   "3 averaged 5-folds": dict(n_folds=5, n_repeats=3), "cosine 15-NN, 5-fold": dict(n_folds=5),
+                   "3 averaged 5-folds, C by val log loss": dict(n_folds=5, n_repeats=3)}
 
 
 class CosineKNNProba(BaseEstimator):
@@ -239,22 +240,25 @@ def variants(args):
         noisy = {k: flipped.get(k, label_of(k)) for k in non_test}
         xy = {s: (stored.rows(keys[s]), [noisy[k] for k in keys[s]]) for s in ("train", "val")}
         C = rankers_C(xy, flip_seed)
+        C_log_loss = rankers_C(xy, flip_seed, criterion="log_loss")
         X, y = stored.rows(non_test), [noisy[k] for k in non_test]
-        row = results[f"{split_seed}/{flip_seed}"] = {"C": C}
+        row = results[f"{split_seed}/{flip_seed}"] = {"C": C, "C_log_loss": C_log_loss}
         for name, settings in FINDER_VARIANTS.items():
             start = time.perf_counter()
-            classifier = CosineKNNProba() if "NN" in name else rankers.ClassProbRanker(C=C, random_state=flip_seed)
+            classifier = (CosineKNNProba() if "NN" in name else rankers.ClassProbRanker(
+                C=C_log_loss if "log loss" in name else C, random_state=flip_seed))
             proba, classes = label_issues.out_of_fold_probabilities(classifier, X, y, random_state=flip_seed,
                                                                     n_jobs=-1, **settings)
             ranked = [{"key": k, "p_given_label": p} for k, p in
                       zip(non_test, proba[np.arange(len(y)), np.searchsorted(classes, y)])]
             row[name] = top_k(sorted(ranked, key=lambda r: r["p_given_label"]), sorted(flipped))
             row[name]["seconds"] = time.perf_counter() - start
-            print(f"planting {split_seed}/{flip_seed} (C = {C:g}) {name:22} recall at 1x/2x/3x " + " / ".join(
+            print(f"planting {split_seed}/{flip_seed} (C = {C:g}; by log loss {C_log_loss:g}) {name:37} "
+                  "recall at 1x/2x/3x " + " / ".join(
                 f"{row[name][f'K={m}x']['recall']:.3f}" for m in (1, 2, 3)), flush=True)
     print("\nmean recall at K = 2 x flipped over the plantings:")
     for name in FINDER_VARIANTS:
-        print(f"   {name:22} {np.mean([r[name]['K=2x']['recall'] for r in results.values()]):.3f}")
+        print(f"   {name:36} {np.mean([r[name]['K=2x']['recall'] for r in results.values()]):.3f}")
     fileio.save_json(REPO / "bench" / "results" / "label_issues_variants_frozen.json", {
         "command": " ".join(["bench/label_issues.py", *sys.argv[1:]]), "fraction": args.fraction,
         "load_avg_at_end": os.getloadavg(), "plantings": results})
@@ -277,9 +281,9 @@ def classprob_metrics(features, keys, sets, excluded, C, seed):
     return out
 
 
-def rankers_C(xy, seed):
+def rankers_C(xy, seed, criterion="accuracy"):
     """The C that A6 (and step 4) choose: best validation accuracy among svm_classProbCValCandidates."""
-    return training.select_classprob_C(*xy["train"], *xy["val"], [0.1, 1.0, 10.0, 100.0], seed)[0].C
+    return training.select_classprob_C(*xy["train"], *xy["val"], [0.1, 1.0, 10.0, 100.0], seed, criterion)[0].C
 
 
 def real(args):

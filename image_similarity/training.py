@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.base import clone
-from sklearn.metrics import accuracy_score, balanced_accuracy_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss
 from sklearn.preprocessing import normalize
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted
@@ -23,7 +23,7 @@ from .evaluation import mean_rank, rank_ranking_sets, top_k_accuracy
 from .rankers import CalibratedRanker, ClassProbRanker, HybridRanker, WeightedL2Ranker
 
 __all__ = ["pair_differences", "ranking_set_pairs", "select_C", "mine_hard_negatives", "WeightedL2Fit",
-           "fit_weighted_l2", "pair_accuracies", "select_classprob_C", "select_hybrid_band"]
+           "fit_weighted_l2", "pair_accuracies", "C_CRITERIA", "select_classprob_C", "select_hybrid_band"]
 
 logger = logging.getLogger(__name__)
 
@@ -219,19 +219,28 @@ def pair_accuracies(ranker, pair_diffs, same_label):
             "n_pairs": int(len(same_label))}
 
 
-def select_classprob_C(X_train, y_train, X_val, y_val, candidates, random_state=None):
-    """Fit one :class:`ClassProbRanker` per C; keep the best validation accuracy (ties: smaller C).
+C_CRITERIA = ("accuracy", "log_loss")  # what select_classprob_C may keep the best validation score of
+
+
+def select_classprob_C(X_train, y_train, X_val, y_val, candidates, random_state=None, criterion="accuracy"):
+    """Fit one :class:`ClassProbRanker` per C; keep the best validation score (ties: smaller C).
+
+    ``criterion`` is ``'accuracy'`` (step 4: the label protocol) or ``'log_loss'`` (how well the probabilities
+    themselves fit the validation labels, which is what ranking images by the probability of their label needs).
 
     Returns
     -------
     best : ClassProbRanker
     table : dict of float to float
-        ``{C: validation accuracy}``.
+        ``{C: validation accuracy}``, or ``{C: minus the validation log loss}`` (higher is better in both).
     """
+    if criterion not in C_CRITERIA:
+        raise ValueError(f"the C criterion must be one of {', '.join(C_CRITERIA)}, got {criterion!r}")
     table, best = {}, None
     for C in sorted(candidates):
         ranker = ClassProbRanker(C=C, random_state=random_state).fit(X_train, y_train)
-        table[C] = ranker.score(X_val, y_val)
+        table[C] = (ranker.score(X_val, y_val) if criterion == "accuracy" else
+                    -log_loss(y_val, ranker.predict_proba(X_val), labels=ranker.classes_))
         if best is None or table[C] > table[best.C]:
             best = ranker
     return best, table

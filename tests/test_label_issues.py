@@ -51,6 +51,8 @@ def test_flipped_labels_rank_first_with_the_true_label_suggested(method, n_repea
     assert issues.n_flagged >= len(flips) and all(row["flagged"] == "no" for row in issues.rows[10:])
     with pytest.raises(ValueError, match="ranking method"):
         label_issues.find_label_issues(keys, splits, labels, proba, classes, "entropy")
+    with pytest.raises(ValueError, match="C criterion must be one of"):
+        label_issues.out_of_sample_probabilities(X, labels, splits, [1.0], C_criterion="auc")
 
 
 def test_repeats_average_the_out_of_fold_probabilities_of_other_fold_assignments():
@@ -161,6 +163,7 @@ def test_help():
 def test_a6_ranks_the_misfiled_images_first(pipeline):
     done = run_ok("A6_findLabelIssues.py", *settings(pipeline))
     assert done.stdout.strip().splitlines()[-1].startswith("Done: 36 images scored")
+    assert "(best validation log loss)" in done.stdout  # li_cCriterion's default, not step 4's accuracy
     results = pipeline / "results" / "tiny"
     with open(results / "label_issues.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

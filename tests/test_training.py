@@ -1,11 +1,13 @@
 """Training the learned rankers: hard negatives, pair accuracies, the one weighted-L2 fit."""
 import numpy as np
+import pytest
+from sklearn.metrics import log_loss
 
 from image_similarity.features import Features
 from image_similarity.rankers import ClassProbRanker, WeightedL2Ranker
 from image_similarity.splits import RankingSet, make_ranking_sets
 from image_similarity.training import (fit_weighted_l2, mine_hard_negatives, pair_accuracies, ranking_set_pairs,
-                                       select_C, select_hybrid_band)
+                                       select_C, select_classprob_C, select_hybrid_band)
 from test_rankers import HYBRID_LABELS, HYBRID_TRAIN, make_clusters, random_pairs, trained  # noqa: F401 (a fixture)
 
 
@@ -76,3 +78,20 @@ def test_hybrid_band_is_the_widest_that_keeps_validation_top1_and_mean_rank():
     assert select_hybrid_band(classifier, features, val_sets, [0.4, 0.5, 1.0], max_top1_drop=1.0)[0].band == 0.4
     # None keeps the top-1: the best of them, then the lowest mean rank, then the widest.
     assert select_hybrid_band(classifier, features, val_sets, [0.5, 1.0])[0].band == 1.0
+
+
+def test_classprob_C_by_log_loss_separates_what_accuracy_ties():
+    X_train, y_train = make_clusters(n_classes=3, per_class=30, n_noise=1, seed=1)
+    X_val, y_val = make_clusters(n_classes=3, per_class=20, n_noise=1, seed=2)
+    candidates = [1.0, 10.0, 100.0]
+    by_accuracy, accuracy = select_classprob_C(X_train, y_train, X_val, y_val, candidates, 0)
+    by_log_loss, minus_log_loss = select_classprob_C(X_train, y_train, X_val, y_val, candidates, 0, "log_loss")
+    # Separable clusters: every C classifies validation perfectly, so accuracy keeps the smallest C; the log loss
+    # sees that a larger C makes surer, still correct, probabilities.
+    assert set(accuracy.values()) == {1.0} and by_accuracy.C == 1.0
+    for C, value in minus_log_loss.items():
+        refit = ClassProbRanker(C=C, random_state=0).fit(X_train, y_train)
+        assert value == pytest.approx(-log_loss(y_val, refit.predict_proba(X_val), labels=refit.classes_))
+    assert by_log_loss.C == max(minus_log_loss, key=minus_log_loss.get) != 1.0
+    with pytest.raises(ValueError, match="C criterion must be one of accuracy, log_loss"):
+        select_classprob_C(X_train, y_train, X_val, y_val, candidates, 0, "f1")
