@@ -5,7 +5,7 @@ then reads the test metrics of every ranker from ``evaluation.json``, which rank
 training minutes of step 2. It then runs ``5_evaluate.py --on val`` and records every ranker's validation metrics,
 with step 2's validation comparison of the refined and pretrained embeddings, so that recipes can be compared on
 validation (``val_metrics``, ``refine_val_ranking`` per run). Prints a mean ± std table and writes
-``bench/results/accuracy_<name>.json``.
+``bench/results/accuracy_<name>.json``, after every seed (a run stopped part-way keeps the seeds it finished).
 
     .venv/bin/python bench/accuracy.py ../shared/datasets/fashionTexture11 --labels dotted,striped,leopard --seeds 0,1,2
     .venv/bin/python bench/accuracy.py ../shared/datasets/fashionTexture11 --seeds 0,1,2 --name textures11
@@ -111,6 +111,10 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
 
     version = code_version()  # at the start: the code that ran, even if the tree changes meanwhile
+    out = REPO / "bench" / "results" / f"accuracy_{name}.json"
+    command = " ".join(["bench/accuracy.py", str(args.data_dir), *(["--labels", args.labels] if labels else []),
+                        "--seeds", args.seeds, *(["--name", args.name] if args.name else []),
+                        *[a for s in args.overrides for a in ("--set", s)]])
     runs = []
     with tempfile.TemporaryDirectory(prefix="accuracy_") as scratch:
         for seed in seeds:
@@ -118,6 +122,11 @@ def main():
                 args.data_dir, name, labels, seed, args.overrides, args.keep or Path(scratch))
             runs.append({"seed": seed, "best": best, "train_minutes": train_minutes, "wall_minutes": wall,
                          "metrics": metrics, "val_metrics": val_metrics, "refine_val_ranking": refine_val})
+            # Saved after every seed: a long run stopped part-way keeps the seeds it finished ("seeds" says which).
+            save_json(out, {"command": command, "code": version, "dataset": name, "labels": labels or "all",
+                            "seeds": [run["seed"] for run in runs], "overrides": args.overrides,
+                            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "summary": summarise(runs),
+                            "runs": runs})
     table = summarise(runs)
 
     print(f"\n{name}: test metrics over seeds {seeds} (mean ± std)")
@@ -135,14 +144,6 @@ def main():
             print(f"step 2, seed {r['seed']}, validation cosine top-1: " + ", ".join(
                 f"{k} {100 * v['top1']:.1f}%" for k, v in r["refine_val_ranking"].items()))
     print("training minutes per run: " + ", ".join(f"{r['train_minutes']:.1f}" for r in runs))
-
-    out = REPO / "bench" / "results" / f"accuracy_{name}.json"
-    command = " ".join(["bench/accuracy.py", str(args.data_dir), *(["--labels", args.labels] if labels else []),
-                        "--seeds", args.seeds, *(["--name", args.name] if args.name else []),
-                        *[a for s in args.overrides for a in ("--set", s)]])
-    save_json(out, {"command": command, "code": version, "dataset": name, "labels": labels or "all", "seeds": seeds,
-                    "overrides": args.overrides, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                    "summary": table, "runs": runs})
     print(f"wrote {out}")
 
 
