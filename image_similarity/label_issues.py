@@ -19,7 +19,7 @@ Choices, and why:
   default). Ranking by the probability of the given label needs probabilities that fit, and validation accuracy
   is a coarse judge of that: on six plantings of 5% flipped labels (the same bench, never the reported planting)
   accuracy chose C = 1, 10 or 100 from planting to planting and log loss chose 10 every time. Recall in the top
-  2 x flipped was the same on average (0.865), in the top 1 x and 3 x higher (0.699 against 0.676, 0.945 against
+  2 x flipped was the same on average (0.865), in the top 1 x and 3 x higher (0.682 against 0.659, 0.945 against
   0.930).
 - **Ranking: ``self_confidence`` by default**, the probability of the given label (cleanlab's default). cleanlab's
   documentation says ``normalized_margin`` (p(given) - max p(other)) is better at class-conditional mistakes and
