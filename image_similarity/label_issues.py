@@ -26,7 +26,7 @@ Choices, and why:
   ``self_confidence`` at images that fit no label or several; the tutorial's advice removes ambiguous images as
   well as wrong ones. On planted noise (5% of fashionTexture11's train + validation labels flipped,
   bench/label_issues.py) ``self_confidence`` found at least as many of the flipped images in the top 2 x flipped:
-  recall 0.766 against 0.766 on frozen embeddings (0.797 against 0.703 with one 5-fold), 0.859 against 0.812 on
+  recall 0.766 against 0.766 on frozen embeddings (0.797 against 0.703 with one 5-fold), 0.844 against 0.828 on
   refined ones. The ``method`` argument switches.
 - **Flagging: ``filter_by='prune_by_noise_rate'``** (cleanlab's default): the confident joint estimates how many
   images of each given label really belong to each other label, and that many of the lowest-margin ones are
