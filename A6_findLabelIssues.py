@@ -1,13 +1,14 @@
 """A6: find the images whose label looks wrong, so a person can look at them first.
 
 After step 3, it reads the splits and features.npy; with --folder DIR it embeds that labelled folder (one sub-folder
-per label) itself with the pretrained rf_backbone and scores every image. Out-of-sample class probabilities come from
-li_nrFolds-fold cross-validation of the class-probability classifier (logistic regression on the embeddings) over the
-train + validation images, averaged over li_nrRepeats fold assignments (C: the best validation li_cCriterion; with
-"accuracy", step 4's choice when classprob.pickle exists); the test images are scored by a classifier fitted on train + validation only. cleanlab ranks
-them (li_rankedBy) and flags its estimate of the wrong ones; near-duplicates with different labels (step 1's
-near_duplicates.csv, or dhash with --folder) are named too. Writes label_issues.csv (every image, most suspect first)
-and label_issues.png (the top li_nrShown) to results/<datasetName>/ (with --folder: results/<folder name>/).
+per label) itself with the pretrained rf_backbone and scores every image. Out-of-sample class probabilities come
+from li_nrFolds-fold cross-validation of the class-probability classifier (logistic regression on the embeddings)
+over the train + validation images, averaged over li_nrRepeats fold assignments (C: the best validation
+li_cCriterion; with "accuracy", step 4's choice when classprob.pickle exists); the test images are scored by a
+classifier fitted on train + validation only. cleanlab ranks them (li_rankedBy) and flags its estimate of the wrong
+ones; near-duplicates with different labels (step 1's near_duplicates.csv, or dhash with --folder) are named too.
+Writes label_issues.csv (every image, most suspect first) and label_issues.png (the top li_nrShown) to
+results/<datasetName>/ (with --folder: results/<folder name>/).
 To train without some of them, save their keys as a TSV and set labelIssuesExcludeFile (steps 2 and 4).
 """
 import csv

@@ -11,8 +11,8 @@ Choices, and why:
   here, 1 by default). One k-fold's ranking depends on which images happen to share a fold, and averaging smooths
   that out. On fashionTexture11 with 5% of the labels flipped (frozen embeddings; ``bench/label_issues.py
   variants``, plantings on the splits of seeds 1 and 2, never the reported seed 0), 3 averaged 5-folds found more
-  of the flipped images in the top 2 x flipped than one 5-fold or one 10-fold: mean recall 0.857 against 0.844 and
-  0.854 over six plantings (about one image in 64; better or equal on 5 of them). On the reported planting it
+  of the flipped images in the top 2 x flipped than one 5-fold or one 10-fold: mean recall 0.865 against 0.846 and
+  0.854 over six plantings (about one image in 64; better or equal on all six). On the reported planting it
   found 2 fewer than the single 5-fold (0.766 against 0.797). It costs 3 times the fits. A cosine
   15-nearest-neighbour classifier did far worse (0.711).
 - **C: the best validation log loss** (``li_cCriterion``; ``C_criterion`` here, step 4's ``'accuracy'`` by
