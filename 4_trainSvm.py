@@ -17,6 +17,7 @@ def main(args, P):
     from image_similarity import backbones, fileio, label_issues, plots, rankers, training
     from image_similarity.features import load_features
     from image_similarity.splits import SPLITS, label_of
+    helpers.require_choice(P, "svm_classProbCCriterion", training.C_CRITERIA)
     for split in SPLITS:
         helpers.require(P.imgInfosPath[split], "1_prepareData.py")
         helpers.require(P.imgFilenamesPath[split], "1_prepareData.py")
@@ -62,10 +63,10 @@ def main(args, P):
 
     xy = {split: (features.rows(keys[split]), [label_of(k) for k in keys[split]]) for split in SPLITS}
     classprob, cp_table = training.select_classprob_C(*xy["train"], *xy["val"], P.svm_classProbCValCandidates,
-                                                     P.randomSeed)
+                                                     P.randomSeed, P.svm_classProbCCriterion)
     cp_acc = {split: classprob.score(*xy[split]) for split in SPLITS}
     print(f"Class-probability classifier (logistic regression, C = {classprob.C:g} of {list(cp_table)} by "
-          "validation accuracy): " + ", ".join(f"{s} accuracy {100 * a:.2f}%" for s, a in cp_acc.items()))
+          f"validation {P.svm_classProbCCriterion.replace('_', ' ')}): " + ", ".join(f"{s} accuracy {100 * a:.2f}%" for s, a in cp_acc.items()))
 
     hybrid, hybrid_table = None, {}
     if P.svm_hybridBandCandidates:
@@ -81,6 +82,7 @@ def main(args, P):
     rankers.save_payload(P.svmPath, model_id, ranker=ranker, calibrated=calibrated, C_table=fit.C_table,
                          n_hard_negatives=fit.n_hard_negatives)
     rankers.save_payload(P.classifierPath, model_id, ranker=classprob, C_table=cp_table, accuracy=cp_acc,
+                         C_criterion=P.svm_classProbCCriterion,
                          hybrid_band=None if hybrid is None else hybrid.band, hybrid_table=hybrid_table)
     plots.plot_score_vs_probability(calibrated, ranker.decision_function(data["val"][0]), data["val"][1],
                                     P.svmCurvePath)

@@ -47,7 +47,8 @@ def featurize(P, engine):
 
 def main(args, P):
     import pandas as pd
-    from image_similarity import store
+    from image_similarity import store, training
+    helpers.require_choice(P, "svm_classProbCCriterion", training.C_CRITERIA)
     P.procDir.mkdir(parents=True, exist_ok=True)
     try:
         engine = store.connect(args.db or f"sqlite:///{P.sqlDbPath}")
@@ -65,10 +66,10 @@ def main(args, P):
         elif step == 3:
             payload = store.train_classifier(engine, P.svm_classProbCValCandidates, P.randomSeed,
                                              P.svm_hybridBandCandidates, P.svm_hybridMaxTop1Drop,
-                                             P.svm_hybridMaxMeanRankRise)
+                                             P.svm_hybridMaxMeanRankRise, P.svm_classProbCCriterion)
             band = payload["hybrid_band"]
             print(f"Step 3: class-probability classifier, C = {payload['ranker'].C:g} of {list(payload['C_table'])} "
-                  "by validation accuracy, " + ", ".join(f"{s} accuracy {100 * a:.1f}%"
+                  f"by validation {P.svm_classProbCCriterion.replace('_', ' ')}, " + ", ".join(f"{s} accuracy {100 * a:.1f}%"
                                                          for s, a in payload["accuracy"].items())
                   + (f"; hybrid band {band:g} of {P.svm_hybridBandCandidates}" if band is not None else "")
                   + " -> model")

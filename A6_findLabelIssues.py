@@ -4,7 +4,7 @@ After step 3, it reads the splits and features.npy; with --folder DIR it embeds 
 per label) itself with the pretrained rf_backbone and scores every image. Out-of-sample class probabilities come
 from li_nrFolds-fold cross-validation of the class-probability classifier (logistic regression on the embeddings)
 over the train + validation images, averaged over li_nrRepeats fold assignments (C: the best validation
-li_cCriterion; with "accuracy", step 4's choice when classprob.pickle exists); the test images are scored by a
+svm_classProbCCriterion, or step 4's choice when classprob.pickle holds one by that rule); the test images are scored by a
 classifier fitted on train + validation only. cleanlab ranks them (li_rankedBy) and flags its estimate of the wrong
 ones; near-duplicates with different labels (step 1's near_duplicates.csv, or dhash with --folder) are named too.
 Writes label_issues.csv (every image, most suspect first) and label_issues.png (the top li_nrShown) to
@@ -38,6 +38,9 @@ def near_duplicate_groups(path):
 def main(args, P):
     from image_similarity import dedup, embedder, features, fileio, images, label_issues, plots, rankers
     from image_similarity.splits import SPLITS, label_of
+    from image_similarity.training import C_CRITERIA
+    helpers.require_choice(P, "svm_classProbCCriterion", C_CRITERIA)  # before any embedding
+    helpers.require_choice(P, "li_rankedBy", label_issues.RANKING_METHODS)
     start = time.perf_counter()
     skipped, candidates = images.SkippedImages(), P.svm_classProbCValCandidates
     if args.folder:
@@ -62,14 +65,16 @@ def main(args, P):
         helpers.require_features(stored, keys, P.featuresPath)
         X = stored.rows(keys)
         groups = near_duplicate_groups(P.nearDuplicatesPath)
-        if P.li_cCriterion == "accuracy" and P.classifierPath.is_file():  # step 4 chose C so: 4 fewer fits
-            candidates = [rankers.load_payload(P.classifierPath, stored.meta["model_id"])["ranker"].C]
+        if P.classifierPath.is_file():  # step 4 chose C on the same splits: reused by the same rule, 4 fewer fits
+            step4 = rankers.load_payload(P.classifierPath, stored.meta["model_id"])
+            if step4.get("C_criterion", "accuracy") == P.svm_classProbCCriterion:
+                candidates = [step4["ranker"].C]
         print(f"Scoring {len(keys)} images ({', '.join(f'{len(v)} {s}' for s, v in split_keys.items())}) "
               f"with features of {stored.meta['model_id']}")
     labels = [label_of(k) for k in keys]
     proba, classes, C = label_issues.out_of_sample_probabilities(X, labels, splits, candidates, P.li_nrFolds,
                                                                  P.randomSeed, n_jobs=-1, n_repeats=P.li_nrRepeats,
-                                                                 C_criterion=P.li_cCriterion)
+                                                                 C_criterion=P.svm_classProbCCriterion)
     duplicates = label_issues.different_label_duplicates(groups, label_of)
     issues = label_issues.find_label_issues(keys, splits, labels, proba, classes, P.li_rankedBy, duplicates)
     csv_path, sheet_path = results_dir / P.labelIssuesPath.name, results_dir / P.labelIssuesSheetPath.name
@@ -82,7 +87,7 @@ def main(args, P):
                                    f"suggested {row['suggested_label']}") for row in shown], sheet_path,
                                  title=f"Top {len(shown)} label-issue suspects ({P.li_rankedBy})")
     print(f"Class-probability classifier C = {C:g}" + (" (step 4's)" if len(candidates) == 1 else
-                                                        f" (best validation {P.li_cCriterion.replace('_', ' ')})")
+                                                        f" (best validation {P.svm_classProbCCriterion.replace('_', ' ')})")
           + f", {P.li_nrFolds}-fold out-of-fold" + (f", {P.li_nrRepeats} fold assignments averaged"
                                                       if P.li_nrRepeats > 1 else "") + "; top suspects:")
     for row in issues.rows[:10]:

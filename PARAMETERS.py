@@ -39,7 +39,6 @@ test_maxNegImgsPerQueryImg = 100        # Negative images per test query image
 # Label issues (script: A6_findLabelIssues.py; the exclude file: steps 2 and 4)
 li_nrFolds = 5                          # Cross-validation folds for the out-of-fold class probabilities
 li_nrRepeats = 3                        # k-fold repeats (other fold assignments) whose probabilities are averaged; 1 = one k-fold
-li_cCriterion = "log_loss"              # How A6 chooses the classifier's C among svm_classProbCValCandidates: validation log loss (how well the probabilities fit); "accuracy" = step 4's rule and choice
 li_rankedBy = "self_confidence"         # cleanlab label-quality score that ranks the suspects, or "normalized_margin"
 li_nrShown = 24                         # Suspects shown in label_issues.png; 0 = no contact sheet
 labelIssuesExcludeFile = ""             # TSV of keys (first column) left out of training in steps 2 and 4, path from the root; "" = none
@@ -80,7 +79,8 @@ svm_hardNegMining_nrIterations = 0      # Hard-negative mining iterations; 0 = o
 svm_hardNegMining_nrAddPerIter = 5000   # Most hard negatives added per iteration
 svm_hardNegMining_maxNrRoundsPerIter = 100000  # Most different-label pairs scored per iteration
 svm_probabilityCalibrationNegPosRatio = 5.0    # Platt scaling weighs negatives to total this many times the positives
-svm_classProbCValCandidates = [0.1, 1.0, 10.0, 100.0]  # C of the class-probability logistic regression: best validation accuracy kept
+svm_classProbCValCandidates = [0.1, 1.0, 10.0, 100.0]  # C of the class-probability logistic regression (steps 4, A3 and A6): the best by svm_classProbCCriterion on validation is kept
+svm_classProbCCriterion = "log_loss"   # Validation log loss: how well the probabilities fit, which ranking by them needs; "accuracy" = off (the best validation accuracy, ties to the smaller C)
 svm_hybridBandCandidates = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5]  # label-agreement band widths of the hybrid ranker (labels in bands first, cosine within a band): the widest within svm_hybridMaxTop1Drop and svm_hybridMaxMeanRankRise of classprob_same on validation is kept; [] = no hybrid ranker
 svm_hybridMaxTop1Drop = 0.01            # Validation top-1 (fraction) the hybrid may lose against classprob_same
 svm_hybridMaxMeanRankRise = 0.1         # Relative rise of the validation mean rank the hybrid may cause against classprob_same; 1e9 = no limit

@@ -130,6 +130,14 @@ def require(path, step):
     return path
 
 
+def require_choice(P, name, choices):
+    """Raise a one-line UsageError, before any work, when knob ``name`` is not one of ``choices``."""
+    value = getattr(P, name)
+    if value not in choices:
+        raise UsageError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
 def split_settings(P):
     """Step 1's split and ranking-set knobs as the keyword arguments of ``splits.splits_and_ranking_sets``."""
     from image_similarity.fileio import read_tsv

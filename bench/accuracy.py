@@ -11,7 +11,9 @@ validation (``val_metrics``, ``refine_val_ranking`` per run). Prints a mean ± s
     .venv/bin/python bench/accuracy.py ../shared/datasets/fashionTexture11 --seeds 0,1,2 --name textures11
     .venv/bin/python bench/accuracy.py data/fridgeObjects --seeds 0,1,2 --set rf_maxEpochs=0 --name fridge_frozen
 With ``--keep DIR`` each seed's workDir stays as ``DIR/seed<N>`` (for bench/ranking_failures.py, or to look at the
-figures); otherwise it is a temporary folder, removed at the end.
+figures); otherwise it is a temporary folder, removed at the end. ``--from-step 4 --keep DIR`` re-runs only steps 4
+and 5 in the workDirs an earlier ``--keep DIR`` run left (same seeds and settings): for a change to steps 4-5, with
+no retraining; the training minutes are those of the kept step 2.
 """
 import argparse
 import csv
@@ -26,15 +28,18 @@ from pathlib import Path
 
 import numpy as np
 
-from image_similarity import backbones
-from image_similarity.fileio import save_json
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from image_similarity import backbones  # noqa: E402
+from image_similarity.fileio import save_json  # noqa: E402
+from run_pipeline import STEPS  # noqa: E402
+
 METRICS = ("top1", "top5", "mean_rank", "median_rank", "mrr", "map")
 
 
-def run_seed(data_dir, name, labels, seed, overrides, scratch):
-    """Run steps 1-5 for one seed.
+def run_seed(data_dir, name, labels, seed, overrides, scratch, from_step=1):
+    """Run steps ``from_step``-5 for one seed (1: the whole pipeline).
 
     Returns ({ranker: test metrics}, best ranker on val, train minutes, wall minutes, {ranker: validation metrics},
     step 2's validation ranking of the refined and pretrained embeddings or None).
@@ -48,10 +53,12 @@ def run_seed(data_dir, name, labels, seed, overrides, scratch):
     sets = [f"workDir={work}", f"datasetName={name}", f"randomSeed={seed}", *overrides]
     if labels:
         sets.append(f"includeLabels={labels!r}")
-    command = [sys.executable, str(REPO / "run_pipeline.py")] + [a for s in sets for a in ("--set", s)]
-    print(f"\n### seed {seed}: {' '.join(command[1:])}", flush=True)
+    scripts = ["run_pipeline.py"] if from_step == 1 else STEPS[from_step - 1:]
     start = time.perf_counter()
-    subprocess.run(command, check=True)
+    for script in scripts:
+        command = [sys.executable, str(REPO / script)] + [a for s in sets for a in ("--set", s)]
+        print(f"\n### seed {seed}: {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, check=True)
     wall = (time.perf_counter() - start) / 60
     results = work / "results" / name
     metrics = json.loads((results / "evaluation.json").read_text())
@@ -103,7 +110,12 @@ def main():
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="PARAMETERS.py override passed to every step (repeatable)")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep each seed's workDir as DIR/seed<N>")
+    parser.add_argument("--from-step", type=int, default=1, choices=range(1, len(STEPS) + 1),
+                        help="first step to run; above 1 it needs the workDirs of an earlier --keep DIR run")
     args = parser.parse_args()
+    if args.from_step > 1 and not (args.keep and all((args.keep / f"seed{s}" / "proc").is_dir()
+                                                     for s in args.seeds.split(","))):
+        sys.exit(f"error: --from-step {args.from_step} needs --keep DIR holding seed<N>/ workDirs of an earlier run")
     if not args.data_dir.is_dir():
         sys.exit(f"error: {args.data_dir} is not a folder (the texture set lives in ../shared/datasets/)")
     labels = [label for label in args.labels.split(",") if label]
@@ -114,16 +126,18 @@ def main():
     out = REPO / "bench" / "results" / f"accuracy_{name}.json"
     command = " ".join(["bench/accuracy.py", str(args.data_dir), *(["--labels", args.labels] if labels else []),
                         "--seeds", args.seeds, *(["--name", args.name] if args.name else []),
-                        *[a for s in args.overrides for a in ("--set", s)]])
+                        *[a for s in args.overrides for a in ("--set", s)],
+                        *(["--from-step", str(args.from_step)] if args.from_step > 1 else [])])
     runs = []
     with tempfile.TemporaryDirectory(prefix="accuracy_") as scratch:
         for seed in seeds:
             metrics, best, train_minutes, wall, val_metrics, refine_val = run_seed(
-                args.data_dir, name, labels, seed, args.overrides, args.keep or Path(scratch))
+                args.data_dir, name, labels, seed, args.overrides, args.keep or Path(scratch), args.from_step)
             runs.append({"seed": seed, "best": best, "train_minutes": train_minutes, "wall_minutes": wall,
                          "metrics": metrics, "val_metrics": val_metrics, "refine_val_ranking": refine_val})
             # Saved after every seed: a long run stopped part-way keeps the seeds it finished ("seeds" says which).
-            save_json(out, {"command": command, "code": version, "dataset": name, "labels": labels or "all",
+            save_json(out, {"command": command, "code": version, "from_step": args.from_step,
+                            "dataset": name, "labels": labels or "all",
                             "seeds": [run["seed"] for run in runs], "overrides": args.overrides,
                             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "summary": summarise(runs),
                             "runs": runs})

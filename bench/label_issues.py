@@ -239,8 +239,8 @@ def variants(args):
         flipped = flip_labels(non_test, args.fraction, flip_seed)
         noisy = {k: flipped.get(k, label_of(k)) for k in non_test}
         xy = {s: (stored.rows(keys[s]), [noisy[k] for k in keys[s]]) for s in ("train", "val")}
-        C = rankers_C(xy, flip_seed)
-        C_log_loss = rankers_C(xy, flip_seed, criterion="log_loss")
+        C = rankers_C(xy, flip_seed, criterion="accuracy")
+        C_log_loss = rankers_C(xy, flip_seed)
         X, y = stored.rows(non_test), [noisy[k] for k in non_test]
         row = results[f"{split_seed}/{flip_seed}"] = {"C": C, "C_log_loss": C_log_loss}
         for name, settings in FINDER_VARIANTS.items():
@@ -281,8 +281,8 @@ def classprob_metrics(features, keys, sets, excluded, C, seed):
     return out
 
 
-def rankers_C(xy, seed, criterion="accuracy"):
-    """The C that A6 (and step 4) choose: best validation accuracy among svm_classProbCValCandidates."""
+def rankers_C(xy, seed, criterion="log_loss"):
+    """The C that step 4 and A6 choose: the best validation ``criterion`` among svm_classProbCValCandidates."""
     return training.select_classprob_C(*xy["train"], *xy["val"], [0.1, 1.0, 10.0, 100.0], seed, criterion)[0].C
 
 
@@ -318,7 +318,7 @@ def real(args):
         else:
             _, stdout = run_step("A6_findLabelIssues.py", work, name, *common)
             seconds = a6_seconds(stdout)
-            C = float(re.search(r"classifier C = ([0-9.e+-]+)", stdout).group(1))  # A6's choice, step 4's rule
+            C = float(re.search(r"classifier C = ([0-9.e+-]+)", stdout).group(1))  # A6's choice: step 4's rule
         issues = read_issues(work, name)
         sets = {split: fileio.load_pickle(work / "proc" / name / f"imgInfos{split.title()}.pickle")
                 for split in SPLITS}
@@ -355,7 +355,7 @@ def real(args):
         "command": " ".join(["bench/label_issues.py", *sys.argv[1:]]), "dataset": name, "labels": labels or "all",
         "embeddings": "frozen (pretrained efficientnet_lite0, rf_maxEpochs=0)", "load_avg_at_end": os.getloadavg(),
         "classifier": "ClassProbRanker refitted on train minus the top k train suspects, C chosen by A6 as step 4 does "
-                      "(validation accuracy, k = 0), validation and test unchanged", "summary": summary, "runs": runs})
+                      "(validation log loss, k = 0), validation and test unchanged", "summary": summary, "runs": runs})
 
 
 def main():

@@ -15,8 +15,8 @@ Choices, and why:
   0.854 over six plantings (about one image in 64; better or equal on all six). On the reported planting it
   found 2 fewer than the single 5-fold (0.766 against 0.797). It costs 3 times the fits. A cosine
   15-nearest-neighbour classifier did far worse (0.711).
-- **C: the best validation log loss** (``li_cCriterion``; ``C_criterion`` here, step 4's ``'accuracy'`` by
-  default). Ranking by the probability of the given label needs probabilities that fit, and validation accuracy
+- **C: the best validation log loss** (``svm_classProbCCriterion``, shared with step 4; ``C_criterion`` here).
+  Ranking by the probability of the given label needs probabilities that fit, and validation accuracy
   is a coarse judge of that: on six plantings of 5% flipped labels (the same bench, never the reported planting)
   accuracy chose C = 1, 10 or 100 from planting to planting and log loss chose 10 every time. Recall in the top
   2 x flipped was the same on average (0.865), in the top 1 x and 3 x higher (0.682 against 0.659, 0.945 against
@@ -109,7 +109,7 @@ def out_of_fold_probabilities(classifier, X, labels, n_folds=5, random_state=Non
 
 
 def out_of_sample_probabilities(X, labels, splits, C_candidates, n_folds=5, random_state=None, n_jobs=None,
-                                n_repeats=1, C_criterion="accuracy"):
+                                n_repeats=1, C_criterion="log_loss"):
     """Class probabilities that no classifier which saw the image made, for every image.
 
     The class-probability classifier's C is the candidate with the best validation ``C_criterion`` (train fitted,
@@ -130,8 +130,8 @@ def out_of_sample_probabilities(X, labels, splits, C_candidates, n_folds=5, rand
         Folds fitted in parallel (:func:`out_of_fold_probabilities`).
     n_repeats : int
         Fold assignments averaged over (:func:`out_of_fold_probabilities`).
-    C_criterion : {'accuracy', 'log_loss'}
-        How C is chosen (``li_cCriterion``; 'accuracy' is step 4's rule).
+    C_criterion : {'log_loss', 'accuracy'}
+        How C is chosen (``svm_classProbCCriterion``, as step 4).
 
     Returns
     -------

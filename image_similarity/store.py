@@ -289,17 +289,19 @@ def read_ranking_sets(conn, split):
 
 
 def train_classifier(engine, C_candidates, random_state=None, hybrid_bands=(), max_top1_drop=0.01,
-                     max_mean_rank_rise=0.1):
+                     max_mean_rank_rise=0.1, C_criterion="log_loss"):
     """Step 3: the class-probability classifier of 4_trainSvm.py (``training.select_classprob_C``) into ``model``.
 
-    Trained on ``training_images``, C chosen by accuracy on ``evaluation_images`` (the validation split); the hybrid
+    Trained on ``training_images``, C chosen by ``C_criterion`` ('log_loss' or 'accuracy', as step 4) on
+    ``evaluation_images`` (the validation split); the hybrid
     ranker's band chosen on the validation ranking sets (``training.select_hybrid_band``) when ``hybrid_bands`` are
     given.
 
     Returns
     -------
     dict
-        The stored payload: ``{'model_id', 'ranker': ClassProbRanker, 'C_table', 'accuracy': {split: fraction},
+        The stored payload: ``{'model_id', 'ranker': ClassProbRanker, 'C_table', 'C_criterion',
+        'accuracy': {split: fraction},
         'hybrid_band': float or None, 'hybrid_table'}``.
     """
     with engine.connect() as conn:
@@ -313,12 +315,13 @@ def train_classifier(engine, C_candidates, random_state=None, hybrid_bands=(), m
                          "(run step 2 with ratioValFromTrain > 0)")
     xy = {split: (feats.rows(keys[split]), [label_of(k) for k in keys[split]])
           for split in SPLITS if keys[split]}
-    classifier, table = training.select_classprob_C(*xy["train"], *xy["val"], C_candidates, random_state)
+    classifier, table = training.select_classprob_C(*xy["train"], *xy["val"], C_candidates, random_state,
+                                                    C_criterion)
     hybrid, hybrid_table = None, {}
     if hybrid_bands and val_sets:
         hybrid, hybrid_table = training.select_hybrid_band(classifier, feats, val_sets, hybrid_bands, max_top1_drop,
                                                            max_mean_rank_rise)
-    payload = {"model_id": feats.meta["model_id"], "ranker": classifier, "C_table": table,
+    payload = {"model_id": feats.meta["model_id"], "ranker": classifier, "C_table": table, "C_criterion": C_criterion,
                "accuracy": {split: classifier.score(*data) for split, data in xy.items()},
                "hybrid_band": None if hybrid is None else hybrid.band, "hybrid_table": hybrid_table}
     with engine.begin() as conn:

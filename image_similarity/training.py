@@ -222,11 +222,12 @@ def pair_accuracies(ranker, pair_diffs, same_label):
 C_CRITERIA = ("accuracy", "log_loss")  # what select_classprob_C may keep the best validation score of
 
 
-def select_classprob_C(X_train, y_train, X_val, y_val, candidates, random_state=None, criterion="accuracy"):
+def select_classprob_C(X_train, y_train, X_val, y_val, candidates, random_state=None, criterion="log_loss"):
     """Fit one :class:`ClassProbRanker` per C; keep the best validation score (ties: smaller C).
 
-    ``criterion`` is ``'accuracy'`` (step 4: the label protocol) or ``'log_loss'`` (how well the probabilities
-    themselves fit the validation labels, which is what ranking images by the probability of their label needs).
+    ``criterion`` is ``'log_loss'`` (how well the probabilities themselves fit the validation labels, which is what
+    ranking images by them needs: the ``classprob_*`` and hybrid rankers, and A6) or ``'accuracy'`` (the label
+    alone; it often keeps a small C, whose flat probabilities rank same-label images badly).
 
     Returns
     -------

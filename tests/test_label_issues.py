@@ -163,7 +163,7 @@ def test_help():
 def test_a6_ranks_the_misfiled_images_first(pipeline):
     done = run_ok("A6_findLabelIssues.py", *settings(pipeline))
     assert done.stdout.strip().splitlines()[-1].startswith("Done: 36 images scored")
-    assert "(best validation log loss)" in done.stdout  # li_cCriterion's default, not step 4's accuracy
+    assert "(best validation log loss)" in done.stdout  # svm_classProbCCriterion's default; no step 4 yet
     results = pipeline / "results" / "tiny"
     with open(results / "label_issues.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -172,6 +172,25 @@ def test_a6_ranks_the_misfiled_images_first(pipeline):
     assert {row["split"] for row in rows} == {"train", "val", "test"}
     with Image.open(results / "label_issues.png") as img:
         assert img.format == "PNG" and img.size == (1200, 300)
+
+
+def test_a6_reuses_step_4s_C_only_when_chosen_by_the_same_rule(pipeline, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(pipeline, work, symlinks=True)
+    run_ok("4_trainSvm.py", *settings(work))
+    step4_C = fileio.load_pickle(work / "proc" / "tiny" / "classprob.pickle")["ranker"].C
+    assert f"C = {step4_C:g} (step 4's)" in run_ok("A6_findLabelIssues.py", *settings(work)).stdout
+    other_rule = run_ok("A6_findLabelIssues.py", *settings(work), "--set", "svm_classProbCCriterion=accuracy")
+    assert "(best validation accuracy)" in other_rule.stdout and "step 4's" not in other_rule.stdout
+
+
+@pytest.mark.parametrize("knob, value", [("svm_classProbCCriterion", "auc"), ("li_rankedBy", "margin")])
+def test_a6_refuses_an_unknown_choice_before_any_work(pipeline, tmp_path, knob, value):
+    done = run_script("A6_findLabelIssues.py", "--folder", pipeline / "data" / "tiny", "--set", f"workDir={tmp_path}",
+                      "--set", f"{knob}={value}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{knob} must be one of" in done.stderr and repr(value) in done.stderr
+    assert "Embedding" not in done.stdout and not (tmp_path / "results").exists()
 
 
 def test_a6_on_any_labelled_folder(tmp_path):

@@ -78,6 +78,10 @@ def test_train_svm_reports_and_saves_payloads(pipeline):
     assert f"added {svm['n_hard_negatives']} pairs" in out
     assert set(classprob["accuracy"]) == {"train", "val", "test"}
     assert classprob["accuracy"]["test"] > 0.9  # three colours are easy
+    # C by validation log loss (svm_classProbCCriterion's default): the table holds minus the log loss, best kept
+    assert classprob["C_criterion"] == "log_loss" and "by validation log loss" in out
+    assert classprob["ranker"].C == max(classprob["C_table"], key=classprob["C_table"].get)
+    assert all(score < 0 for score in classprob["C_table"].values())
     table = classprob["hybrid_table"]
     assert list(table) == ["classprob_same", 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]  # svm_hybridBandCandidates
     band, same = classprob["hybrid_band"], table["classprob_same"]

@@ -195,6 +195,8 @@ def test_scores_are_the_classifier_probabilities(engine):
         with pytest.raises(ValueError, match="trained on features of pretrained:test"):
             store.read_model(conn, "sha256:other")
     assert payload["C_table"] == out["payload"]["C_table"] and set(payload["accuracy"]) == set(SPLITS)
+    assert payload["C_criterion"] == "log_loss" and payload["ranker"].C == max(payload["C_table"],
+                                                                               key=payload["C_table"].get)
     assert scores.meta["classes"] == list(LABELS)
     expected = payload["ranker"].predict_proba(np.vstack([out["matrix"][out["keys"].index(k)] for k in scores.keys]))
     np.testing.assert_array_equal(scores.matrix, expected)  # float64 stored exactly

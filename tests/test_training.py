@@ -84,8 +84,8 @@ def test_classprob_C_by_log_loss_separates_what_accuracy_ties():
     X_train, y_train = make_clusters(n_classes=3, per_class=30, n_noise=1, seed=1)
     X_val, y_val = make_clusters(n_classes=3, per_class=20, n_noise=1, seed=2)
     candidates = [1.0, 10.0, 100.0]
-    by_accuracy, accuracy = select_classprob_C(X_train, y_train, X_val, y_val, candidates, 0)
-    by_log_loss, minus_log_loss = select_classprob_C(X_train, y_train, X_val, y_val, candidates, 0, "log_loss")
+    by_accuracy, accuracy = select_classprob_C(X_train, y_train, X_val, y_val, candidates, 0, "accuracy")
+    by_log_loss, minus_log_loss = select_classprob_C(X_train, y_train, X_val, y_val, candidates, 0)  # the default
     # Separable clusters: every C classifies validation perfectly, so accuracy keeps the smallest C; the log loss
     # sees that a larger C makes surer, still correct, probabilities.
     assert set(accuracy.values()) == {1.0} and by_accuracy.C == 1.0
