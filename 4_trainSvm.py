@@ -2,9 +2,10 @@
 
 Training pairs are (query, reference) of the train ranking sets. C is chosen on the validation ranking sets (lowest
 mean rank of the positive), optional hard-negative mining adds misranked different-label train pairs, and Platt
-scaling is fitted on the validation pairs. A logistic regression on the embeddings (C chosen by validation accuracy)
-gives the class-probability rankers; the hybrid ranker puts label agreement first, in bands, and orders each band by
-the embeddings' cosine distance, the band the widest candidate that keeps the validation top-1 and mean rank.
+scaling is fitted on the validation pairs. A logistic regression on the embeddings (C: the best validation
+svm_classProbCCriterion) gives the class-probability rankers; the hybrid ranker puts label agreement first, in
+bands, and orders each band by the embeddings' cosine distance, the band the widest candidate that keeps the
+validation top-1 and mean rank.
 Writes svm.pickle and classprob.pickle to proc/<datasetName>/ and svm_score_vs_probability.png to
 results/<datasetName>/. The test split is only reported, never used to choose.
 Images listed in labelIssuesExcludeFile (train/val keys, e.g. from A6_findLabelIssues.py) are left out of fitting
@@ -66,7 +67,8 @@ def main(args, P):
                                                      P.randomSeed, P.svm_classProbCCriterion)
     cp_acc = {split: classprob.score(*xy[split]) for split in SPLITS}
     print(f"Class-probability classifier (logistic regression, C = {classprob.C:g} of {list(cp_table)} by "
-          f"validation {P.svm_classProbCCriterion.replace('_', ' ')}): " + ", ".join(f"{s} accuracy {100 * a:.2f}%" for s, a in cp_acc.items()))
+          f"validation {P.svm_classProbCCriterion.replace('_', ' ')}): "
+          + ", ".join(f"{s} accuracy {100 * a:.2f}%" for s, a in cp_acc.items()))
 
     hybrid, hybrid_table = None, {}
     if P.svm_hybridBandCandidates:

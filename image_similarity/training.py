@@ -4,8 +4,8 @@ Step 4 (``4_trainSvm.py``), the attributes (:meth:`.attributes.AttributeModel.fi
 through these functions, so the tutorial's recipe is written once: a linear SVM on the squared differences of
 (query, reference) pairs of the train ranking sets, C chosen by the mean rank of the positive on the validation
 ranking sets, optional rounds of hard negatives, and Platt scaling on the validation pairs. The
-class-probability classifier's C is chosen by validation accuracy, and the hybrid ranker's label band by how wide it
-may be before the validation top-1 or mean rank suffers. Nothing here looks at a test split.
+class-probability classifier's C is chosen by validation log loss (or accuracy), and the hybrid ranker's label band
+by how wide it may be before the validation top-1 or mean rank suffers. Nothing here looks at a test split.
 """
 import copy
 import logging
