@@ -69,8 +69,8 @@ def main(args, P):
                                              P.svm_hybridMaxMeanRankRise, P.svm_classProbCCriterion)
             band = payload["hybrid_band"]
             print(f"Step 3: class-probability classifier, C = {payload['ranker'].C:g} of {list(payload['C_table'])} "
-                  f"by validation {P.svm_classProbCCriterion.replace('_', ' ')}, " + ", ".join(f"{s} accuracy {100 * a:.1f}%"
-                                                         for s, a in payload["accuracy"].items())
+                  f"by validation {P.svm_classProbCCriterion.replace('_', ' ')}, "
+                  + ", ".join(f"{s} accuracy {100 * a:.1f}%" for s, a in payload["accuracy"].items())
                   + (f"; hybrid band {band:g} of {P.svm_hybridBandCandidates}" if band is not None else "")
                   + " -> model")
         elif step == 4:

@@ -113,20 +113,20 @@ def main():
     parser.add_argument("--from-step", type=int, default=1, choices=range(1, len(STEPS) + 1),
                         help="first step to run; above 1 it needs the workDirs of an earlier --keep DIR run")
     args = parser.parse_args()
-    if args.from_step > 1 and not (args.keep and all((args.keep / f"seed{s}" / "proc").is_dir()
-                                                     for s in args.seeds.split(","))):
-        sys.exit(f"error: --from-step {args.from_step} needs --keep DIR holding seed<N>/ workDirs of an earlier run")
     if not args.data_dir.is_dir():
         sys.exit(f"error: {args.data_dir} is not a folder (the texture set lives in ../shared/datasets/)")
     labels = [label for label in args.labels.split(",") if label]
     name = args.name or (args.data_dir.resolve().name + (f"_{len(labels)}labels" if labels else ""))
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.from_step > 1 and not (args.keep and all((args.keep / f"seed{s}" / "proc").is_dir() for s in seeds)):
+        sys.exit(f"error: --from-step {args.from_step} needs --keep DIR holding seed<N>/ workDirs of an earlier run")
 
     version = code_version()  # at the start: the code that ran, even if the tree changes meanwhile
     out = REPO / "bench" / "results" / f"accuracy_{name}.json"
     command = " ".join(["bench/accuracy.py", str(args.data_dir), *(["--labels", args.labels] if labels else []),
                         "--seeds", args.seeds, *(["--name", args.name] if args.name else []),
                         *[a for s in args.overrides for a in ("--set", s)],
+                        *(["--keep", str(args.keep)] if args.keep else []),
                         *(["--from-step", str(args.from_step)] if args.from_step > 1 else [])])
     runs = []
     with tempfile.TemporaryDirectory(prefix="accuracy_") as scratch:

@@ -293,16 +293,14 @@ def train_classifier(engine, C_candidates, random_state=None, hybrid_bands=(), m
     """Step 3: the class-probability classifier of 4_trainSvm.py (``training.select_classprob_C``) into ``model``.
 
     Trained on ``training_images``, C chosen by ``C_criterion`` ('log_loss' or 'accuracy', as step 4) on
-    ``evaluation_images`` (the validation split); the hybrid
-    ranker's band chosen on the validation ranking sets (``training.select_hybrid_band``) when ``hybrid_bands`` are
-    given.
+    ``evaluation_images`` (the validation split); the hybrid ranker's band chosen on the validation ranking sets
+    (``training.select_hybrid_band``) when ``hybrid_bands`` are given.
 
     Returns
     -------
     dict
         The stored payload: ``{'model_id', 'ranker': ClassProbRanker, 'C_table', 'C_criterion',
-        'accuracy': {split: fraction},
-        'hybrid_band': float or None, 'hybrid_table'}``.
+        'accuracy': {split: fraction}, 'hybrid_band': float or None, 'hybrid_table'}``.
     """
     with engine.connect() as conn:
         feats = read_features(conn)
