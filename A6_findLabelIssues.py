@@ -66,9 +66,13 @@ def main(args, P):
         X = stored.rows(keys)
         groups = near_duplicate_groups(P.nearDuplicatesPath)
         if P.classifierPath.is_file():  # step 4 chose C on the same splits: reused by the same rule, 4 fewer fits
-            step4 = rankers.load_payload(P.classifierPath, stored.meta["model_id"])
-            if step4.get("C_criterion", "accuracy") == P.svm_classProbCCriterion:
-                candidates = [step4["ranker"].C]
+            try:
+                step4 = rankers.load_payload(P.classifierPath, stored.meta["model_id"])
+            except ValueError as err:  # older features or not step 4's file: A6 does not need it, so it chooses C
+                logging.getLogger("A6_findLabelIssues").warning("%s; choosing C here instead", err)
+            else:
+                if step4.get("C_criterion", "accuracy") == P.svm_classProbCCriterion:
+                    candidates = [step4["ranker"].C]
         print(f"Scoring {len(keys)} images ({', '.join(f'{len(v)} {s}' for s, v in split_keys.items())}) "
               f"with features of {stored.meta['model_id']}")
     labels = [label_of(k) for k in keys]

@@ -182,6 +182,10 @@ def test_a6_reuses_step_4s_C_only_when_chosen_by_the_same_rule(pipeline, tmp_pat
     assert f"C = {step4_C:g} (step 4's)" in run_ok("A6_findLabelIssues.py", *settings(work)).stdout
     other_rule = run_ok("A6_findLabelIssues.py", *settings(work), "--set", "svm_classProbCCriterion=accuracy")
     assert "(best validation accuracy)" in other_rule.stdout and "step 4's" not in other_rule.stdout
+    payload = fileio.load_pickle(work / "proc" / "tiny" / "classprob.pickle")
+    fileio.save_pickle(work / "proc" / "tiny" / "classprob.pickle", {**payload, "model_id": "sha256:older"})
+    stale = run_ok("A6_findLabelIssues.py", *settings(work))  # step 4's file is for other features: not a stop
+    assert "(best validation log loss)" in stale.stdout and "choosing C here instead" in stale.stderr
 
 
 @pytest.mark.parametrize("knob, value", [("svm_classProbCCriterion", "auc"), ("li_rankedBy", "margin")])
