@@ -4,8 +4,8 @@ Training pairs are (query, reference) of the train ranking sets. C is chosen on 
 mean rank of the positive), optional hard-negative mining adds misranked different-label train pairs, and Platt
 scaling is fitted on the validation pairs. A logistic regression on the embeddings (C: the best validation
 svm_classProbCCriterion) gives the class-probability rankers; the hybrid ranker puts label agreement first, in
-bands, and orders each band by the embeddings' cosine distance, the band the widest candidate that keeps the
-validation top-1 and mean rank.
+bands, and orders each band by the embeddings' cosine distance; of the band widths that keep the validation top-1
+and mean rank, the one with the best validation label mAP (ties: the narrowest).
 Writes svm.pickle and classprob.pickle to proc/<datasetName>/ and svm_score_vs_probability.png to
 results/<datasetName>/. The test split is only reported, never used to choose.
 Images listed in labelIssuesExcludeFile (train/val keys, e.g. from A6_findLabelIssues.py) are left out of fitting
@@ -75,11 +75,12 @@ def main(args, P):
         hybrid, hybrid_table = training.select_hybrid_band(classprob, features, sets["val"], P.svm_hybridBandCandidates,
                                                            P.svm_hybridMaxTop1Drop, P.svm_hybridMaxMeanRankRise)
         print(f"Hybrid ranker (label agreement in bands, cosine within a band): band width among "
-              f"{P.svm_hybridBandCandidates}, the widest within {100 * P.svm_hybridMaxTop1Drop:g} point(s) of "
-              f"classprob_same's validation top-1 and {100 * P.svm_hybridMaxMeanRankRise:g}% of its mean rank:")
+              f"{P.svm_hybridBandCandidates}, the best validation label mAP (ties: the narrowest) within "
+              f"{100 * P.svm_hybridMaxTop1Drop:g} point(s) of classprob_same's validation top-1 and "
+              f"{100 * P.svm_hybridMaxMeanRankRise:g}% of its mean rank:")
         for band, m in hybrid_table.items():
-            print(f"   band = {band:<14} validation top-1 {100 * m['top1']:5.1f}%  mean rank {m['mean_rank']:6.2f}"
-                  + ("   <- chosen" if band == hybrid.band else ""))
+            print(f"   band = {band:<14} validation top-1 {100 * m['top1']:5.1f}%  mean rank {m['mean_rank']:6.2f}  "
+                  f"label mAP {m['map']:.3f}" + ("   <- chosen" if band == hybrid.band else ""))
 
     rankers.save_payload(P.svmPath, model_id, ranker=ranker, calibrated=calibrated, C_table=fit.C_table,
                          n_hard_negatives=fit.n_hard_negatives)

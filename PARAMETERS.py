@@ -81,7 +81,7 @@ svm_hardNegMining_maxNrRoundsPerIter = 100000  # Most different-label pairs scor
 svm_probabilityCalibrationNegPosRatio = 5.0    # Platt scaling weighs negatives to total this many times the positives
 svm_classProbCValCandidates = [0.1, 1.0, 10.0, 100.0]  # C of the class-probability logistic regression (steps 4, A3 and A6): the best by svm_classProbCCriterion on validation is kept
 svm_classProbCCriterion = "log_loss"   # Validation log loss: how well the probabilities fit, which ranking by them needs; "accuracy" = off (the best validation accuracy, ties to the smaller C)
-svm_hybridBandCandidates = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5]  # label-agreement band widths of the hybrid ranker (labels in bands first, cosine within a band): the widest within svm_hybridMaxTop1Drop and svm_hybridMaxMeanRankRise of classprob_same on validation is kept; [] = no hybrid ranker
+svm_hybridBandCandidates = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5]  # label-agreement band widths of the hybrid ranker (labels in bands first, cosine within a band): among those within svm_hybridMaxTop1Drop and svm_hybridMaxMeanRankRise of classprob_same on validation, the best validation label mAP is kept (ties: the narrowest); [] = no hybrid ranker
 svm_hybridMaxTop1Drop = 0.01            # Validation top-1 (fraction) the hybrid may lose against classprob_same
 svm_hybridMaxMeanRankRise = 0.1         # Relative rise of the validation mean rank the hybrid may cause against classprob_same; 1e9 = no limit
 

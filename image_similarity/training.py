@@ -5,7 +5,8 @@ through these functions, so the tutorial's recipe is written once: a linear SVM 
 (query, reference) pairs of the train ranking sets, C chosen by the mean rank of the positive on the validation
 ranking sets, optional rounds of hard negatives, and Platt scaling on the validation pairs. The
 class-probability classifier's C is chosen by validation log loss (or accuracy), and the hybrid ranker's label band
-by how wide it may be before the validation top-1 or mean rank suffers. Nothing here looks at a test split.
+by validation label mAP among the bands that keep the validation top-1 and mean rank. Nothing here looks at a test
+split.
 """
 import copy
 import logging
@@ -19,8 +20,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from .distances import check_pair
-from .evaluation import mean_rank, rank_ranking_sets, top_k_accuracy
+from .evaluation import mean_rank, rank_ranking_sets, retrieval_metrics, top_k_accuracy
 from .rankers import CalibratedRanker, ClassProbRanker, HybridRanker, WeightedL2Ranker
+from .splits import label_of
 
 __all__ = ["pair_differences", "ranking_set_pairs", "select_C", "mine_hard_negatives", "WeightedL2Fit",
            "fit_weighted_l2", "pair_accuracies", "C_CRITERIA", "select_classprob_C", "select_hybrid_band"]
@@ -248,21 +250,25 @@ def select_classprob_C(X_train, y_train, X_val, y_val, candidates, random_state=
 
 
 def select_hybrid_band(classifier, features, val_sets, candidates, max_top1_drop=0.01, max_mean_rank_rise=0.1):
-    """The widest label band of the hybrid ranker that keeps ``classprob_same``'s validation top-1 and mean rank.
+    """The label band of the hybrid ranker with the best validation label mAP among those that keep
+    ``classprob_same``'s validation top-1 and mean rank; on a tie, the narrowest.
 
     Labels come first: the validation ranking sets (one positive of the query's label among negatives of other
-    labels) only measure label agreement, which ``classprob_same`` ranks best. Appearance should decide as often
-    as it can without costing that, so the widest admissible band is kept: validation top-1 within
-    ``max_top1_drop`` of ``classprob_same``'s and mean rank at most ``max_mean_rank_rise`` (relative) above it.
-    When none is admissible (a small validation split, where one query is more than a point), the best validation
-    top-1, then the lowest mean rank, then the widest band.
+    labels) only measure label agreement, which ``classprob_same`` ranks best. A band is admissible when its
+    validation top-1 is within ``max_top1_drop`` of ``classprob_same``'s and its mean rank at most
+    ``max_mean_rank_rise`` (relative) above it. Top-1 and mean rank often tie on a small validation split (every
+    band at 94-100%), so among the admissible bands the label mAP decides (every validation image retrieves the
+    others of its label, as step 5's mAP column): it counts every same-label image, not the one positive. Where it
+    ties too, validation cannot tell the bands apart, and the narrowest stays closest to ``classprob_same``.
+    When none is admissible (one query can be more than a point), the best validation top-1, then label mAP, then
+    the lowest mean rank, then the narrowest band.
 
     Parameters
     ----------
     classifier : ClassProbRanker, fitted
     features : image_similarity.features.Features
     val_sets : list of RankingSet
-        The validation ranking sets (never the test split).
+        The validation ranking sets (never the test split); their images are the label mAP's gallery.
     candidates : iterable of float
         Band widths, each in (0, 1].
     max_top1_drop : float
@@ -274,20 +280,26 @@ def select_hybrid_band(classifier, features, val_sets, candidates, max_top1_drop
     -------
     best : HybridRanker
     table : dict
-        ``{band: {'top1': fraction, 'mean_rank': float}}`` for every candidate, and ``'classprob_same'`` for the
-        label-only ranking it is held to.
+        ``{band: {'top1': fraction, 'mean_rank': float, 'map': float}}`` for every candidate, and
+        ``'classprob_same'`` for the label-only ranking it is held to.
     """
     candidates = sorted(set(map(float, candidates)))
     if not candidates:
         raise ValueError("no hybrid band candidates to choose from")
+    keys = sorted({key for s in val_sets for key in (s.query, *s.references)})
+    labels = {key: label_of(key) for key in keys}
     label_only = copy.deepcopy(classifier).set_params(metric="same_label")
     table = {}
     for name, ranker in [("classprob_same", label_only), *((b, HybridRanker(classifier, b).fit()) for b in candidates)]:
         ranks = rank_ranking_sets(ranker, features, val_sets)
-        table[name] = {"top1": top_k_accuracy(ranks, 1), "mean_rank": mean_rank(ranks)}
+        table[name] = {"top1": top_k_accuracy(ranks, 1), "mean_rank": mean_rank(ranks),
+                       "map": retrieval_metrics(ranker, features, keys, labels, ks=()).get("map", 0.0)}
     reference = table["classprob_same"]
     admissible = [b for b in candidates if table[b]["top1"] >= reference["top1"] - max_top1_drop - 1e-12
                   and table[b]["mean_rank"] <= reference["mean_rank"] * (1 + max_mean_rank_rise) + 1e-12]
-    band = max(admissible) if admissible else min(
-        candidates, key=lambda b: (-table[b]["top1"], table[b]["mean_rank"], -b))
+    # Rounded so that float noise in equal mAPs does not break a tie in favour of a wider band.
+    if admissible:
+        band = max(admissible, key=lambda b: (round(table[b]["map"], 9), -b))
+    else:
+        band = max(candidates, key=lambda b: (table[b]["top1"], round(table[b]["map"], 9), -table[b]["mean_rank"], -b))
     return HybridRanker(classifier, band).fit(), table

@@ -61,7 +61,7 @@ def test_fit_weighted_l2_chooses_C_on_validation_mines_and_calibrates():
     np.testing.assert_array_equal(plain.ranker.coef_, WeightedL2Ranker(C=chosen.C, random_state=0).fit(*train).coef_)
 
 
-def test_hybrid_band_is_the_widest_that_keeps_validation_top1_and_mean_rank():
+def test_hybrid_band_keeps_validation_top1_and_mean_rank_and_ties_to_the_narrowest():
     classifier = ClassProbRanker(metric="same_label", C=10.0, random_state=0).fit(HYBRID_TRAIN, HYBRID_LABELS)
     # The positive has the query's label but looks unlike it; the negative has the other label and looks alike.
     # Worked out by hand: max(p) - p . q is 0.076 for the positive, 0.467 for the look-alike, and their cosine
@@ -71,13 +71,38 @@ def test_hybrid_band_is_the_widest_that_keeps_validation_top1_and_mean_rank():
     features = Features(keys, np.array([[1, 0.1, 0.5], [1, 0, -0.5], [0.7, 1, 0.9]], np.float32), {})
     val_sets = [RankingSet(keys[0], keys[1], [keys[2]], [keys[2], keys[1]])]
     best, table = select_hybrid_band(classifier, features, val_sets, [1.0, 0.1, 0.5, 0.3])
-    assert best.band == 0.3 and list(table) == ["classprob_same", 0.1, 0.3, 0.5, 1.0]
+    assert list(table) == ["classprob_same", 0.1, 0.3, 0.5, 1.0]
     assert [table[b]["top1"] for b in table] == [1.0, 1.0, 1.0, 0.0, 0.0]
     assert [table[b]["mean_rank"] for b in table] == [1.0, 1.0, 1.0, 2.0, 2.0]
+    # Label mAP over the three images (the look-alike has no partner, so it only is a reference): the two a images
+    # find each other first up to 0.4 (AP 1 each); from 0.5 the query finds the look-alike first (AP 0.5), while the
+    # positive still finds the query first (AP 1).
+    assert [table[b]["map"] for b in table] == [1.0, 1.0, 1.0, 0.75, 0.75]
+    # 0.1 and 0.3 tie on every validation number: validation cannot tell them apart, so the narrowest is kept.
+    assert best.band == 0.1
     # The mean rank counts too: with any top-1 accepted, a 10% rise of the mean rank is still refused.
     assert select_hybrid_band(classifier, features, val_sets, [0.4, 0.5, 1.0], max_top1_drop=1.0)[0].band == 0.4
-    # None keeps the top-1: the best of them, then the lowest mean rank, then the widest.
-    assert select_hybrid_band(classifier, features, val_sets, [0.5, 1.0])[0].band == 1.0
+    # None keeps the top-1: the best of them, then label mAP, then the lowest mean rank, then the narrowest.
+    assert select_hybrid_band(classifier, features, val_sets, [0.5, 1.0])[0].band == 0.5
+
+
+def test_hybrid_band_with_the_best_validation_label_map_wins_over_a_wider_one():
+    classifier = ClassProbRanker(metric="same_label", C=10.0, random_state=0).fit(HYBRID_TRAIN, HYBRID_LABELS)
+    # As above, plus an a image the classifier leans to b on (p = 0.48 / 0.52) that looks like the positive.
+    # From it, max(p) - p . q is 0.035 for the positive and 0.015 for the look-alike: classprob_same ranks the
+    # look-alike first, and so does band 0.02; from 0.05 both share band 0, where the positive is far closer by
+    # cosine (0.24 against 0.76). From the query, the unsure image is 0.394 away and the look-alike 0.467: band 0.3
+    # puts both in band 1, where the look-alike's looks win, so 0.3 keeps top-1 but loses label mAP.
+    keys = ["a/query.jpg", "a/positive.jpg", "b/lookalike.jpg", "a/unsure.jpg"]
+    features = Features(keys, np.array([[1, 0.1, 0.5], [1, 0, -0.5], [0.7, 1, 0.9], [0.5, 0.53, -0.6]],
+                                       np.float32), {})
+    val_sets = [RankingSet(keys[0], keys[1], [keys[2]], [keys[2], keys[1]]),
+                RankingSet(keys[3], keys[1], [keys[2]], [keys[2], keys[1]])]
+    best, table = select_hybrid_band(classifier, features, val_sets, [0.02, 0.05, 0.1, 0.3, 0.5])
+    assert [table[b]["top1"] for b in table] == [0.5, 0.5, 1.0, 1.0, 1.0, 0.5]
+    assert [round(table[b]["map"], 3) for b in table] == [0.861, 0.861, 1.0, 1.0, 0.944, 0.861]
+    # 0.3 is admissible and the widest (the old rule's choice); 0.05 and 0.1 share the best label mAP.
+    assert best.band == 0.05
 
 
 def test_classprob_C_by_log_loss_separates_what_accuracy_ties():
