@@ -260,8 +260,7 @@ def select_hybrid_band(classifier, features, val_sets, candidates, max_top1_drop
     band at 94-100%), so among the admissible bands the label mAP decides (every validation image retrieves the
     others of its label, as step 5's mAP column): it counts every same-label image, not the one positive. Where it
     ties too, validation cannot tell the bands apart, and the narrowest stays closest to ``classprob_same``.
-    When none is admissible (one query can be more than a point), the best validation top-1, then label mAP, then
-    the lowest mean rank, then the narrowest band.
+    When none is admissible (one query can be more than a point), the same choice among all the candidates.
 
     Parameters
     ----------
@@ -298,8 +297,5 @@ def select_hybrid_band(classifier, features, val_sets, candidates, max_top1_drop
     admissible = [b for b in candidates if table[b]["top1"] >= reference["top1"] - max_top1_drop - 1e-12
                   and table[b]["mean_rank"] <= reference["mean_rank"] * (1 + max_mean_rank_rise) + 1e-12]
     # Rounded so that float noise in equal mAPs does not break a tie in favour of a wider band.
-    if admissible:
-        band = max(admissible, key=lambda b: (round(table[b]["map"], 9), -b))
-    else:
-        band = max(candidates, key=lambda b: (table[b]["top1"], round(table[b]["map"], 9), -table[b]["mean_rank"], -b))
+    band = max(admissible or candidates, key=lambda b: (round(table[b]["map"], 9), -b))
     return HybridRanker(classifier, band).fit(), table

@@ -82,7 +82,7 @@ def test_hybrid_band_keeps_validation_top1_and_mean_rank_and_ties_to_the_narrowe
     assert best.band == 0.1
     # The mean rank counts too: with any top-1 accepted, a 10% rise of the mean rank is still refused.
     assert select_hybrid_band(classifier, features, val_sets, [0.4, 0.5, 1.0], max_top1_drop=1.0)[0].band == 0.4
-    # None keeps the top-1: the best of them, then label mAP, then the lowest mean rank, then the narrowest.
+    # None keeps the top-1: the best label mAP of them all, then the narrowest.
     assert select_hybrid_band(classifier, features, val_sets, [0.5, 1.0])[0].band == 0.5
 
 
