@@ -45,8 +45,8 @@ labelIssuesExcludeFile = ""             # TSV of keys (first column) left out of
 
 # DNN refinement (script: 2_refineDNN.py)
 rf_backbone = "efficientnet_lite0"      # Backbone registry name (image_similarity.backbones.list_backbones())
-rf_inputResolution = 224                # Refined DNN's input width and height in pixels (resized to 256/224 of it first; 320 for fine detail);
-                                        # 224 is part of the recipe below that won on validation (doc/RESULTS.md, the normalised-softmax recipe); 224 against 320 alone is unmeasured
+rf_inputResolution = "auto"             # Refined DNN's input width and height in pixels (resized to 256/224 of it first), e.g. 224 or 320;
+                                        # "auto": 320 when the training images' median shorter side has 320 px, else 224 (thumbnails; doc/RESULTS.md)
 rf_dropoutRate = 0.5                    # Dropout before the classification head; 0 = none
 rf_mbSize = 32                          # Minibatch size (reduce if running out of memory)
 rf_maxEpochs = 12                       # Training epochs; 0 = no refinement: pretrained features only

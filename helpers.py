@@ -40,8 +40,11 @@ def parse_override(text):
 
 
 def _check_type(name, default, value):
-    """Refuse a value whose type cannot stand in for the default's (None and numbers are lenient)."""
+    """Refuse a value whose type cannot stand in for the default's (None and numbers are lenient, and an "auto"
+    knob also takes a number, e.g. rf_inputResolution=320)."""
     if default is None or value is None:
+        return value
+    if default == "auto" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(default, bool) and isinstance(value, bool)
@@ -174,12 +177,13 @@ def image_groups(P):
         raise UsageError(f"{P.groupsFilePath}: {error}") from None
 
 
-def refine_config(P):
-    """The ``rf_*`` knobs (and ``randomSeed``) as a ``RefineConfig``; a bad value is a UsageError naming its knob."""
+def refine_config(P, **fields):
+    """The ``rf_*`` knobs (and ``randomSeed``) as a ``RefineConfig``, ``fields`` in place of theirs (e.g. the
+    ``input_resolution`` that ``rf_inputResolution = "auto"`` came to); a bad value is a UsageError naming its knob."""
     from image_similarity.refine import RefineConfig
 
     try:
-        return RefineConfig(**{field: getattr(P, knob) for field, knob in REFINE_KNOBS.items()})
+        return RefineConfig(**{**{field: getattr(P, knob) for field, knob in REFINE_KNOBS.items()}, **fields})
     except ValueError as err:
         field = str(err).split(" ", 1)[0]
         raise UsageError(f"{REFINE_KNOBS[field]}: {err}" if field in REFINE_KNOBS else str(err)) from None

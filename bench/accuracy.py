@@ -13,7 +13,11 @@ validation (``val_metrics``, ``refine_val_ranking`` per run). Prints a mean ± s
 With ``--keep DIR`` each seed's workDir stays as ``DIR/seed<N>`` (for bench/ranking_failures.py, or to look at the
 figures); otherwise it is a temporary folder, removed at the end. ``--from-step 4 --keep DIR`` re-runs only steps 4
 and 5 in the workDirs an earlier ``--keep DIR`` run left (same seeds and settings): for a change to steps 4-5, with
-no retraining; the training minutes are those of the kept step 2.
+no retraining; the training minutes are those of the kept step 2. ``--gather NAME ...`` runs nothing: it joins the
+seeds of earlier JSONs made on the same data with the same settings (e.g. a run stopped part-way and the run that
+finished its seeds) into ``accuracy_<--name>.json``, each run with the command and code that made it:
+
+    .venv/bin/python bench/accuracy.py --gather tex11_s0 tex11_s12 --name fashionTexture11
 """
 import argparse
 import csv
@@ -29,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO))
 
 from image_similarity import backbones  # noqa: E402
@@ -101,9 +106,46 @@ def summarise(runs):
     return table
 
 
+def result_path(name):
+    return RESULTS / f"accuracy_{name}.json"
+
+
+def gather(names, out_name):
+    """Join the runs of ``accuracy_<name>.json`` for ``names`` into ``accuracy_<out_name>.json``.
+
+    The parts must share their labels and overrides (the same protocol) and hold distinct seeds; each run keeps the
+    ``command`` and ``code`` of its part. Returns the written path.
+    """
+    parts = []
+    for name in names:
+        path = result_path(name)
+        if not path.is_file():
+            sys.exit(f"error: {path} is missing: run bench/accuracy.py with --name {name} first")
+        parts.append((name, json.loads(path.read_text())))
+    for key in ("labels", "overrides"):
+        values = {json.dumps(part[key], sort_keys=True) for _, part in parts}
+        if len(values) > 1:
+            sys.exit(f"error: --gather: the parts differ in {key} ({', '.join(sorted(values))}): not one protocol")
+    runs = [{**run, "command": part["command"], "code": part["code"]} for _, part in parts for run in part["runs"]]
+    seeds = [run["seed"] for run in runs]
+    if len(set(seeds)) < len(seeds):
+        sys.exit(f"error: --gather: a seed appears twice among {', '.join(names)} (seeds {seeds})")
+    runs.sort(key=lambda run: run["seed"])
+    first = parts[0][1]
+    out = result_path(out_name)
+    save_json(out, {"command": f"bench/accuracy.py --gather {' '.join(names)} --name {out_name}",
+                    "gathered_from": [{"name": name, "command": part["command"], "code": part["code"],
+                                       "seeds": part["seeds"]} for name, part in parts],
+                    "code": ", ".join(dict.fromkeys(part["code"] or "unknown" for _, part in parts)),
+                    "from_step": max(part["from_step"] for _, part in parts), "dataset": out_name,
+                    "labels": first["labels"], "seeds": [run["seed"] for run in runs], "overrides": first["overrides"],
+                    "machine": first["machine"], "summary": summarise(runs), "runs": runs})
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_dir", type=Path, help="folder with one sub-folder per label")
+    parser.add_argument("data_dir", type=Path, nargs="?", help="folder with one sub-folder per label")
     parser.add_argument("--labels", default="", help="comma-separated label folders to use (default: all)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated random seeds (default: 0,1,2)")
     parser.add_argument("--name", help="dataset name for the run and the JSON file (default: from the folder)")
@@ -112,7 +154,16 @@ def main():
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep each seed's workDir as DIR/seed<N>")
     parser.add_argument("--from-step", type=int, default=1, choices=range(1, len(STEPS) + 1),
                         help="first step to run; above 1 it needs the workDirs of an earlier --keep DIR run")
+    parser.add_argument("--gather", nargs="+", metavar="NAME",
+                        help="run nothing: join these earlier JSONs' seeds (same protocol) into the --name JSON")
     args = parser.parse_args()
+    if args.gather:
+        if not args.name:
+            parser.error("--gather needs --name, the JSON it writes")
+        print(f"wrote {gather(args.gather, args.name)}")
+        return
+    if args.data_dir is None:
+        parser.error("give DATA_DIR (or --gather)")
     if not args.data_dir.is_dir():
         sys.exit(f"error: {args.data_dir} is not a folder (the texture set lives in ../shared/datasets/)")
     labels = [label for label in args.labels.split(",") if label]
@@ -122,7 +173,7 @@ def main():
         sys.exit(f"error: --from-step {args.from_step} needs --keep DIR holding seed<N>/ workDirs of an earlier run")
 
     version = code_version()  # at the start: the code that ran, even if the tree changes meanwhile
-    out = REPO / "bench" / "results" / f"accuracy_{name}.json"
+    out = result_path(name)
     command = " ".join(["bench/accuracy.py", str(args.data_dir), *(["--labels", args.labels] if labels else []),
                         "--seeds", args.seeds, *(["--name", args.name] if args.name else []),
                         *[a for s in args.overrides for a in ("--set", s)],

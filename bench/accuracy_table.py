@@ -95,7 +95,8 @@ def render(name, tutorial=False):
     lines = table_lines(header, rows)
     lines.append("| which ranker validation chose | " + ("| " if tutorial else "") + " | ".join(chosen) + " |")
     lines.append("| step 2 training minutes per seed | " + ("GPU | " if tutorial else "") + " | ".join(minutes) + " |")
-    lines += ["", f"`{frozen['command']}`", "", f"`{refined['command']}`"]
+    for result in (frozen, refined):  # a gathered JSON: the command of each of its parts
+        lines += [line for part in result.get("gathered_from", [result]) for line in ("", f"`{part['command']}`")]
     return "\n".join(lines)
 
 

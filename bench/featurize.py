@@ -1,7 +1,7 @@
 """Featurization throughput and memory, measured in one run on the same images.
 
 Throughput (default): N copies of the bundled sample photos, resized to --size pixels on the long side and written
-as JPEG to a temporary folder, are embedded with the same backbone at --resolution (default: rf_inputResolution):
+as JPEG to a temporary folder, are embedded with the same backbone at --resolution (default: the backbone's own):
   1. tutorial: one image at a time, PyTorch eager, default memory format, torchvision's Resize + CenterCrop (the
      2017 tutorial's loop);
   2. forward_<arm>: Embedder.forward_batch alone on pre-decoded tensors in batches of --batch, i.e. the ceiling for
@@ -36,7 +36,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import helpers  # noqa: E402
 from image_similarity import backbones, engines, features, fileio  # noqa: E402
 from image_similarity.embedder import Embedder, load_embedder  # noqa: E402
 from image_similarity.images import list_images, read_image  # noqa: E402
@@ -249,10 +248,11 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="batch size for (2) and (3), as run_mbSize")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each way is kept")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for (3)")
-    parser.add_argument("--resolution", type=int, help="input pixels (default: PARAMETERS.py's rf_inputResolution)")
+    parser.add_argument("--resolution", type=int,
+                        help="input pixels (default: the backbone's own, as step 3 embeds with the pretrained network)")
     parser.add_argument("--memory", type=int, metavar="N", help="run the memory check on N images instead")
     args = parser.parse_args()
-    resolution = args.resolution or helpers.load_parameters().rf_inputResolution
+    resolution = args.resolution or backbones.get_backbone(args.backbone).input_size
     results = fileio.load_json(RESULTS) if RESULTS.exists() else {}
     machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "processor": platform.processor() or platform.machine(), "cpu": engines.cpu_info(),

@@ -143,7 +143,7 @@ def main():
     parser.add_argument("--sequential", action="store_true",
                         help="run the plain epoch, then the project's, instead of interleaving their batches")
     parser.add_argument("--resolution", type=int, default=None,
-                        help="input pixels (default: PARAMETERS.py's rf_inputResolution)")
+                        help="input pixels (default: PARAMETERS.py's rf_inputResolution; 'auto' as step 2 chooses it)")
     parser.add_argument("--bf16", action="store_true",
                         help="time the project's loop in f32 against bf16 autocast instead (native-bf16 CPUs only)")
     args = parser.parse_args()
@@ -153,8 +153,10 @@ def main():
         print(f"skipped: {TEXTURES} is absent (the scraped texture set is never in the repository)")
         return
     P = helpers.load_parameters()
-    resolution = P.rf_inputResolution if args.resolution is None else args.resolution
     items = training_items(P.randomSeed)
+    resolution = P.rf_inputResolution if args.resolution is None else args.resolution
+    if resolution == "auto":
+        resolution, _ = refine.auto_input_resolution([images.shorter_side(TEXTURES / key) for key, _ in items])
     n_images = len(items) if args.batches is None else min(len(items), args.batches * P.rf_mbSize)
     indices = refine.epoch_indices([y for _, y in items], 0, P.randomSeed)[:n_images]
     spec = backbones.get_backbone(P.rf_backbone)

@@ -15,8 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .fileio import atomic_write_text
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "ImageReadError", "read_image", "load_image", "list_images",
-           "image_key", "SkippedImages"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "ImageReadError", "read_image", "load_image", "shorter_side",
+           "list_images", "image_key", "SkippedImages"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,16 @@ def load_image(source, skipped=None) -> Optional[Image.Image]:
         logger.warning("skipping %s", err)
         if skipped is not None:
             skipped.add(err.path, err.reason)
+        return None
+
+
+def shorter_side(path) -> Optional[int]:
+    """The shorter side of the image at ``path`` in pixels, from its header alone (nothing is decoded); None when
+    Pillow cannot open it (:func:`read_image` names the reason when the image is used)."""
+    try:
+        with Image.open(path) as img:
+            return min(img.size)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
 
 

@@ -42,7 +42,7 @@ from .embedder import default_device as select_device
 from .fileio import atomic_path, remove_stale_temporaries
 
 __all__ = ["RefineConfig", "RefineResult", "LOG_COLUMNS", "LR_SCHEDULES", "LabelledImages",
-           "select_device", "configure_threads", "lr_for_epoch", "epoch_indices", "make_loader", "train_one_epoch",
+           "AUTO_RESOLUTIONS", "auto_input_resolution", "select_device", "configure_threads", "lr_for_epoch", "epoch_indices", "make_loader", "train_one_epoch",
            "evaluate", "load_resume_checkpoint", "fine_tune", "validation_ranking", "compare_on_validation",
            "pretrained_ranks_better"]
 
@@ -52,6 +52,9 @@ LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_err", "val_loss", "val_err", 
 RESUME_FORMAT = "image_similarity.refine_resume/1"
 # Settings that may differ between an interrupted run and its resumption: more epochs extend a finished run.
 RESUMABLE_CHANGES = ("max_epochs", "n_workers", "cpu_bf16")
+# What rf_inputResolution = "auto" chooses from. On validation 320 px won on every texture run (photos of 340-512 px)
+# and lost on the 150-px fridgeObjects thumbnails, whose upscaling adds no detail (doc/RESULTS.md).
+AUTO_RESOLUTIONS = (224, 320)
 LR_SCHEDULES = ("step", "cosine")
 
 
@@ -131,7 +134,8 @@ class RefineConfig:
         object.__setattr__(self, "lr_per_epoch", tuple(float(lr) for lr in (
             self.lr_per_epoch if isinstance(self.lr_per_epoch, (list, tuple)) else [self.lr_per_epoch])))
         backbones.get_backbone(self.backbone)
-        checks = [("input_resolution", self.input_resolution >= 16, ">= 16 pixels"),
+        checks = [("input_resolution", isinstance(self.input_resolution, int) and self.input_resolution >= 16,
+                   ">= 16 pixels"),
                   ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
                   ("batch_size", self.batch_size >= 1, ">= 1"),
                   ("max_epochs", self.max_epochs >= 1, ">= 1"),
@@ -279,6 +283,28 @@ def configure_threads(device):
 
 
 # ---------------------------------------------------------------- one epoch
+
+def auto_input_resolution(short_sides, candidates=AUTO_RESOLUTIONS):
+    """The input resolution that suits images with these shorter sides: what ``rf_inputResolution = "auto"`` runs at.
+
+    Parameters
+    ----------
+    short_sides : sequence of int or None
+        Shorter side of each training image in pixels (:func:`images.shorter_side`); None (unreadable) is left out.
+    candidates : sequence of int
+        Resolutions to choose from, in pixels.
+
+    Returns
+    -------
+    (int, float or None)
+        The largest candidate no larger than the median shorter side (the smallest candidate when all are larger,
+        or when no side is known), and that median.
+    """
+    known = [side for side in short_sides if side is not None]
+    median = float(np.median(known)) if known else None
+    fitting = [c for c in candidates if median is not None and c <= median]
+    return (max(fitting) if fitting else min(candidates)), median
+
 
 def lr_for_epoch(lr_per_epoch, epoch, schedule="step", max_epochs=None):
     """Learning rate of 0-based ``epoch``.

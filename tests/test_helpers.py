@@ -48,6 +48,7 @@ def test_unknown_name_lists_close_matches():
     ("dedup_enabled=1", "expected bool like the default True, got int"),
     ("datasetName=123", "expected str like the default 'fridgeObjects', got int"),
     ("rf_lrPerMb=0.1", "expected list like the default"),
+    ("rf_inputResolution=True", "expected str like the default 'auto', got bool"),
 ])
 def test_wrong_type_is_refused(text, message):
     with pytest.raises(helpers.UsageError, match=re.escape(message)):
@@ -56,9 +57,10 @@ def test_wrong_type_is_refused(text, message):
 
 def test_lenient_types():
     P = helpers.load_parameters(["ratioTrainTest=1", "splitFile=my.tsv", "rf_maxTrainImages=500",
-                                 "rf_lrPerMb=(0.1, 0.01)", "eval_topNs=None"])
+                                 "rf_lrPerMb=(0.1, 0.01)", "eval_topNs=None", "rf_inputResolution=320"])
     assert P.ratioTrainTest == 1.0 and isinstance(P.ratioTrainTest, float)
     assert P.rf_maxTrainImages == 500 and P.rf_lrPerMb == (0.1, 0.01) and P.eval_topNs is None
+    assert P.rf_inputResolution == 320  # an "auto" knob takes a number too
 
 
 def test_derived_paths_follow_dataset_name_and_work_dir(tmp_path):
@@ -88,11 +90,14 @@ def test_require(tmp_path):
 
 
 def test_refine_config_names_the_knob_at_fault():
-    P = helpers.load_parameters(["rf_mbSize=0"])
+    P = helpers.load_parameters(["rf_mbSize=0", "rf_inputResolution=224"])
     with pytest.raises(helpers.UsageError, match=r"^rf_mbSize: batch_size = 0: must be >= 1$"):
         helpers.refine_config(P)
-    config = helpers.refine_config(helpers.load_parameters(["rf_lrPerMb=[0.5]"]))
+    with pytest.raises(helpers.UsageError, match=r"^rf_inputResolution: input_resolution = 'auto': must be"):
+        helpers.refine_config(helpers.load_parameters())  # step 2 resolves "auto" from the images first
+    config = helpers.refine_config(helpers.load_parameters(["rf_lrPerMb=[0.5]"]), input_resolution=320)
     assert config.lr_per_epoch == (0.5,) and config.backbone == "efficientnet_lite0"
+    assert config.input_resolution == 320
 
 
 def test_featurizing_model(tmp_path):

@@ -215,3 +215,13 @@ def test_list_images_skips_hidden_files_and_outside_symlinks(tmp_path):
     assert dict(skipped) == {str(root / "a" / "out_link.jpg"): f"symlink points outside {root}"}
     assert [images.image_key(p, root) for p in found] == ["a/x.jpg", "b/in_link.jpg", "b/y.png"]
     assert list_images(tmp_path / "nothing_here") == []
+
+
+def test_shorter_side_reads_the_header_only(tmp_path):
+    Image.new("RGB", (400, 300)).save(tmp_path / "wide.jpg")
+    Image.new("RGB", (90, 150)).save(tmp_path / "tall.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    assert images.shorter_side(tmp_path / "wide.jpg") == 300
+    assert images.shorter_side(tmp_path / "tall.png") == 90
+    assert images.shorter_side(tmp_path / "broken.jpg") is None
+    assert images.shorter_side(tmp_path / "missing.jpg") is None

@@ -229,6 +229,19 @@ def test_pretrained_ranks_better_only_when_strictly_better():
     assert not refine.pretrained_ranks_better(comparison((0.7, 9.0), (0.6, 1.0)))
 
 
+@pytest.mark.parametrize("sides, expected", [
+    ([399, 408, 512], (320, 408.0)),  # web photos like the texture sets: 320 px
+    ([113, 113, 113, 400], (224, 113.0)),  # mostly 150-px thumbnails: 224 px, however large one photo is
+    ([319, 320], (224, 319.5)),  # the median must have the pixels, not one image
+    ([320, None, 330], (320, 325.0)),  # unreadable images are left out
+    ([None, None], (224, None)),
+    ([], (224, None)),
+])
+def test_auto_input_resolution_is_the_largest_the_median_image_has_pixels_for(sides, expected):
+    assert refine.auto_input_resolution(sides) == expected
+    assert refine.auto_input_resolution([100, 700], candidates=(128, 256, 384)) == (384, 400.0)
+
+
 def test_config_names_the_setting_at_fault():
     with pytest.raises(ValueError, match="batch_size = 0: must be >= 1"):
         config(batch_size=0)
@@ -245,6 +258,8 @@ def test_config_names_the_setting_at_fault():
         config(crop_scale=1.5)
     with pytest.raises(ValueError, match="cpu_bf16 = 'yes': must be True or False"):
         config(cpu_bf16="yes")
+    with pytest.raises(ValueError, match="input_resolution = 'auto': must be >= 16 pixels"):
+        config(input_resolution="auto")  # "auto" is resolved before the config, from the images
 
 
 def test_refine_curves_png(tmp_path):

@@ -97,6 +97,23 @@ def test_refines_and_writes_model_log_and_curves(tiny_dataset, tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.parametrize("side, resolution", [(60, 224), (330, 320)])
+def test_auto_resolution_suits_the_training_images(tiny_dataset, tmp_path, side, resolution):
+    """rf_inputResolution='auto': thumbnails train at 224 px; photos with 320 px on their shorter side at 320."""
+    for path in tiny_dataset.rglob("*.jpg"):
+        with Image.open(path) as img:
+            img.convert("RGB").resize((side + 40, side)).save(path)
+    proc = write_step1_outputs(tmp_path, tiny_dataset)
+    done = run_script(SCRIPT, *args_for(tmp_path, "--set", "rf_inputResolution=auto", "--set", "rf_maxEpochs=1",
+                                        "--set", "rf_boFreezeWeights=True"), env=ENV)
+    assert done.returncode == 0, done.stderr
+    assert (f"rf_inputResolution = 'auto': {resolution} px, for training images whose median shorter side is "
+            f"{side} px.") in done.stdout
+    assert f"at {resolution} px on 18 train / 6 val images" in done.stdout
+    _, info = backbones.load_checkpoint(proc / "model.pt")
+    assert info["input_resolution"] == resolution and info["meta"]["train_params"]["input_resolution"] == resolution
+
+
 @pytest.mark.slow
 def test_kill_during_an_epoch_then_resume(tiny_dataset, tmp_path):
     """kill -9 once the first epoch's checkpoint exists; --resume finishes; a later plain run starts over."""
