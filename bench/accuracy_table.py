@@ -95,8 +95,9 @@ def render(name, tutorial=False):
     lines = table_lines(header, rows)
     lines.append("| which ranker validation chose | " + ("| " if tutorial else "") + " | ".join(chosen) + " |")
     lines.append("| step 2 training minutes per seed | " + ("GPU | " if tutorial else "") + " | ".join(minutes) + " |")
-    for result in (frozen, refined):  # a gathered JSON: the command of each of its parts
-        lines += [line for part in result.get("gathered_from", [result]) for line in ("", f"`{part['command']}`")]
+    for result in (frozen, refined):  # a gathered JSON (bench/accuracy.py --gather): each part's command and seeds
+        lines += [line for part in result.get("gathered_from", [result]) for line in (
+            "", f"`{part['command']}`" + (f" ({seed_list(part)})" if "gathered_from" in result else ""))]
     return "\n".join(lines)
 
 
