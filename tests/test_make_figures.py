@@ -36,7 +36,8 @@ def test_make_figures_writes_the_committed_set(tmp_path):
     with Image.open(out / "figures" / "web_page.png") as img:
         assert img.convert("L").getextrema()[0] < 100  # a rendered page, not a blank one
     step2 = (out / "console" / "2_refineDNN.txt").read_text(encoding="utf-8")
-    assert step2.startswith("Refining efficientnet_lite0") and "Done: best epoch 1 of 1" in step2
+    assert step2.startswith("rf_inputResolution = 'auto': 224 px")  # the sample's thumbnails
+    assert "\nRefining efficientnet_lite0 at 224 px" in step2 and "Done: best epoch 1 of 1" in step2
     for path in (out / "console").glob("*.txt"):
         text = path.read_text(encoding="utf-8")
         assert "\r" not in text and str(work) not in text and str(REPO) not in text, path.name
