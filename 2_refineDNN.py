@@ -26,7 +26,7 @@ def add_arguments(parser):
 
 
 def main(args, P):
-    from image_similarity import backbones, fileio, images, label_issues, plots, refine
+    from image_similarity import backbones, fileio, label_issues, plots, refine
     from image_similarity.images import SkippedImages
     if P.rf_maxEpochs == 0:
         print("rf_maxEpochs = 0: no refinement, nothing written; step 3 will use the pretrained "
@@ -42,8 +42,8 @@ def main(args, P):
     items = {split: [item for item in split_items if item[0] not in excluded] for split, split_items in items.items()}
     chosen = {}
     if P.rf_inputResolution == "auto":
-        chosen["input_resolution"], median = refine.auto_input_resolution(
-            [images.shorter_side(P.imgDir / key) for key, _ in items["train"]])
+        chosen["input_resolution"], median = refine.auto_input_resolution_of(
+            P.imgDir, [key for key, _ in items["train"]])
         print(f"rf_inputResolution = 'auto': {chosen['input_resolution']} px, for training images whose median "
               f"shorter side is {median:.0f} px." if median else
               f"rf_inputResolution = 'auto': {chosen['input_resolution']} px (no training image size could be read).")

@@ -156,7 +156,7 @@ def main():
     items = training_items(P.randomSeed)
     resolution = P.rf_inputResolution if args.resolution is None else args.resolution
     if resolution == "auto":
-        resolution, _ = refine.auto_input_resolution([images.shorter_side(TEXTURES / key) for key, _ in items])
+        resolution, _ = refine.auto_input_resolution_of(TEXTURES, [key for key, _ in items])
     n_images = len(items) if args.batches is None else min(len(items), args.batches * P.rf_mbSize)
     indices = refine.epoch_indices([y for _, y in items], 0, P.randomSeed)[:n_images]
     spec = backbones.get_backbone(P.rf_backbone)

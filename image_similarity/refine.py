@@ -36,13 +36,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import backbones, engines
+from . import backbones, engines, images
 from .embedder import Embedder, ImageDataset, collate_good_bad
 from .embedder import default_device as select_device
 from .fileio import atomic_path, remove_stale_temporaries
 
 __all__ = ["RefineConfig", "RefineResult", "LOG_COLUMNS", "LR_SCHEDULES", "LabelledImages",
-           "AUTO_RESOLUTIONS", "auto_input_resolution", "select_device", "configure_threads", "lr_for_epoch", "epoch_indices", "make_loader", "train_one_epoch",
+           "AUTO_RESOLUTIONS", "auto_input_resolution", "auto_input_resolution_of", "select_device", "configure_threads", "lr_for_epoch", "epoch_indices", "make_loader", "train_one_epoch",
            "evaluate", "load_resume_checkpoint", "fine_tune", "validation_ranking", "compare_on_validation",
            "pretrained_ranks_better"]
 
@@ -304,6 +304,14 @@ def auto_input_resolution(short_sides, candidates=AUTO_RESOLUTIONS):
     median = float(np.median(known)) if known else None
     fitting = [c for c in candidates if median is not None and c <= median]
     return (max(fitting) if fitting else min(candidates)), median
+
+
+def auto_input_resolution_of(image_dir, keys, candidates=AUTO_RESOLUTIONS):
+    """:func:`auto_input_resolution` of the images ``image_dir / key``, read from their headers only.
+
+    Returns the same (resolution in pixels, median shorter side or None); unreadable images are left out.
+    """
+    return auto_input_resolution([images.shorter_side(Path(image_dir) / key) for key in keys], candidates)
 
 
 def lr_for_epoch(lr_per_epoch, epoch, schedule="step", max_epochs=None):

@@ -242,6 +242,15 @@ def test_auto_input_resolution_is_the_largest_the_median_image_has_pixels_for(si
     assert refine.auto_input_resolution([100, 700], candidates=(128, 256, 384)) == (384, 400.0)
 
 
+def test_auto_input_resolution_of_reads_the_images_under_a_folder(tmp_path):
+    for name, size in (("a/wide.jpg", (500, 330)), ("a/tall.png", (340, 600)), ("b/small.jpg", (150, 113))):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        make_image(tmp_path / name, (90, 40, 200), size=size)
+    (tmp_path / "b" / "broken.jpg").write_bytes(b"not an image")
+    assert refine.auto_input_resolution_of(tmp_path, ["a/wide.jpg", "a/tall.png", "b/broken.jpg"]) == (320, 335.0)
+    assert refine.auto_input_resolution_of(tmp_path, ["a/wide.jpg", "b/small.jpg", "b/small.jpg"]) == (224, 113.0)
+
+
 def test_config_names_the_setting_at_fault():
     with pytest.raises(ValueError, match="batch_size = 0: must be >= 1"):
         config(batch_size=0)
