@@ -81,11 +81,12 @@ def read_image(source, max_pixels=MAX_IMAGE_PIXELS):
     """
     if isinstance(source, np.ndarray):
         try:
-            return _to_rgb(Image.fromarray(source))
+            rgb = _to_rgb(Image.fromarray(source))
         except (TypeError, ValueError) as err:
             raise ImageReadError("<array>", f"not an image array ({source.shape}, {source.dtype}): {err}") from None
+        return _with_pixels(rgb, "<array>")
     if isinstance(source, Image.Image):
-        return _to_rgb(ImageOps.exif_transpose(source))
+        return _with_pixels(_to_rgb(ImageOps.exif_transpose(source)), "<image>")
     # A Path's .name is only its last component: name paths in full, file objects by their .name.
     name = source if isinstance(source, (str, os.PathLike)) else getattr(source, "name", None) or "<bytes>"
     if isinstance(source, (str, os.PathLike)):
@@ -114,6 +115,13 @@ def read_image(source, max_pixels=MAX_IMAGE_PIXELS):
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         # Truncated data surfaces as OSError ("image file is truncated"), broken headers as SyntaxError.
         raise ImageReadError(name, f"corrupt or truncated image: {err}") from None
+    return _with_pixels(rgb, name)
+
+
+def _with_pixels(rgb, name):
+    """``rgb``, or ImageReadError when it is 0 pixels wide or high (resizing it would divide by zero)."""
+    if rgb.width == 0 or rgb.height == 0:
+        raise ImageReadError(name, f"no pixels ({rgb.width}x{rgb.height})")
     return rgb
 
 

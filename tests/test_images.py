@@ -107,6 +107,10 @@ def test_grayscale_and_inputs_other_than_paths(tmp_path):
     assert np.array_equal(np.asarray(read_image(io.BytesIO((tmp_path / "g.png").read_bytes()))), out)
     with pytest.raises(ImageReadError, match="<array>.*not an image array"):
         read_image(np.zeros((2, 2, 7), np.float64))
+    with pytest.raises(ImageReadError, match=r"^<array>: no pixels \(5x0\)$"):  # resizing it would divide by zero
+        read_image(np.zeros((0, 5, 3), np.uint8))
+    with pytest.raises(ImageReadError, match=r"^<image>: no pixels \(0x3\)$"):
+        read_image(Image.new("RGB", (0, 3)))
 
 
 def test_formats_by_content_in_any_letter_case(tmp_path):
