@@ -86,13 +86,18 @@ def run_seed(data_dir, name, labels, seed, overrides, scratch, from_step=1):
 
 
 def code_version():
-    """``git describe`` of the repository (``-dirty`` for uncommitted changes); None outside git or without git."""
+    """``git describe`` of the repository, ``-dirty`` when tracked files other than bench/results/ differ from it.
+
+    Results written by earlier runs do not change the code that runs. None outside git or without git.
+    """
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
     try:
-        done = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                              text=True)
+        described = git("describe", "--always")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
     except OSError:  # no git on this machine
         return None
-    return done.stdout.strip() or None
+    return (described + ("-dirty" if changed else "")) if described else None
 
 
 def summarise(runs):

@@ -62,3 +62,24 @@ def test_gather_needs_a_name():
     done = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--gather", "a"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "--gather needs --name" in done.stderr
+
+
+def test_code_version_is_dirty_for_code_not_for_results(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "step.py").write_text("print(1)\n")
+    (tmp_path / "bench" / "results" / "accuracy_x.json").write_text("{}")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    monkeypatch.setattr(accuracy, "REPO", tmp_path)
+    clean = accuracy.code_version()
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "bench" / "results" / "accuracy_x.json").write_text('{"runs": []}')  # an earlier run's result
+    (tmp_path / "notes.txt").write_text("untracked")
+    assert accuracy.code_version() == clean
+    (tmp_path / "step.py").write_text("print(2)\n")
+    assert accuracy.code_version() == clean + "-dirty"
+    monkeypatch.setattr(accuracy, "REPO", tmp_path / "nowhere")
+    assert accuracy.code_version() is None
