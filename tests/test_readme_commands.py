@@ -3,11 +3,14 @@
 A command whose comment carries a tag (``[needs ../shared]``, ``[needs a server]``, ``[needs a cluster]``,
 ``[runs until stopped]``) is reported as skipped with that reason. The others run with bash, one after the other, in
 a scratch copy of the repository (its git files plus a link to the real .venv), so they never touch the developer's
-proc/ or results/. The fast tests check that every command parses and names existing scripts, that its tags are
+proc/ or results/. Command 1, the main job (the default pipeline on the bundled sample), must also keep the ranking
+accuracy it was measured to have. The fast tests check that every command parses and names existing scripts, that its tags are
 known, and that the figures and console excerpts match doc/figures and doc/console (excerpts up to timings).
 """
+import csv
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -19,6 +22,11 @@ import pytest
 from conftest import REPO
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
+MEASURED = REPO / "bench" / "results" / "accuracy_fridgeObjects.json"
+# 5 of the 35 test queries: another CPU's float order changes the fine-tuning a little. On seed 0 the class-probability
+# rankers lead the others on validation by 53 points of top-1 (12 of 17 queries against 3), so the choice stays among
+# them, and they range over 51-74% on test; a broken step (preprocessing, labels, ranker) falls towards random, 1-3%.
+FLOOR_MARGIN = 0.15
 KNOWN_TAGS = {"needs ../shared", "needs a server", "needs a cluster", "runs until stopped"}
 ELISION = {"...", "…"}
 
@@ -63,6 +71,12 @@ def test_the_readme_has_commands_and_the_parser_reads_comments():
     assert split_comment('echo "a # b" x  # note [needs a server]') == ('echo "a # b" x', "note [needs a server]")
     assert split_comment("python a.py --set x=1#2") == ("python a.py --set x=1#2", "")
     assert readme_commands("```bash\na \\\n  b   # c [d]\n\n# only a comment\n```\n") == [("a b", ["d"])]
+
+
+def test_the_first_command_is_the_main_job_whose_accuracy_is_checked():
+    command, tags = COMMANDS[0]
+    assert not tags and re.fullmatch(r"\./setup\.sh && \.venv/bin/python run_pipeline\.py", command), command
+    assert 0.5 < measured_floor() <= 1.0
 
 
 @pytest.mark.parametrize("command, tags", COMMANDS, ids=IDS)
@@ -112,6 +126,25 @@ def test_make_figures_has_help():
     assert "doc/figures/" in result.stdout and "--work" in result.stdout
 
 
+def measured_floor():
+    """Seed 0's test top-1 of the ranker chosen on validation in ``bench/accuracy.py data/fridgeObjects --seeds 0,1,2``.
+
+    Seed 0 is the default, and README command 1 runs it. Not the lowest seed: on 17 validation images the choice of
+    ranker is noisy, and seed 1 chose the weighted L2 distance (11% on test), which would leave no floor at all.
+    """
+    run = next(run for run in json.loads(MEASURED.read_text())["runs"] if run["seed"] == 0)
+    return run["metrics"][run["best"]]["top1"]
+
+
+def assert_keeps_its_accuracy(results):
+    """The ranker that step 5 chose on validation ranks within FLOOR_MARGIN of the measured floor, far above random."""
+    with open(results / "evaluation.csv", newline="") as handle:
+        best = next(row["ranker"] for row in csv.DictReader(handle) if row["best_on_val"] == "1")
+    metrics = json.loads((results / "evaluation.json").read_text())
+    assert metrics[best]["top1"] >= measured_floor() - FLOOR_MARGIN, (best, metrics[best])
+    assert metrics[best]["top1"] > metrics["random"]["top1"] + 0.3
+
+
 @pytest.fixture(scope="module")
 def scratch_repo(tmp_path_factory):
     """A copy of the repository's git files (tracked, and untracked but not ignored) with a link to the real .venv."""
@@ -127,7 +160,7 @@ def scratch_repo(tmp_path_factory):
     return root
 
 
-@pytest.mark.slow  # the whole README: the pipeline three times, A1, A2, A3; about 10 minutes on 2 shared cores
+@pytest.mark.slow  # the whole README: the pipeline three times, A1, A2, A3; about 15 minutes on 2 shared cores
 @pytest.mark.parametrize("command, tags", COMMANDS, ids=IDS)
 def test_readme_command_runs(scratch_repo, command, tags):
     if tags:
@@ -146,3 +179,5 @@ def test_readme_command_runs(scratch_repo, command, tags):
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{command!r} exited with {result.returncode}:\n{output[-4000:]}"
     assert "Traceback" not in output, f"{command!r} printed a traceback:\n{output[-4000:]}"
+    if command == COMMANDS[0][0]:  # the main job: its run is also the accuracy regression check
+        assert_keeps_its_accuracy(scratch_repo / "results" / "fridgeObjects")
