@@ -42,7 +42,8 @@ from .embedder import default_device as select_device
 from .fileio import atomic_path, remove_stale_temporaries
 
 __all__ = ["RefineConfig", "RefineResult", "LOG_COLUMNS", "LR_SCHEDULES", "LabelledImages",
-           "AUTO_RESOLUTIONS", "auto_input_resolution", "auto_input_resolution_of", "select_device", "configure_threads", "lr_for_epoch", "epoch_indices", "make_loader", "train_one_epoch",
+           "AUTO_RESOLUTIONS", "auto_input_resolution", "auto_input_resolution_of", "select_device",
+           "configure_threads", "lr_for_epoch", "epoch_indices", "make_loader", "train_one_epoch",
            "evaluate", "load_resume_checkpoint", "fine_tune", "validation_ranking", "compare_on_validation",
            "pretrained_ranks_better"]
 

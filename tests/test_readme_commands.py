@@ -4,8 +4,9 @@ A command whose comment carries a tag (``[needs ../shared]``, ``[needs a server]
 ``[runs until stopped]``) is reported as skipped with that reason. The others run with bash, one after the other, in
 a scratch copy of the repository (its git files plus a link to the real .venv), so they never touch the developer's
 proc/ or results/. Command 1, the main job (the default pipeline on the bundled sample), must also keep the ranking
-accuracy it was measured to have. The fast tests check that every command parses and names existing scripts, that its tags are
-known, and that the figures and console excerpts match doc/figures and doc/console (excerpts up to timings).
+accuracy it was measured to have. The fast tests check that every command parses and names existing scripts, that
+its tags are known, and that the figures and console excerpts match doc/figures and doc/console (excerpts up to
+timings).
 """
 import csv
 import hashlib
