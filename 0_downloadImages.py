@@ -16,7 +16,7 @@ def add_arguments(parser):
 
 
 def main(args, P):
-    from image_similarity.download import download_images, read_url_list, save_failures
+    from image_similarity.data.download import download_images, read_url_list, save_failures
     urls_path = args.urls or P.imgUrlsPath
     if not urls_path.is_file():
         raise helpers.UsageError(f"{urls_path}: URL list not found")

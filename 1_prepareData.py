@@ -15,8 +15,9 @@ logger = logging.getLogger("1_prepareData")
 
 def main(args, P):
     import pandas as pd
-    from image_similarity import dedup, fileio, images
-    from image_similarity.splits import SPLITS, label_of, splits_and_ranking_sets
+    from image_similarity.apps import dedup
+    from image_similarity.data import fileio, images
+    from image_similarity.data.splits import SPLITS, label_of, splits_and_ranking_sets
     skipped = images.SkippedImages()
     paths = helpers.dataset_images(P, skipped)
     print(f"Reading and hashing {len(paths)} images under {P.imgDir} ...")

@@ -26,8 +26,11 @@ def add_arguments(parser):
 
 
 def main(args, P):
-    from image_similarity import backbones, fileio, label_issues, plots, refine
-    from image_similarity.images import SkippedImages
+    from image_similarity.models import backbones, refine
+    from image_similarity.data import fileio
+    from image_similarity.apps import label_issues
+    from image_similarity.pipeline import plots
+    from image_similarity.data.images import SkippedImages
     if P.rf_maxEpochs == 0:
         print("rf_maxEpochs = 0: no refinement, nothing written; step 3 will use the pretrained "
               f"{P.rf_backbone} features.")

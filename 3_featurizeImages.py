@@ -13,7 +13,8 @@ logger = logging.getLogger("3_featurizeImages")
 
 
 def main(args, P):
-    from image_similarity import backbones, features, images
+    from image_similarity.models import backbones
+    from image_similarity.data import features, images
     model = helpers.featurizing_model(P)
     if P.rf_maxEpochs == 0 and P.modelPath.exists():
         print(f"rf_maxEpochs = 0: using the pretrained {P.rf_backbone}, not {P.modelPath}")

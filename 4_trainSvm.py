@@ -15,9 +15,13 @@ import helpers
 
 
 def main(args, P):
-    from image_similarity import backbones, fileio, label_issues, plots, rankers, training
-    from image_similarity.features import load_features
-    from image_similarity.splits import SPLITS, label_of
+    from image_similarity.models import backbones
+    from image_similarity.data import fileio
+    from image_similarity.apps import label_issues
+    from image_similarity.pipeline import plots, training
+    from image_similarity.search import rankers
+    from image_similarity.data.features import load_features
+    from image_similarity.data.splits import SPLITS, label_of
     helpers.require_choice(P, "svm_classProbCCriterion", training.C_CRITERIA)
     for split in SPLITS:
         helpers.require(P.imgInfosPath[split], "1_prepareData.py")

@@ -14,14 +14,15 @@ import helpers
 
 
 def add_arguments(parser):
-    from image_similarity.splits import SPLITS
+    from image_similarity.data.splits import SPLITS
     parser.add_argument("--on", choices=SPLITS, default="test", help="split to evaluate (default: test)")
 
 
 def visualize(ranker, features, ranking_sets, P, folder, skipped):
     """The tutorial's per-query figures: query, closest reference and the positive, framed green or red."""
     import numpy as np
-    from image_similarity import images, plots
+    from image_similarity.data import images
+    from image_similarity.pipeline import plots
     for ranking_set in ranking_sets:
         d = ranker.distances(features.rows([ranking_set.query]), features.rows(ranking_set.references))[0]
         best, positive = int(np.argmin(d)), int(np.flatnonzero(ranking_set.is_positive)[0])
@@ -32,9 +33,10 @@ def visualize(ranker, features, ranking_sets, P, folder, skipped):
 
 
 def main(args, P):
-    from image_similarity import evaluation, fileio, images, plots
-    from image_similarity.runs import recommended_ranker
-    from image_similarity.splits import label_of
+    from image_similarity.pipeline import evaluation, plots
+    from image_similarity.data import fileio, images
+    from image_similarity.pipeline.runs import recommended_ranker
+    from image_similarity.data.splits import label_of
     helpers.require(P.featuresPath, "3_featurizeImages.py")
     for split in {args.on, "val", "test"}:
         helpers.require(P.imgInfosPath[split], "1_prepareData.py")

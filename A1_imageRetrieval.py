@@ -27,9 +27,12 @@ def add_arguments(parser):
 
 
 def main(args, P):
-    from image_similarity import attributes, fileio, images, plots, rankers
-    from image_similarity.distances import top_k
-    from image_similarity.splits import label_of
+    from image_similarity.apps import attributes
+    from image_similarity.data import fileio, images
+    from image_similarity.pipeline import plots
+    from image_similarity.search import rankers
+    from image_similarity.search.distances import top_k
+    from image_similarity.data.splits import label_of
     start = time.perf_counter()
     if args.top < 1:
         raise helpers.UsageError(f"--top must be at least 1, got {args.top}")

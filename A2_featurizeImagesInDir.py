@@ -22,7 +22,8 @@ def add_arguments(parser):
 
 
 def main(args, P):
-    from image_similarity import backbones, features, images
+    from image_similarity.models import backbones
+    from image_similarity.data import features, images
     if not args.dir.is_dir():
         raise helpers.UsageError(f"{args.dir} is not a folder")
     model = args.model or helpers.featurizing_model(P, fallback=True)

@@ -23,7 +23,8 @@ def add_arguments(parser):
 
 
 def featurize(P, engine):
-    from image_similarity import images, store
+    from image_similarity.data import images
+    from image_similarity.apps import store
     model = helpers.featurizing_model(P, fallback=True)
     skipped = images.SkippedImages()
     paths = images.list_images(P.imgDir, skipped=skipped) if P.imgDir.is_dir() else []
@@ -47,7 +48,8 @@ def featurize(P, engine):
 
 def main(args, P):
     import pandas as pd
-    from image_similarity import store, training
+    from image_similarity.apps import store
+    from image_similarity.pipeline import training
     helpers.require_choice(P, "svm_classProbCCriterion", training.C_CRITERIA)
     P.procDir.mkdir(parents=True, exist_ok=True)
     try:

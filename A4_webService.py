@@ -27,7 +27,7 @@ def add_arguments(parser):
 def main(args, P):
     import torch
     import uvicorn
-    from image_similarity.service import create_app
+    from image_similarity.apps.service import create_app
     if args.dataset:
         P = helpers.load_parameters([*args.overrides, f"datasetName={args.dataset}"])
     helpers.require(P.featuresPath, "3_featurizeImages.py")

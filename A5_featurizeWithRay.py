@@ -28,9 +28,10 @@ def add_arguments(parser):
 
 
 def main(args, P):
-    from image_similarity import backbones, features, images
+    from image_similarity.models import backbones
+    from image_similarity.data import features, images
     try:
-        from image_similarity import scaleout
+        from image_similarity.apps import scaleout
     except ImportError as err:
         raise helpers.UsageError(f"Ray is not installed ({err}): pip install .[scale]") from None
     root, out = args.dir or P.imgDir, args.out or P.featuresPath

@@ -36,9 +36,13 @@ def near_duplicate_groups(path):
 
 
 def main(args, P):
-    from image_similarity import dedup, embedder, features, fileio, images, label_issues, plots, rankers
-    from image_similarity.splits import SPLITS, label_of
-    from image_similarity.training import C_CRITERIA
+    from image_similarity.apps import dedup, label_issues
+    from image_similarity.models import embedder
+    from image_similarity.data import features, fileio, images
+    from image_similarity.pipeline import plots
+    from image_similarity.search import rankers
+    from image_similarity.data.splits import SPLITS, label_of
+    from image_similarity.pipeline.training import C_CRITERIA
     helpers.require_choice(P, "svm_classProbCCriterion", C_CRITERIA)  # before any embedding
     helpers.require_choice(P, "li_rankedBy", label_issues.RANKING_METHODS)
     start = time.perf_counter()

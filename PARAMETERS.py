@@ -18,7 +18,7 @@ dl_maxBytes = 20_000_000                # Largest accepted response body in byte
 
 # Near-duplicate removal (script: 1_prepareData.py)
 dedup_enabled = True                    # Keep one image per group of near-duplicates; False = report only
-dedup_method = "dhash"                  # Perceptual hash: 'dhash', 'phash', 'ahash' or 'whash' (image_similarity.dedup)
+dedup_method = "dhash"                  # Perceptual hash: 'dhash', 'phash', 'ahash' or 'whash' (image_similarity.apps.dedup)
 dedup_hashSize = 16                     # Hash grid side: 16 gives a 256-bit hash
 dedup_maxHammingDistance = 10           # Images whose hashes differ in at most this many bits are near-duplicates
 
@@ -44,7 +44,7 @@ li_nrShown = 24                         # Suspects shown in label_issues.png; 0 
 labelIssuesExcludeFile = ""             # TSV of keys (first column) left out of training in steps 2 and 4, path from the root; "" = none
 
 # DNN refinement (script: 2_refineDNN.py)
-rf_backbone = "efficientnet_lite0"      # Backbone registry name (image_similarity.backbones.list_backbones())
+rf_backbone = "efficientnet_lite0"      # Backbone registry name (image_similarity.models.backbones.list_backbones())
 rf_inputResolution = "auto"             # Refined DNN's input width and height in pixels (resized to 256/224 of it first), e.g. 224 or 320;
                                         # "auto": 320 when the training images' median shorter side has 320 px, else 224 (thumbnails; doc/RESULTS.md)
 rf_dropoutRate = 0.5                    # Dropout before the classification head; 0 = none

@@ -13,7 +13,7 @@ from pathlib import Path
 
 PARAMETERS_FILE = Path(__file__).resolve().parent / "PARAMETERS.py"
 DERIVED_MARKER = "# Derived paths"
-# image_similarity.refine.RefineConfig's fields and the PARAMETERS.py knobs that set them.
+# image_similarity.models.refine.RefineConfig's fields and the PARAMETERS.py knobs that set them.
 REFINE_KNOBS = {"backbone": "rf_backbone", "input_resolution": "rf_inputResolution", "dropout": "rf_dropoutRate",
                 "batch_size": "rf_mbSize", "max_epochs": "rf_maxEpochs", "lr_per_epoch": "rf_lrPerMb",
                 "momentum": "rf_momentumPerMb", "weight_decay": "rf_l2RegWeight",
@@ -111,7 +111,7 @@ def setup_logging(verbose=False):
 
 def dataset_images(P, skipped):
     """The image files of ``P.imgDir``, limited to ``P.includeLabels``; a UsageError when there are none."""
-    from image_similarity.images import list_images
+    from image_similarity.data.images import list_images
 
     paths = list_images(P.imgDir, skipped=skipped) if P.imgDir.is_dir() else []
     if not paths:
@@ -143,8 +143,8 @@ def require_choice(P, name, choices):
 
 def split_settings(P):
     """Step 1's split and ranking-set knobs as the keyword arguments of ``splits.splits_and_ranking_sets``."""
-    from image_similarity.fileio import read_tsv
-    from image_similarity.splits import SPLITS
+    from image_similarity.data.fileio import read_tsv
+    from image_similarity.data.splits import SPLITS
 
     if P.splitFilePath is not None and not P.splitFilePath.is_file():
         raise UsageError(f"splitFile {P.splitFilePath} not found (set splitFile=None for a random split)")
@@ -157,7 +157,7 @@ def split_settings(P):
 
 def group_file_rows(P):
     """The groupsFile's rows (relative/path, group id), or None when ``groupsFile`` is off."""
-    from image_similarity.fileio import read_tsv
+    from image_similarity.data.fileio import read_tsv
 
     if P.groupsFilePath is None:
         return None
@@ -168,7 +168,7 @@ def group_file_rows(P):
 
 def image_groups(P):
     """``{key: group id}`` from the groupsFile (``splits.parse_groups_file``), or None when it is off."""
-    from image_similarity.splits import parse_groups_file
+    from image_similarity.data.splits import parse_groups_file
 
     rows = group_file_rows(P)
     try:
@@ -180,7 +180,7 @@ def image_groups(P):
 def refine_config(P, **fields):
     """The ``rf_*`` knobs (and ``randomSeed``) as a ``RefineConfig``, ``fields`` in place of theirs (e.g. the
     ``input_resolution`` that ``rf_inputResolution = "auto"`` came to); a bad value is a UsageError naming its knob."""
-    from image_similarity.refine import RefineConfig
+    from image_similarity.models.refine import RefineConfig
 
     try:
         return RefineConfig(**{**{field: getattr(P, knob) for field, knob in REFINE_KNOBS.items()}, **fields})
@@ -206,7 +206,7 @@ def featurizing_model(P, fallback=False):
 
 def refined_is_worse(model_path):
     """Whether step 2 recorded in ``model_path`` that the pretrained network ranks the validation sets better."""
-    from image_similarity.backbones import checkpoint_meta
+    from image_similarity.models.backbones import checkpoint_meta
 
     try:
         return bool(checkpoint_meta(model_path).get("pretrained_ranks_better", False))
@@ -215,8 +215,8 @@ def refined_is_worse(model_path):
 
 
 def load_run(P, network=True, attributes=True):
-    """The finished run of ``P``'s dataset: :func:`image_similarity.runs.load_run` on its paths."""
-    from image_similarity.runs import load_run as load
+    """The finished run of ``P``'s dataset: :func:`image_similarity.pipeline.runs.load_run` on its paths."""
+    from image_similarity.pipeline.runs import load_run as load
 
     return load(P.featuresPath, P.rf_backbone, P.modelPath, P.svmPath, P.classifierPath, P.evaluationCsvPath,
                 P.datasetName if attributes else None, P.attributeModels, P.randomSeed, network,
@@ -225,7 +225,7 @@ def load_run(P, network=True, attributes=True):
 
 def re_ranked(P, ranker):
     """``ranker`` k-reciprocally re-ranked with the ``eval_reRank*`` knobs, or None when ``eval_reRankK1`` is 0."""
-    from image_similarity.rankers import KReciprocalRanker
+    from image_similarity.search.rankers import KReciprocalRanker
 
     if not P.eval_reRankK1:
         return None
@@ -236,15 +236,15 @@ def re_ranked(P, ranker):
 
 
 def load_network(P, model):
-    """The :class:`image_similarity.embedder.Embedder` of ``model`` on ``P``'s inference engine (``run_backend``)."""
-    from image_similarity.embedder import load_embedder
+    """The :class:`image_similarity.models.embedder.Embedder` of ``model`` on ``P``'s inference engine (``run_backend``)."""
+    from image_similarity.models.embedder import load_embedder
 
     return load_embedder(model, backend=P.run_backend, precision=P.run_precision)
 
 
 def load_service(P):
     """The web service of ``P``'s finished run (``svc_*`` knobs applied)."""
-    from image_similarity.service import SimilarityService
+    from image_similarity.apps.service import SimilarityService
 
     return SimilarityService.from_run(load_run(P), P.imgDir, P.svc_maxUploadBytes, P.svc_thumbnailPx,
                                       P.labelIssuesPath)
@@ -264,7 +264,8 @@ def training_exclusions(P):
     Test keys in the file are ignored with a warning; a key that is not in step 1's splits is refused (ValueError
     naming it).
     """
-    from image_similarity import fileio, label_issues
+    from image_similarity.data import fileio
+    from image_similarity.apps import label_issues
 
     if P.labelIssuesExcludePath is None:
         return set()

@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO))
 
-from image_similarity import backbones  # noqa: E402
-from image_similarity.fileio import save_json  # noqa: E402
+from image_similarity.models import backbones  # noqa: E402
+from image_similarity.data.fileio import save_json  # noqa: E402
 from run_pipeline import STEPS  # noqa: E402
 
 METRICS = ("top1", "top5", "mean_rank", "median_rank", "mrr", "map")

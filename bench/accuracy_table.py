@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from image_similarity.fileio import atomic_write_text
+from image_similarity.data.fileio import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))

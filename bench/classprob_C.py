@@ -17,9 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import helpers  # noqa: E402
-from image_similarity import evaluation, fileio, rankers, training  # noqa: E402
-from image_similarity.features import load_features  # noqa: E402
-from image_similarity.splits import SPLITS, label_of  # noqa: E402
+from image_similarity.pipeline import evaluation, training
+from image_similarity.data import fileio
+from image_similarity.search import rankers  # noqa: E402
+from image_similarity.data.features import load_features  # noqa: E402
+from image_similarity.data.splits import SPLITS, label_of  # noqa: E402
 
 
 def measure(work, candidates):

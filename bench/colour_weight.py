@@ -18,12 +18,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 import image_similarity  # noqa: E402
 from copy_detection import make_copies  # noqa: E402
-from image_similarity import evaluation, fileio  # noqa: E402
-from image_similarity.colour import with_colour  # noqa: E402
-from image_similarity.features import Features  # noqa: E402
-from image_similarity.images import list_images  # noqa: E402
-from image_similarity.rankers import CosineRanker  # noqa: E402
-from image_similarity.splits import label_of  # noqa: E402
+from image_similarity.pipeline import evaluation
+from image_similarity.data import fileio  # noqa: E402
+from image_similarity.search.colour import with_colour  # noqa: E402
+from image_similarity.data.features import Features  # noqa: E402
+from image_similarity.data.images import list_images  # noqa: E402
+from image_similarity.search.rankers import CosineRanker  # noqa: E402
+from image_similarity.data.splits import label_of  # noqa: E402
 
 
 def main():

@@ -25,8 +25,10 @@ from PIL import Image, ImageEnhance, ImageOps
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import image_similarity  # noqa: E402
-from image_similarity import evaluation, fileio, rankers  # noqa: E402
-from image_similarity.images import list_images, read_image  # noqa: E402
+from image_similarity.pipeline import evaluation
+from image_similarity.data import fileio
+from image_similarity.search import rankers  # noqa: E402
+from image_similarity.data.images import list_images, read_image  # noqa: E402
 
 CROP_SIDE = (0.6, 0.9)        # fraction of each side kept by the crop
 RESCALE = (0.5, 1.25)         # factor applied to the cropped image's size

@@ -34,9 +34,9 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from image_similarity import dedup  # noqa: E402
-from image_similarity.fileio import atomic_path, save_json  # noqa: E402
-from image_similarity.images import list_images, load_image  # noqa: E402
+from image_similarity.apps import dedup  # noqa: E402
+from image_similarity.data.fileio import atomic_path, save_json  # noqa: E402
+from image_similarity.data.images import list_images, load_image  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 TEXTURES = REPO.parent / "shared" / "datasets" / "fashionTexture11"

@@ -5,7 +5,7 @@ as JPEG to a temporary folder, are embedded with the same backbone at --resoluti
   1. tutorial: one image at a time, PyTorch eager, default memory format, torchvision's Resize + CenterCrop (the
      2017 tutorial's loop);
   2. forward_<arm>: Embedder.forward_batch alone on pre-decoded tensors in batches of --batch, i.e. the ceiling for
-     (3), for each arm: torch (channels-last, inference mode), and every installed engine of image_similarity.engines
+     (3), for each arm: torch (channels-last, inference mode), and every installed engine of image_similarity.models.engines
      in f32 (openvino, onnxruntime), plus openvino in bf16 where the CPU has native bf16;
   3. project_<arm>: Embedder.embed_files end to end from the files (DataLoader workers decode while the network
      runs), what 3_featurizeImages.py runs, for each arm.
@@ -36,9 +36,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from image_similarity import backbones, engines, features, fileio  # noqa: E402
-from image_similarity.embedder import Embedder, load_embedder  # noqa: E402
-from image_similarity.images import list_images, read_image  # noqa: E402
+from image_similarity.models import backbones, engines
+from image_similarity.data import features, fileio  # noqa: E402
+from image_similarity.models.embedder import Embedder, load_embedder  # noqa: E402
+from image_similarity.data.images import list_images, read_image  # noqa: E402
 
 SAMPLE_DIR = REPO / "data" / "fridgeObjects"
 RESULTS = REPO / "bench" / "results" / "featurize.json"

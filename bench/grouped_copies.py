@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from copy_detection import transformed_copy  # noqa: E402
-from image_similarity import fileio  # noqa: E402
-from image_similarity.images import list_images, read_image  # noqa: E402
+from image_similarity.data import fileio  # noqa: E402
+from image_similarity.data.images import list_images, read_image  # noqa: E402
 
 
 def main():

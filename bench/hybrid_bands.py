@@ -14,9 +14,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from image_similarity import evaluation, fileio, rankers  # noqa: E402
-from image_similarity.features import load_features  # noqa: E402
-from image_similarity.splits import label_of, parse_groups_file  # noqa: E402
+from image_similarity.pipeline import evaluation
+from image_similarity.data import fileio
+from image_similarity.search import rankers  # noqa: E402
+from image_similarity.data.features import load_features  # noqa: E402
+from image_similarity.data.splits import label_of, parse_groups_file  # noqa: E402
 
 
 def main():

@@ -45,9 +45,12 @@ from sklearn.neighbors import KNeighborsClassifier
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from image_similarity import evaluation, features, fileio, label_issues, rankers, training  # noqa: E402
-from image_similarity.features import load_features  # noqa: E402
-from image_similarity.splits import SPLITS, label_of  # noqa: E402
+from image_similarity.pipeline import evaluation, training
+from image_similarity.data import features, fileio
+from image_similarity.apps import label_issues
+from image_similarity.search import rankers  # noqa: E402
+from image_similarity.data.features import load_features  # noqa: E402
+from image_similarity.data.splits import SPLITS, label_of  # noqa: E402
 
 DATA = REPO.parent / "shared" / "datasets" / "fashionTexture11"
 NAME = "fashionTexture11"

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from image_similarity import distances, evaluation, fileio, rankers
-from image_similarity.features import load_features
-from image_similarity.splits import label_of
+from image_similarity.search import distances, rankers
+from image_similarity.pipeline import evaluation
+from image_similarity.data import fileio
+from image_similarity.data.features import load_features
+from image_similarity.data.splits import label_of
 
 REPO = Path(__file__).resolve().parents[1]
 CAUSES = ("query misclassified", "positive misclassified", "misclassified image among the negatives", "other")

@@ -1,4 +1,4 @@
-"""Overhead of featurizing on Ray Data (image_similarity.scaleout) against the single-process path, in one run.
+"""Overhead of featurizing on Ray Data (image_similarity.apps.scaleout) against the single-process path, in one run.
 
 N copies (hard links) of the bundled sample photos, in a temporary folder, are embedded with the same backbone and
 batch size by Embedder.embed_files (DataLoader workers decode, the model runs in this process) and by
@@ -21,9 +21,10 @@ import numpy as np
 import ray
 import torch
 
-from image_similarity import fileio, scaleout
-from image_similarity.embedder import load_embedder
-from image_similarity.images import list_images
+from image_similarity.data import fileio
+from image_similarity.apps import scaleout
+from image_similarity.models.embedder import load_embedder
+from image_similarity.data.images import list_images
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO / "data" / "fridgeObjects"

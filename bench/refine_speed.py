@@ -42,8 +42,9 @@ from torch.utils.data import DataLoader  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import helpers  # noqa: E402
-from image_similarity import backbones, engines, fileio, images, refine  # noqa: E402
-from image_similarity.embedder import collate_good_bad  # noqa: E402
+from image_similarity.models import backbones, engines, refine
+from image_similarity.data import fileio, images  # noqa: E402
+from image_similarity.models.embedder import collate_good_bad  # noqa: E402
 
 TEXTURES = REPO.parent / "shared" / "datasets" / "fashionTexture11"
 LABELS = ("dotted", "striped", "leopard")

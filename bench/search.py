@@ -25,8 +25,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from image_similarity.fileio import save_json  # noqa: E402
-from image_similarity.index import ANN_THRESHOLD, NearestNeighborIndex, recall_at_k  # noqa: E402
+from image_similarity.data.fileio import save_json  # noqa: E402
+from image_similarity.search.index import ANN_THRESHOLD, NearestNeighborIndex, recall_at_k  # noqa: E402
 
 FEATURES = REPO / "proc" / "fridgeObjects" / "features.npy"
 SUBSPACE_DIMS = 32        # within-cluster variation lies mostly in a shared subspace of this many dims

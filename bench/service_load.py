@@ -26,8 +26,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from image_similarity import engines, fileio
-from image_similarity.images import list_images
+from image_similarity.models import engines
+from image_similarity.data import fileio
+from image_similarity.data.images import list_images
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "fridgeObjects"

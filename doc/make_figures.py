@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # helpers.py and the package live at the repository root
 
 import helpers  # noqa: E402
-from image_similarity import fileio, plots  # noqa: E402
+from image_similarity.data import fileio
+from image_similarity.pipeline import plots  # noqa: E402
 
 SAMPLE = REPO / "data" / "fridgeObjects"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

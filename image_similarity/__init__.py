@@ -7,8 +7,8 @@ import importlib
 __version__ = "0.1.0"
 
 # Public names, imported on first use so that ``import image_similarity`` stays light (no torch, no FAISS).
-_LAZY = {"create": "similarity_model", "load": "similarity_model", "SimilarityModel": "similarity_model",
-         "combine": "attributes", "AttributeModel": "attributes", "CombinedSimilarity": "attributes"}
+_LAZY = {"create": "apps.similarity_model", "load": "apps.similarity_model", "SimilarityModel": "apps.similarity_model",
+         "combine": "apps.attributes", "AttributeModel": "apps.attributes", "CombinedSimilarity": "apps.attributes"}
 
 __all__ = ["__version__", *_LAZY]
 

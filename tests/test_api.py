@@ -11,8 +11,8 @@ from PIL import Image
 
 import image_similarity
 from conftest import SAMPLE_DIR, make_image
-from image_similarity import backbones
-from image_similarity.images import ImageReadError
+from image_similarity.models import backbones
+from image_similarity.data.images import ImageReadError
 
 LABELS = ("can", "carton", "milk_bottle", "water_bottle")
 PER_LABEL = 6
@@ -58,7 +58,7 @@ def test_import_is_light_and_names_are_public():
     assert done.stdout.strip() == "[]"  # the public names are imported on first use, with torch
     assert {"create", "load", "SimilarityModel", "combine", "AttributeModel", "CombinedSimilarity"} <= set(
         dir(image_similarity))
-    assert image_similarity.create.__module__ == "image_similarity.similarity_model"
+    assert image_similarity.create.__module__ == "image_similarity.apps.similarity_model"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         image_similarity.nope  # noqa: B018
 

@@ -4,7 +4,7 @@ import ast
 from conftest import REPO
 
 PACKAGE = REPO / "image_similarity"
-MODULES = sorted(path for path in PACKAGE.glob("*.py") if path.name != "__init__.py")
+MODULES = sorted(path for path in PACKAGE.rglob("*.py") if path.name != "__init__.py")
 
 
 def _imported_names(tree):

@@ -9,9 +9,9 @@ from PIL import Image
 from torchvision import transforms
 
 from conftest import REPO, SAMPLE_DIR
-from image_similarity import backbones
-from image_similarity.embedder import load_embedder
-from image_similarity.images import read_image
+from image_similarity.models import backbones
+from image_similarity.models.embedder import load_embedder
+from image_similarity.data.images import read_image
 
 GOLDEN = REPO / "tests" / "data" / "lite0_can_1.npy"  # Lite0 embedding of data/fridgeObjects/can/can_1.jpg
 

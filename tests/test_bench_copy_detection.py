@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import REPO
-from image_similarity.images import read_image
+from image_similarity.data.images import read_image
 
 sys.path.insert(0, str(REPO / "bench"))
 import copy_detection  # noqa: E402

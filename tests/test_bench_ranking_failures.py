@@ -5,9 +5,9 @@ import sys
 import numpy as np
 
 from conftest import REPO
-from image_similarity.features import Features
-from image_similarity.rankers import ClassProbRanker
-from image_similarity.splits import RankingSet
+from image_similarity.data.features import Features
+from image_similarity.search.rankers import ClassProbRanker
+from image_similarity.data.splits import RankingSet
 
 sys.path.insert(0, str(REPO / "bench"))
 import ranking_failures  # noqa: E402

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 import image_similarity
-from image_similarity.colour import COLOUR_DIM, colour_histograms, with_colour
+from image_similarity.search.colour import COLOUR_DIM, colour_histograms, with_colour
 
 
 def noisy(rng, low, high):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from image_similarity import dedup
-from image_similarity.images import SkippedImages
+from image_similarity.apps import dedup
+from image_similarity.data.images import SkippedImages
 
 HASH_SIZE, MAX_DISTANCE = 16, 10  # PARAMETERS.py defaults
 
@@ -110,7 +110,7 @@ def test_corrupt_file_is_skipped_and_named(photo_folder, caplog):
 
 def test_command_line_prints_the_groups(photo_folder, repo_root, capsys):
     (photo_folder / "other" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    result = subprocess.run([sys.executable, "-m", "image_similarity.dedup", str(photo_folder)],
+    result = subprocess.run([sys.executable, "-m", "image_similarity.apps.dedup", str(photo_folder)],
                             capture_output=True, text=True, timeout=120, cwd=repo_root)
     assert result.returncode == 0, result.stderr
     assert ("group 1: orig/a_original.jpg (kept), orig/b_copy.jpg, orig/c_resized.png, orig/d_recompressed.jpg"
@@ -127,7 +127,7 @@ def test_command_line_prints_the_groups(photo_folder, repo_root, capsys):
 # ------------------------------------------------------------------ encodings, search, CLI, moves (issue 19)
 def _cli(*args, cwd, prelude=""):
     """Run the dedup command line in a real subprocess; ``prelude`` is Python run first (e.g. a kill switch)."""
-    code = f"{prelude}\nfrom image_similarity import dedup\ndedup._main({[str(a) for a in args]!r})"
+    code = f"{prelude}\nfrom image_similarity.apps import dedup\ndedup._main({[str(a) for a in args]!r})"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 

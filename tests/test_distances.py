@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from image_similarity.distances import (ProbabilityDistance, cosine_from_similarity, embedding_distances,
+from image_similarity.search.distances import (ProbabilityDistance, cosine_from_similarity, embedding_distances,
                                         from_probability, probability_distances, top_k)
 
 

@@ -1,4 +1,4 @@
-"""image_similarity.download and 0_downloadImages.py against a real HTTP server on 127.0.0.1.
+"""image_similarity.data.download and 0_downloadImages.py against a real HTTP server on 127.0.0.1.
 
 The server (http.server in a thread) serves good and bad images, errors, slow and endless bodies, and counts
 the requests per path so the tests can prove what was retried and what was not.
@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, make_image, run_script
-from image_similarity.download import (DownloadReport, UrlEntry, check_label, download_images, read_url_list,
+from image_similarity.data.download import (DownloadReport, UrlEntry, check_label, download_images, read_url_list,
                                        save_failures)
-from image_similarity.images import read_image
+from image_similarity.data.images import read_image
 
 TIMEOUT = 0.5      # client timeout in these tests, seconds
 SLOW = 1.5         # server delay on the slow routes, seconds (> TIMEOUT)

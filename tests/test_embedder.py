@@ -5,9 +5,9 @@ import torch
 from PIL import Image
 
 from conftest import SAMPLE_DIR, make_image
-from image_similarity import backbones
-from image_similarity.embedder import Embedder, load_embedder, resolve_embedder
-from image_similarity.images import SkippedImages, image_key, read_image
+from image_similarity.models import backbones
+from image_similarity.models.embedder import Embedder, load_embedder, resolve_embedder
+from image_similarity.data.images import SkippedImages, image_key, read_image
 
 
 @pytest.fixture(scope="module")

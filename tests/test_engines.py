@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from image_similarity import backbones, engines
-from image_similarity.embedder import Embedder
-from image_similarity.images import list_images, read_image
+from image_similarity.models import backbones, engines
+from image_similarity.models.embedder import Embedder
+from image_similarity.data.images import list_images, read_image
 
 pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")
@@ -71,7 +71,7 @@ FIRST_CALLS_AT_ONCE = """
 import sys
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
-from image_similarity import backbones, engines
+from image_similarity.models import backbones, engines
 net = backbones.create_model("efficientnet_lite0")
 engine = engines.load_engine(net, sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
 with ThreadPoolExecutor(4) as pool:
@@ -118,7 +118,7 @@ def test_the_embedder_runs_on_the_engine_end_to_end(lite0, sample_dir):
 
 def test_bf16_only_where_the_cpu_has_it(lite0, caplog):
     net, batch, expected, path = lite0
-    with caplog.at_level(logging.WARNING, logger="image_similarity.engines"):
+    with caplog.at_level(logging.WARNING, logger="image_similarity.models.engines"):
         engine = engines.load_engine(net, MODEL_ID, RESOLUTION, path, "auto", "bf16")
     if engines.native_bf16():
         assert (engine.name, engine.precision) == ("openvino", "bf16")
@@ -178,7 +178,7 @@ def test_export_is_reused_then_rebuilt_when_the_model_changes(tmp_path, pixels, 
     assert export.stat().st_mtime_ns == written  # same model: the export is reused
 
     second = _small_net(1)  # the checkpoint is retrained: another model_id
-    with caplog.at_level(logging.INFO, logger="image_similarity.engines"):
+    with caplog.at_level(logging.INFO, logger="image_similarity.models.engines"):
         engine = engines.load_engine(second, _save(second, checkpoint), 32, export, "onnxruntime")
     assert "exported from sha256:" in caplog.text
     np.testing.assert_allclose(engine(pixels), _torch_out(second, pixels), atol=1e-5)
@@ -192,7 +192,7 @@ def test_a_damaged_export_is_rebuilt_not_used(tmp_path, pixels, caplog, backend)
     engines.load_engine(net, "sha256:small", 32, export, backend)
     data = export.read_bytes()
     export.write_bytes(data[:len(data) // 2])  # a truncated copy
-    with caplog.at_level(logging.INFO, logger="image_similarity.engines"):
+    with caplog.at_level(logging.INFO, logger="image_similarity.models.engines"):
         engine = engines.load_engine(net, "sha256:small", 32, export, backend)
     assert "damaged" in caplog.text
     assert export.read_bytes() != data[:len(data) // 2]
@@ -202,7 +202,7 @@ def test_a_damaged_export_is_rebuilt_not_used(tmp_path, pixels, caplog, backend)
 def test_a_failed_export_falls_back_to_pytorch_with_one_line(tmp_path, caplog):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the cache folder should be")
-    with caplog.at_level(logging.WARNING, logger="image_similarity.engines"):
+    with caplog.at_level(logging.WARNING, logger="image_similarity.models.engines"):
         engine = engines.load_engine(_small_net(0), "sha256:small", 32, blocker / "small.onnx", "auto")
     assert engine is None
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -216,7 +216,7 @@ def test_auto_falls_back_when_engines_are_missing(tmp_path, monkeypatch, caplog)
     assert engine.name == "onnxruntime"
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with caplog.at_level(logging.WARNING, logger="image_similarity.engines"):
+    with caplog.at_level(logging.WARNING, logger="image_similarity.models.engines"):
         assert engines.load_engine(net, "sha256:small", 32, tmp_path / "small.onnx", "auto") is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "openvino is not installed" in warnings[0] and "onnxruntime" in warnings[0]

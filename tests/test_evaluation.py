@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from image_similarity.evaluation import (average_precision, evaluate, mean_rank, mean_reciprocal_rank, median_rank,
+from image_similarity.pipeline.evaluation import (average_precision, evaluate, mean_rank, mean_reciprocal_rank, median_rank,
                                          positive_rank, rank_ranking_sets, retrieval_metrics, top_k_accuracy,
                                          top_k_candidates)
-from image_similarity.features import load_features, save_features
-from image_similarity.splits import RankingSet
+from image_similarity.data.features import load_features, save_features
+from image_similarity.data.splits import RankingSet
 
 
 def test_positive_rank_counts_closer_negatives():

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from image_similarity import features
-from image_similarity.fileio import save_npy
-from image_similarity.images import SkippedImages
+from image_similarity.data import features
+from image_similarity.data.fileio import save_npy
+from image_similarity.data.images import SkippedImages
 from test_embedder import embedder, folder  # noqa: F401 (fixtures)
 
 

@@ -1,10 +1,10 @@
-"""image_similarity.fileio: atomic writes land whole, with ordinary permissions, and leave no temporary behind."""
+"""image_similarity.data.fileio: atomic writes land whole, with ordinary permissions, and leave no temporary behind."""
 import os
 import stat
 
 import pytest
 
-from image_similarity import fileio
+from image_similarity.data import fileio
 
 
 def test_atomic_write_gives_the_mode_of_an_ordinary_file(tmp_path):

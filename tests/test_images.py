@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from conftest import make_image
-from image_similarity import images
-from image_similarity.images import ImageReadError, SkippedImages, list_images, load_image, read_image
+from image_similarity.data import images
+from image_similarity.data.images import ImageReadError, SkippedImages, list_images, load_image, read_image
 
 ORIENTATION_TAG = 0x0112
 

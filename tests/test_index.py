@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from image_similarity.fileio import save_npy
-from image_similarity.index import NearestNeighborIndex, recall_at_k
+from image_similarity.data.fileio import save_npy
+from image_similarity.search.index import NearestNeighborIndex, recall_at_k
 
 N, DIM, N_CLUSTERS = 5000, 64, 50
 

@@ -9,9 +9,12 @@ import pytest
 from PIL import Image
 
 from conftest import make_labelled_images, run_script
-from image_similarity import backbones, fileio, label_issues, plots
-from image_similarity.rankers import ClassProbRanker
-from image_similarity.splits import RankingSet, label_of
+from image_similarity.models import backbones
+from image_similarity.data import fileio
+from image_similarity.apps import label_issues
+from image_similarity.pipeline import plots
+from image_similarity.search.rankers import ClassProbRanker
+from image_similarity.data.splits import RankingSet, label_of
 
 LABELS = ("blue", "green", "red")
 

@@ -7,9 +7,11 @@ import pytest
 
 import image_similarity
 from conftest import SAMPLE_DIR
-from image_similarity import evaluation, features, rankers, training
-from image_similarity.attributes import AttributeModel, combine
-from image_similarity.splits import make_ranking_sets
+from image_similarity.pipeline import evaluation, training
+from image_similarity.data import features
+from image_similarity.search import rankers
+from image_similarity.apps.attributes import AttributeModel, combine
+from image_similarity.data.splits import make_ranking_sets
 
 N_LABELS, BLOCK, DIM = 4, 8, 24
 

@@ -1,9 +1,9 @@
-"""image_similarity.plots: figures written as PNGs of the documented size, without timestamps."""
+"""image_similarity.pipeline.plots: figures written as PNGs of the documented size, without timestamps."""
 import numpy as np
 import pytest
 from PIL import Image
 
-from image_similarity import plots
+from image_similarity.pipeline import plots
 
 HEADER = ["label", "train", "val", "test", "total"]
 ROWS = [["can", 20, 4, 8, 32], ["carton", 20, 4, 8, 32], ["all", 40, 8, 16, 64]]

@@ -5,12 +5,12 @@ from sklearn.exceptions import NotFittedError
 from sklearn.metrics.pairwise import cosine_distances
 from sklearn.preprocessing import normalize
 
-from image_similarity.evaluation import mean_rank, positive_rank
-from image_similarity.fileio import load_pickle, save_pickle
-from image_similarity.rankers import (RANKER_NAMES, CalibratedRanker, ClassProbRanker, CosineRanker, HybridRanker,
+from image_similarity.pipeline.evaluation import mean_rank, positive_rank
+from image_similarity.data.fileio import load_pickle, save_pickle
+from image_similarity.search.rankers import (RANKER_NAMES, CalibratedRanker, ClassProbRanker, CosineRanker, HybridRanker,
                                       KReciprocalRanker, L1Ranker, L2Ranker, RandomRanker, WeightedL2Ranker,
                                       build_rankers, negative_sample_weights)
-from image_similarity.training import pair_differences
+from image_similarity.pipeline.training import pair_differences
 
 
 def unit(x):

@@ -1,4 +1,4 @@
-"""image_similarity.refine: fine-tuning on small generated images (64 px, a few epochs, one thread, no workers)."""
+"""image_similarity.models.refine: fine-tuning on small generated images (64 px, a few epochs, one thread, no workers)."""
 import math
 from collections import Counter
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import make_image
-from image_similarity import plots, refine
-from image_similarity.images import SkippedImages
+from image_similarity.pipeline import plots
+from image_similarity.models import refine
+from image_similarity.data.images import SkippedImages
 
 CLASSES = ["blue", "green", "red"]  # label-id order
 COLORS = {"blue": (30, 40, 200), "green": (30, 180, 40), "red": (200, 30, 30)}
@@ -199,8 +200,8 @@ def test_normalised_softmax_head_gives_unit_embeddings_of_its_projection(colours
     """The cosine classifier with a 64-dim projection, cosine schedule, slower backbone and random-resized-crop
     trains, and its checkpoint's embedder returns the L2-normalised 64-dim embedding (accuracy is not asserted: see
     test_training_lowers_the_loss)."""
-    from image_similarity import backbones
-    from image_similarity.embedder import load_embedder
+    from image_similarity.models import backbones
+    from image_similarity.models.embedder import load_embedder
 
     root, train, val = colours
     result = refine.fine_tune(config(max_epochs=2, head="normsoftmax", embedding_dim=64, backbone_lr_factor=0.1,

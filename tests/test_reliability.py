@@ -16,7 +16,7 @@ import pytest
 
 from bad_inputs import lace_with_bad_inputs
 from conftest import REPO, make_image, make_labelled_images, run_script
-from image_similarity.images import ImageReadError, read_image
+from image_similarity.data.images import ImageReadError, read_image
 
 PRETRAINED = ["--set", "rf_maxEpochs=0"]
 
@@ -79,7 +79,7 @@ def test_prepare_data_skips_bad_files_once_and_keeps_every_good_one(laced):
     assert any(path.endswith("link_outside.jpg") for path in skipped)
     for label in corpus.empty_labels:
         assert label in result.stderr, f"no warning about the unusable label {label}"
-    from image_similarity.fileio import load_pickle
+    from image_similarity.data.fileio import load_pickle
     split_keys = {k for split in ("train", "val", "test")
                   for keys in load_pickle(work / "proc" / "laced" / f"imgFilenames{split.title()}.pickle").values()
                   for k in keys}
@@ -92,7 +92,7 @@ def test_featurize_embeds_every_good_file(laced):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert_bad_files_named_once(corpus, result.stderr)
-    from image_similarity.features import load_features
+    from image_similarity.data.features import load_features
     features = load_features(work / "proc" / "laced" / "features.npy")
     assert sorted(features.keys) == good
     assert np.isfinite(np.asarray(features.matrix)).all()
@@ -105,7 +105,7 @@ def test_featurize_in_dir_skips_bad_files(laced, tmp_path):
     result = run_script("A2_featurizeImagesInDir.py", root, "--recursive", "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_bad_files_named_once(corpus, result.stderr)
-    from image_similarity.features import load_features
+    from image_similarity.data.features import load_features
     assert sorted(load_features(out).keys) == good
 
 
@@ -148,7 +148,7 @@ def test_service_refuses_bad_uploads_and_answers_odd_ones(laced):
     from fastapi.testclient import TestClient
 
     import helpers
-    from image_similarity.service import create_app
+    from image_similarity.apps.service import create_app
     P = helpers.load_parameters([value for flag, value in zip(args[::2], args[1::2])] + ["rf_maxEpochs=0"])
     with TestClient(create_app(helpers.load_service(P))) as client:
         for key in corpus.bad:

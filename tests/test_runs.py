@@ -1,5 +1,5 @@
 """Loading a finished run: the recommended ranker (hybrid whenever a classifier exists) and its fallbacks."""
-from image_similarity.runs import recommended_ranker
+from image_similarity.pipeline.runs import recommended_ranker
 
 
 def test_recommended_ranker(tmp_path):

@@ -1,12 +1,13 @@
-"""image_similarity.scaleout and A5_featurizeWithRay.py on a real local Ray instance (skipped when Ray is absent)."""
+"""image_similarity.apps.scaleout and A5_featurizeWithRay.py on a real local Ray instance (skipped when Ray is absent)."""
 import shutil
 
 import numpy as np
 import pytest
 
-from image_similarity import images, scaleout
-from image_similarity.embedder import load_embedder
-from image_similarity.features import load_features
+from image_similarity.data import images
+from image_similarity.apps import scaleout
+from image_similarity.models.embedder import load_embedder
+from image_similarity.data.features import load_features
 from conftest import run_script
 
 ray = pytest.importorskip("ray", reason="Ray is an optional dependency: pip install .[scale]")

@@ -6,8 +6,9 @@ import numpy as np
 from PIL import Image
 
 from conftest import make_image, run_script
-from image_similarity import dedup, fileio
-from image_similarity.splits import RankingSet, SPLITS, label_of
+from image_similarity.apps import dedup
+from image_similarity.data import fileio
+from image_similarity.data.splits import RankingSet, SPLITS, label_of
 
 SCRIPT = "1_prepareData.py"
 

@@ -12,8 +12,9 @@ from PIL import Image
 
 import helpers
 from conftest import REPO, run_script
-from image_similarity import backbones, fileio
-from image_similarity.splits import make_ranking_sets
+from image_similarity.models import backbones
+from image_similarity.data import fileio
+from image_similarity.data.splits import make_ranking_sets
 
 SCRIPT = "2_refineDNN.py"
 FAST = ["--set", "rf_inputResolution=64", "--set", "rf_mbSize=8", "--set", "rf_nrWorkers=0",

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from conftest import run_script
-from image_similarity import backbones, features, fileio
+from image_similarity.models import backbones
+from image_similarity.data import features, fileio
 
 SCRIPT = "3_featurizeImages.py"
 

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import make_labelled_images, run_script
-from image_similarity.features import load_features, save_features
-from image_similarity.rankers import RANKER_NAMES
+from image_similarity.data.features import load_features, save_features
+from image_similarity.search.rankers import RANKER_NAMES
 
 TOP_NS = [1, 2, 4, 5, 8, 10, 15, 20, 28, 32]
 N_NEGATIVES = 20

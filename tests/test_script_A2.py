@@ -5,7 +5,8 @@ import shutil
 import numpy as np
 
 from conftest import REPO, SAMPLE_DIR, make_image, run_script
-from image_similarity import backbones, features
+from image_similarity.models import backbones
+from image_similarity.data import features
 
 SCRIPT = "A2_featurizeImagesInDir.py"
 

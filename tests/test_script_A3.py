@@ -7,8 +7,9 @@ from sqlalchemy import inspect, select
 
 import helpers
 from conftest import LABEL_LOOKS, REPO, make_image, make_labelled_images, run_script
-from image_similarity import evaluation, store
-from image_similarity.splits import SPLITS
+from image_similarity.pipeline import evaluation
+from image_similarity.apps import store
+from image_similarity.data.splits import SPLITS
 from test_store import COLUMNS, create_database, running_postgres
 
 TOP_NS = [1, 2, 4, 5, 8, 10, 15, 20, 28, 32]

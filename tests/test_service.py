@@ -1,4 +1,4 @@
-"""The web service (image_similarity.service, A4_webService.py) on a real uvicorn over a small real pipeline."""
+"""The web service (image_similarity.apps.service, A4_webService.py) on a real uvicorn over a small real pipeline."""
 import io
 import shutil
 import socket
@@ -18,7 +18,7 @@ from PIL import Image
 
 import helpers
 from conftest import REPO, make_image, make_labelled_images, run_script
-from image_similarity.service import create_app
+from image_similarity.apps.service import create_app
 
 LIMIT = 200_000  # svc_maxUploadBytes in these tests
 
@@ -338,8 +338,8 @@ def test_label_issues_view_reads_the_csv_when_present(server):
 
 def write_label_issues(path):
     """A label_issues.csv as A6_findLabelIssues.py writes it: one real reference and one key that is not one."""
-    from image_similarity.fileio import save_csv
-    from image_similarity.label_issues import LABEL_ISSUE_COLUMNS
+    from image_similarity.data.fileio import save_csv
+    from image_similarity.apps.label_issues import LABEL_ISSUE_COLUMNS
 
     rows = [dict(rank=1, key="red/red_3.jpg", split="train", given_label="red", suggested_label="blue",
                  p_given_label="0.0312", p_suggested_label="0.9", label_quality="0.0312", flagged="yes",

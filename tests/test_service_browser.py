@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, make_image
-from image_similarity.rankers import RANKER_NAMES
+from image_similarity.search.rankers import RANKER_NAMES
 from test_service import pipeline, server  # noqa: F401  (module-scoped fixtures: the pipeline and the live server)
 
 CHROMIUM = Path("/usr/bin/chromium")

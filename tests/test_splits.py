@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 
-from image_similarity.splits import SPLITS, label_of, make_ranking_sets, parse_groups_file, split_images
+from image_similarity.data.splits import SPLITS, label_of, make_ranking_sets, parse_groups_file, split_images
 
 
 def _keys(counts):

@@ -1,4 +1,4 @@
-"""image_similarity.store on SQLite and on a real PostgreSQL server started for the tests (synthetic embeddings)."""
+"""image_similarity.apps.store on SQLite and on a real PostgreSQL server started for the tests (synthetic embeddings)."""
 import contextlib
 import glob
 import os
@@ -14,11 +14,12 @@ import pytest
 from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
-from image_similarity import evaluation, store
-from image_similarity.distances import ProbabilityDistance
-from image_similarity.features import Features
-from image_similarity.rankers import HybridRanker
-from image_similarity.splits import SPLITS, label_of, make_ranking_sets, split_images
+from image_similarity.pipeline import evaluation
+from image_similarity.apps import store
+from image_similarity.search.distances import ProbabilityDistance
+from image_similarity.data.features import Features
+from image_similarity.search.rankers import HybridRanker
+from image_similarity.data.splits import SPLITS, label_of, make_ranking_sets, split_images
 
 LABELS = ("dotted", "leopard", "striped")
 TOP_NS = [1, 2, 4, 5, 8, 10, 15, 20, 28, 32]

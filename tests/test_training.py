@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss
 
-from image_similarity.features import Features
-from image_similarity.rankers import ClassProbRanker, WeightedL2Ranker
-from image_similarity.splits import RankingSet, make_ranking_sets
-from image_similarity.training import (fit_weighted_l2, mine_hard_negatives, pair_accuracies, ranking_set_pairs,
+from image_similarity.data.features import Features
+from image_similarity.search.rankers import ClassProbRanker, WeightedL2Ranker
+from image_similarity.data.splits import RankingSet, make_ranking_sets
+from image_similarity.pipeline.training import (fit_weighted_l2, mine_hard_negatives, pair_accuracies, ranking_set_pairs,
                                        select_C, select_classprob_C, select_hybrid_band)
 from test_rankers import HYBRID_LABELS, HYBRID_TRAIN, make_clusters, random_pairs, trained  # noqa: F401 (a fixture)
 

@@ -44,10 +44,10 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from starlette.datastructures import UploadFile
 
 from . import attributes as attribute_models
-from .distances import top_k
-from .images import ImageReadError, read_image
+from ..search.distances import top_k
+from ..data.images import ImageReadError, read_image
 from .label_issues import load_label_issues as label_issue_rows
-from .splits import label_of
+from ..data.splits import label_of
 
 __all__ = ["SimilarityService", "create_app", "MAX_K", "FORM_OVERHEAD_BYTES", "DISCARD_BYTES"]
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .backbones import list_backbones
-from .embedder import load_embedder
-from .images import SkippedImages, image_key
+from ..models.backbones import list_backbones
+from ..models.embedder import load_embedder
+from ..data.images import SkippedImages, image_key
 
 __all__ = ["init_ray", "featurize_ray"]
 

@@ -8,7 +8,7 @@ image of a split queries all the others, and its positives are the others of its
 """
 import numpy as np
 
-from .distances import top_k
+from ..search.distances import top_k
 
 __all__ = ["positive_rank", "top_k_accuracy", "mean_rank", "median_rank", "mean_reciprocal_rank", "evaluate",
            "rank_ranking_sets", "top_k_candidates", "average_precision", "retrieval_metrics"]

@@ -135,8 +135,8 @@ def update_features(paths, root, path, model, batch_size=64, n_workers=2, skippe
     ValueError
         When ``path`` exists but is not a features store (it is left alone).
     """
-    from .backbones import model_id as identify
-    from .embedder import load_embedder
+    from ..models.backbones import model_id as identify
+    from ..models.embedder import load_embedder
 
     path, paths = Path(path), [Path(p) for p in paths]
     keys = [image_key(p, root) for p in paths]

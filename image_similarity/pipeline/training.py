@@ -19,10 +19,10 @@ from sklearn.preprocessing import normalize
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted
 
-from .distances import check_pair
+from ..search.distances import check_pair
 from .evaluation import mean_rank, rank_ranking_sets, retrieval_metrics, top_k_accuracy
-from .rankers import CalibratedRanker, ClassProbRanker, HybridRanker, WeightedL2Ranker
-from .splits import label_of
+from ..search.rankers import CalibratedRanker, ClassProbRanker, HybridRanker, WeightedL2Ranker
+from ..data.splits import label_of
 
 __all__ = ["pair_differences", "ranking_set_pairs", "select_C", "mine_hard_negatives", "WeightedL2Fit",
            "fit_weighted_l2", "pair_accuracies", "C_CRITERIA", "select_classprob_C", "select_hybrid_band"]

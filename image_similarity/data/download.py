@@ -18,7 +18,7 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
 
-from . import __version__
+from .. import __version__
 from .fileio import atomic_path, atomic_write_bytes, remove_stale_temporaries, save_csv
 from .images import ImageReadError, read_image
 

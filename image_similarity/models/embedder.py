@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import backbones, engines
-from .images import SkippedImages, image_key, load_image
+from ..data.images import SkippedImages, image_key, load_image
 
 __all__ = ["Embedder", "load_embedder", "resolve_embedder", "ImageDataset", "collate_good_bad", "default_device"]
 

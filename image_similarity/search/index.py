@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 
 from .distances import cosine_from_similarity, top_k
-from .fileio import atomic_path
+from ..data.fileio import atomic_path
 
 __all__ = ["NearestNeighborIndex", "recall_at_k", "ANN_THRESHOLD", "EXACT_BACKEND", "KINDS"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_path, load_json, save_json
+from ..data.fileio import atomic_path, load_json, save_json
 
 __all__ = ["BACKENDS", "PRECISIONS", "AUTO_ORDER", "Engine", "load_engine", "export_onnx", "export_path_for",
            "default_cache_dir", "native_bf16", "cpu_info", "EXPORT_FORMAT"]

@@ -15,7 +15,7 @@ The imagededup flow (encode, then find duplicates), built to scale to millions o
 
 Step 1 calls the same code. From a shell::
 
-    python -m image_similarity.dedup FOLDER [--method dhash|phash|ahash|whash|cnn] [--threshold T] [--invariant]
+    python -m image_similarity.apps.dedup FOLDER [--method dhash|phash|ahash|whash|cnn] [--threshold T] [--invariant]
         [--against ENCODINGS.npy] [--out FILE.csv] [--move-duplicates DIR]
 """
 import argparse
@@ -36,8 +36,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
-from .fileio import atomic_path, load_json, save_csv, save_json
-from .images import SkippedImages, image_key, list_images, load_image
+from ..data.fileio import atomic_path, load_json, save_csv, save_json
+from ..data.images import SkippedImages, image_key, list_images, load_image
 
 __all__ = ["HASH_METHODS", "METHODS", "DEFAULT_THRESHOLDS", "VIEWS", "Encodings", "encode", "load_encodings",
            "find_links", "connected_groups", "find_duplicates", "group_rows", "save_groups_csv", "move_duplicates", "hash_images",
@@ -280,7 +280,7 @@ def _embed_files(paths, root, embedder, view, skipped, batch_size, n_workers):
 def _encode_cnn(sources, root, path, views, model, skipped, batch_size, n_workers, device, meta):
     if root is None:
         raise ValueError("method 'cnn' needs the image folder (root) to key its features")
-    from .embedder import Embedder, load_embedder   # torch only when 'cnn' is used
+    from ..models.embedder import Embedder, load_embedder   # torch only when 'cnn' is used
     embedder = model if isinstance(model, Embedder) else load_embedder(model, device)
     dim = embedder.dim
     meta.update(model_id=embedder.model_id, backbone=embedder.backbone, dim=dim)
@@ -351,7 +351,7 @@ class _EmbeddingSearch:
     """Range search of embeddings by cosine distance ``1 - cos <= threshold`` in the project's index."""
 
     def __init__(self, width, threshold, n_total):
-        from .index import NearestNeighborIndex
+        from ..search.index import NearestNeighborIndex
         if not 0 <= threshold <= 2:
             raise ValueError(f"threshold for 'cnn' is a cosine distance in [0, 2], got {threshold!r}")
         self.threshold = float(threshold)
@@ -621,7 +621,7 @@ def duplicates_to_remove(groups):
 # ---------------------------------------------------------------------------------------------------- command line
 def _main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m image_similarity.dedup",
+        prog="python -m image_similarity.apps.dedup",
         description="Find groups of near-duplicate images in a folder; write them as CSV and a contact sheet, and "
                     "optionally move the duplicates away (never deleting them).")
     parser.add_argument("folder", type=Path, help="folder searched recursively for images")
@@ -648,7 +648,7 @@ def _main(argv=None):
     if args.method != "cnn" and args.threshold is not None and args.threshold != int(args.threshold):
         parser.error(f"--threshold for {args.method} is a whole number of bits, got {args.threshold:g}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    from .plots import plot_duplicate_groups
+    from ..pipeline.plots import plot_duplicate_groups
     folder_name = args.folder.resolve().name
     out = args.out or args.folder.resolve().parent / f"{folder_name}_near_duplicates_{args.method}.csv"
     encodings_path = out.with_suffix(".encodings.npy")
@@ -658,7 +658,7 @@ def _main(argv=None):
             parser.error(f"--out {out} would overwrite the encodings given to --against; choose another --out")
         wanted = {"method": args.method, "hash_size": None if args.method == "cnn" else args.hash_size}
         if args.method == "cnn":
-            from .backbones import model_id
+            from ..models.backbones import model_id
             wanted["model_id"] = model_id(args.model)
         differs = {k: (v, against.meta.get(k)) for k, v in wanted.items() if v != against.meta.get(k)}
         if differs:

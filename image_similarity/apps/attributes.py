@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import rankers, training
-from .distances import from_probability, top_k
-from .features import Features, sidecar_path
-from .fileio import load_json
+from ..search import rankers
+from ..pipeline import training
+from ..search.distances import from_probability, top_k
+from ..data.features import Features, sidecar_path
+from ..data.fileio import load_json
 from .similarity_model import SimilarityModel
-from .splits import SPLITS, group_by_label, splits_and_ranking_sets
+from ..data.splits import SPLITS, group_by_label, splits_and_ranking_sets
 
 __all__ = ["AttributeModel", "CombinedSimilarity", "combine", "configured_attributes"]
 

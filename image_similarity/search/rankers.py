@@ -28,7 +28,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
 from .distances import (check_pair, embedding_distances, from_probability, k_reciprocal, label_then_appearance,
                         probability_distances)
-from .fileio import load_pickle, save_pickle
+from ..data.fileio import load_pickle, save_pickle
 
 __all__ = ["RandomRanker", "L1Ranker", "L2Ranker", "CosineRanker", "WeightedL2Ranker", "CalibratedRanker",
            "ClassProbRanker", "HybridRanker", "KReciprocalRanker", "CLASSPROB_METRICS", "negative_sample_weights",

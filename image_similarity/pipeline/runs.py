@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import rankers
-from .embedder import Embedder, resolve_embedder
-from .features import Features, load_features
+from ..search import rankers
+from ..models.embedder import Embedder, resolve_embedder
+from ..data.features import Features, load_features
 
 __all__ = ["Run", "load_run", "recommended_ranker", "PREFERRED_RANKER", "FALLBACK_RANKER"]
 
@@ -145,7 +145,7 @@ def load_run(features_path, backbone, checkpoint, svm_path, classifier_path, eva
     ranker_map = rankers.build_rankers(*payloads, random_state=random_state)
     attributes = {}
     if name is not None:
-        from .attributes import configured_attributes  # here: attributes bring the index (FAISS), step 5 needs neither
+        from ..apps.attributes import configured_attributes  # here: attributes bring the index (FAISS), step 5 needs neither
 
         attributes = configured_attributes(name, svm_path, features_path, attribute_paths)
     run = Run(features, ranker_map, recommended_ranker(evaluation_csv, ranker_map), attributes, notes,

@@ -36,10 +36,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import backbones, engines, images
+from . import backbones, engines
+from ..data import images
 from .embedder import Embedder, ImageDataset, collate_good_bad
 from .embedder import default_device as select_device
-from .fileio import atomic_path, remove_stale_temporaries
+from ..data.fileio import atomic_path, remove_stale_temporaries
 
 __all__ = ["RefineConfig", "RefineResult", "LOG_COLUMNS", "LR_SCHEDULES", "LabelledImages",
            "AUTO_RESOLUTIONS", "auto_input_resolution", "auto_input_resolution_of", "select_device",
@@ -621,9 +622,9 @@ def validation_ranking(embedder, img_dir, ranking_sets, batch_size=32, n_workers
         ``{'top1': fraction in [0, 1], 'mean_rank': float, 'n_sets': int}``. An embedding with NaN or infinite
         values (a diverged network) gets top-1 0 and the worst mean rank.
     """
-    from .evaluation import mean_rank, rank_ranking_sets, top_k_accuracy
-    from .features import Features
-    from .rankers import CosineRanker
+    from ..pipeline.evaluation import mean_rank, rank_ranking_sets, top_k_accuracy
+    from ..data.features import Features
+    from ..search.rankers import CosineRanker
 
     keys = sorted({k for s in ranking_sets for k in (s.query, *s.references)})
     found, matrix = embedder.embed_files([Path(img_dir) / k for k in keys], img_dir, batch_size, n_workers, skipped)

@@ -27,14 +27,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from . import backbones
-from .embedder import load_embedder
-from .features import load_features, save_features
-from .fileio import atomic_path, load_json, save_json
-from .images import ImageReadError, SkippedImages, list_images
-from .colour import COLOUR_DIM, colour_histograms, with_colour
-from .index import NearestNeighborIndex
-from .splits import label_of
+from ..models import backbones
+from ..models.embedder import load_embedder
+from ..data.features import load_features, save_features
+from ..data.fileio import atomic_path, load_json, save_json
+from ..data.images import ImageReadError, SkippedImages, list_images
+from ..search.colour import COLOUR_DIM, colour_histograms, with_colour
+from ..search.index import NearestNeighborIndex
+from ..data.splits import label_of
 
 __all__ = ["SimilarityModel", "create", "load", "MODEL_FORMAT"]
 

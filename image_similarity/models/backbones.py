@@ -25,7 +25,7 @@ import torchvision
 from torch import nn
 from torchvision import transforms
 
-from .fileio import atomic_path
+from ..data.fileio import atomic_path
 
 __all__ = ["BackboneSpec", "register_backbone", "list_backbones", "get_backbone", "weights_path_for", "create_model",
            "ResizeCenterCrop", "EvalTransform", "eval_transform", "torchvision_eval_transform", "train_transform",

@@ -47,9 +47,9 @@ from joblib import Parallel, delayed
 from sklearn.base import clone
 from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
 
-from .fileio import save_csv
-from .rankers import ClassProbRanker
-from .training import C_CRITERIA, select_classprob_C
+from ..data.fileio import save_csv
+from ..search.rankers import ClassProbRanker
+from ..pipeline.training import C_CRITERIA, select_classprob_C
 
 __all__ = ["LABEL_ISSUE_COLUMNS", "RANKING_METHODS", "LabelIssues", "out_of_fold_probabilities",
            "out_of_sample_probabilities", "find_label_issues", "different_label_duplicates", "save_label_issues",

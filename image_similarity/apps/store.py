@@ -34,11 +34,12 @@ from sqlalchemy import (Boolean, Column, Float, ForeignKey, Integer, LargeBinary
                         create_engine, delete, func, insert, make_url, select)
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from . import evaluation, rankers, training
-from .distances import ProbabilityDistance
-from .rankers import HybridRanker
-from .features import Features
-from .splits import SPLITS, RankingSet, group_by_label, label_of, splits_and_ranking_sets
+from ..pipeline import evaluation, training
+from ..search import rankers
+from ..search.distances import ProbabilityDistance
+from ..search.rankers import HybridRanker
+from ..data.features import Features
+from ..data.splits import SPLITS, RankingSet, group_by_label, label_of, splits_and_ranking_sets
 
 __all__ = ["metadata", "STEP_TABLES", "connect", "describe_url", "SCORE_RANKERS",
            "write_image_store", "read_features", "write_splits", "read_split", "read_ranking_sets",

@@ -9,8 +9,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .fileio import atomic_path
-from .images import load_image
+from ..data.fileio import atomic_path
+from ..data.images import load_image
 
 __all__ = ["DPI", "plot_top_n_curves", "plot_rank_histogram", "format_distance", "plot_query_result",
            "plot_retrieval_grid", "plot_score_vs_probability", "plot_refine_curves", "plot_table",

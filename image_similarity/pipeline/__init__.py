@@ -1,0 +1,1 @@
+"""The numbered steps as library code: ranker training, evaluation, a finished run's layout, figures."""

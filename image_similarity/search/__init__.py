@@ -1,0 +1,1 @@
+"""Search: distances, rankers, the nearest-neighbour index and the colour term."""
