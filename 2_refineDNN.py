@@ -26,7 +26,8 @@ def add_arguments(parser):
 
 
 def main(args, P):
-    from image_similarity.models import backbones, refine
+    from image_similarity.models import checkpoints, refine, refine_compare, refine_config
+    from image_similarity.models.inference import default_device, set_thread_count
     from image_similarity.data import fileio
     from image_similarity.apps import label_issues
     from image_similarity.pipeline import plots
@@ -45,14 +46,14 @@ def main(args, P):
     items = {split: [item for item in split_items if item[0] not in excluded] for split, split_items in items.items()}
     chosen = {}
     if P.rf_inputResolution == "auto":
-        chosen["input_resolution"], median = refine.auto_input_resolution_of(
+        chosen["input_resolution"], median = refine_config.auto_input_resolution_of(
             P.imgDir, [key for key, _ in items["train"]])
         print(f"rf_inputResolution = 'auto': {chosen['input_resolution']} px, for training images whose median "
               f"shorter side is {median:.0f} px." if median else
               f"rf_inputResolution = 'auto': {chosen['input_resolution']} px (no training image size could be read).")
     config = helpers.refine_config(P, **chosen)
-    device = refine.select_device()
-    n_threads = refine.configure_threads(device)
+    device = default_device()
+    n_threads = set_thread_count()
     print(f"Refining {config.backbone} at {config.input_resolution} px on {len(items['train'])} train / "
           f"{len(items['val'])} val images, {len(classes)} labels, {config.max_epochs} epochs; device: {device}"
           + (f" ({n_threads} threads)" if device.type == "cpu" else ""))
@@ -73,9 +74,9 @@ def main(args, P):
         print(f"Resumed after epoch {result.resumed_after_epoch} from {P.refineCheckpointPath}.")
 
     val_sets = label_issues.without_keys(fileio.load_pickle(P.imgInfosPath["val"]), excluded)
-    comparison = refine.compare_on_validation(result.model, config.backbone, config.input_resolution, P.imgDir,
-                                              val_sets, device, config.batch_size, config.n_workers, skipped)
-    worse = refine.pretrained_ranks_better(comparison)
+    comparison = refine_compare.compare_on_validation(result.model, config.backbone, config.data_config, P.imgDir,
+                                                      val_sets, device, config.batch_size, config.n_workers, skipped)
+    worse = refine_compare.pretrained_ranks_better(comparison)
     print(f"Validation ranking by cosine distance ({comparison['refined']['n_sets']} ranking sets): " + ", ".join(
         f"{name} top-1 {100 * m['top1']:.1f}% mean rank {m['mean_rank']:.2f}" for name, m in comparison.items()))
     if worse:
@@ -86,7 +87,7 @@ def main(args, P):
     meta = {"epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy, "val_loss": result.best_val_loss,
             "n_train": result.n_train, "n_val": result.n_val, "train_params": config.as_dict(),
             "val_ranking": comparison, "pretrained_ranks_better": worse}
-    backbones.save_checkpoint(P.modelPath, result.model, config.backbone, classes, config.input_resolution, meta)
+    checkpoints.save_checkpoint(P.modelPath, result.model, config.backbone, classes, config.data_config, meta)
     fileio.save_csv(P.refineLogPath, refine.LOG_COLUMNS, [[row[c] for c in refine.LOG_COLUMNS]
                                                          for row in result.log_rows])
     plots.plot_refine_curves(result.log_rows, P.refineCurvesPath)

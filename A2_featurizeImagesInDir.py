@@ -34,7 +34,7 @@ def main(args, P):
     print(f"{len(paths)} images under {args.dir}; embedding the new or changed ones with {backbones.model_id(model)}")
     try:
         stored, counts = features.update_features(paths, args.dir, args.out, model, P.run_mbSize, P.run_nrWorkers,
-                                                  skipped, P.run_backend, P.run_precision)
+                                                  skipped, helpers.inference_config(P))
     except ValueError as err:
         raise helpers.UsageError(str(err)) from None
     if counts["recomputed"]:

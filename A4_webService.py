@@ -12,8 +12,6 @@ serves until interrupted:
 The default ranker is hybrid when step 4 made a classifier (runs.PREFERRED_RANKER), else cosine (runs.FALLBACK_RANKER). Knobs: svc_*
 in PARAMETERS.py.
 """
-import os
-
 import helpers
 
 
@@ -25,7 +23,6 @@ def add_arguments(parser):
 
 
 def main(args, P):
-    import torch
     import uvicorn
     from image_similarity.apps.service import create_app
     if args.dataset:
@@ -33,7 +30,6 @@ def main(args, P):
     helpers.require(P.featuresPath, "3_featurizeImages.py")
     if not 0 < args.port < 65536:
         raise helpers.UsageError(f"--port must be in 1..65535, got {args.port}")
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))  # torch counts the host's cores, not ours
     print(f"Loading {P.featuresPath} and its network ...")
     service = helpers.load_service(P)
     for note in service.notes:

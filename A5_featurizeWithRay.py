@@ -44,7 +44,7 @@ def main(args, P):
     print(f"Featurizing {len(paths)} images under {root} with {backbones.model_id(model)} on Ray ({where}), "
           f"batches of {P.run_mbSize} ...")
     keys, matrix, info = scaleout.featurize_ray(paths, root, model, P.run_mbSize, args.actors, args.cpus_per_actor,
-                                                skipped, P.run_backend, P.run_precision)
+                                                skipped, helpers.inference_config(P))
     # A refined checkpoint may project its embedding (rf_embeddingDim); the pretrained network has the registry's dim.
     expected = backbones.get_backbone(info["backbone"]).embedding_dim if model == info["backbone"] else info["dim"]
     if matrix.shape[1] != expected:

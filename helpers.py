@@ -13,7 +13,7 @@ from pathlib import Path
 
 PARAMETERS_FILE = Path(__file__).resolve().parent / "PARAMETERS.py"
 DERIVED_MARKER = "# Derived paths"
-# image_similarity.models.refine.RefineConfig's fields and the PARAMETERS.py knobs that set them.
+# image_similarity.models.refine_config.RefineConfig's fields and the PARAMETERS.py knobs that set them.
 REFINE_KNOBS = {"backbone": "rf_backbone", "input_resolution": "rf_inputResolution", "dropout": "rf_dropoutRate",
                 "batch_size": "rf_mbSize", "max_epochs": "rf_maxEpochs", "lr_per_epoch": "rf_lrPerMb",
                 "momentum": "rf_momentumPerMb", "weight_decay": "rf_l2RegWeight",
@@ -180,7 +180,7 @@ def image_groups(P):
 def refine_config(P, **fields):
     """The ``rf_*`` knobs (and ``randomSeed``) as a ``RefineConfig``, ``fields`` in place of theirs (e.g. the
     ``input_resolution`` that ``rf_inputResolution = "auto"`` came to); a bad value is a UsageError naming its knob."""
-    from image_similarity.models.refine import RefineConfig
+    from image_similarity.models.refine_config import RefineConfig
 
     try:
         return RefineConfig(**{**{field: getattr(P, knob) for field, knob in REFINE_KNOBS.items()}, **fields})
@@ -206,7 +206,7 @@ def featurizing_model(P, fallback=False):
 
 def refined_is_worse(model_path):
     """Whether step 2 recorded in ``model_path`` that the pretrained network ranks the validation sets better."""
-    from image_similarity.models.backbones import checkpoint_meta
+    from image_similarity.models.checkpoints import checkpoint_meta
 
     try:
         return bool(checkpoint_meta(model_path).get("pretrained_ranks_better", False))
@@ -220,7 +220,7 @@ def load_run(P, network=True, attributes=True):
 
     return load(P.featuresPath, P.rf_backbone, P.modelPath, P.svmPath, P.classifierPath, P.evaluationCsvPath,
                 P.datasetName if attributes else None, P.attributeModels, P.randomSeed, network,
-                backend=P.run_backend, precision=P.run_precision)
+                engine=inference_config(P))
 
 
 def re_ranked(P, ranker):
@@ -235,11 +235,21 @@ def re_ranked(P, ranker):
     return KReciprocalRanker(ranker, P.eval_reRankK1, P.eval_reRankK2, P.eval_reRankLambda)
 
 
+def inference_config(P):
+    """The ``run_*`` knobs as the one ``InferenceConfig`` every forward pass runs on; a bad value is a UsageError."""
+    from image_similarity.models.inference import InferenceConfig
+
+    try:
+        return InferenceConfig(backend=P.run_backend, precision=P.run_precision)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def load_network(P, model):
-    """The :class:`image_similarity.models.embedder.Embedder` of ``model`` on ``P``'s inference engine (``run_backend``)."""
+    """The :class:`image_similarity.models.embedder.Embedder` of ``model`` on ``P``'s :func:`inference_config`."""
     from image_similarity.models.embedder import load_embedder
 
-    return load_embedder(model, backend=P.run_backend, precision=P.run_precision)
+    return load_embedder(model, inference_config(P))
 
 
 def load_service(P):

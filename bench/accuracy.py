@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO))
 
-from image_similarity.models import backbones  # noqa: E402
+from image_similarity.models import checkpoints  # noqa: E402
 from image_similarity.data.fileio import save_json  # noqa: E402
 from run_pipeline import STEPS  # noqa: E402
 
@@ -76,7 +76,7 @@ def run_seed(data_dir, name, labels, seed, overrides, scratch, from_step=1):
     for path, content in test_outputs.items():  # a --keep folder keeps the test evaluation
         path.write_bytes(content)
     model = work / "proc" / name / "model.pt"
-    refine_val = backbones.checkpoint_meta(model).get("val_ranking") if model.exists() else None
+    refine_val = checkpoints.checkpoint_meta(model).get("val_ranking") if model.exists() else None
     log = results / "refine_log.csv"
     train_minutes = 0.0
     if log.exists():

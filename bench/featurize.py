@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 from image_similarity.models import backbones, engines
 from image_similarity.data import features, fileio  # noqa: E402
 from image_similarity.models.embedder import Embedder, load_embedder  # noqa: E402
+from image_similarity.models.inference import InferenceConfig, set_thread_count  # noqa: E402
 from image_similarity.data.images import list_images, read_image  # noqa: E402
 
 SAMPLE_DIR = REPO / "data" / "fridgeObjects"
@@ -86,13 +87,13 @@ def torch_contiguous(batches, net):
 def preprocess_ms(paths, transform, rounds=3):
     """Best milliseconds per image, over ``rounds``, to decode a file and apply ``transform``, in this thread."""
     best, threads = float("inf"), torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker
+    set_thread_count(1)  # as in a DataLoader worker
     for _ in range(rounds):
         start = time.perf_counter()
         for path in paths:
             transform(read_image(path))
         best = min(best, (time.perf_counter() - start) / len(paths) * 1000)
-    torch.set_num_threads(threads)
+    set_thread_count(threads)
     return round(best, 2)
 
 
@@ -105,22 +106,22 @@ def project_path(paths, root, embedder, batch_size, n_workers):
 
 def arms_at(name, resolution):
     """``{arm: Embedder}`` at ``resolution``: PyTorch, each installed engine in f32, OpenVINO bf16 where native."""
-    spec = backbones.get_backbone(name)
+    data_config = backbones.get_backbone(name).data_config(resolution)
     wanted = [("torch", "torch", "f32"), ("openvino", "openvino", "f32"), ("onnxruntime", "onnxruntime", "f32")]
     if engines.native_bf16():
         wanted.append(("openvino_bf16", "openvino", "bf16"))
     net = backbones.create_model(name)
     arms = {}
     for arm, backend, precision in wanted:
-        embedder = Embedder(net, backbones.eval_transform(spec, resolution), backbones.model_id(name), name,
-                            resolution, device="cpu").use_engine(backend, precision)
+        embedder = Embedder(net, data_config, backbones.model_id(name), name, device="cpu").use_engine(
+            InferenceConfig(backend, precision, "cpu"))
         got = "torch" if embedder.engine is None else embedder.engine.name
         if (got, "f32" if embedder.engine is None else embedder.engine.precision) == (backend, precision):
             arms[arm] = embedder
         else:
             print(f"arm {arm}: not available here ({embedder.runs_on} instead), left out")
-    auto = Embedder(net, backbones.eval_transform(spec, resolution), backbones.model_id(name), name, resolution,
-                    device="cpu").use_engine("auto", "f32")
+    auto = Embedder(net, data_config, backbones.model_id(name), name, device="cpu").use_engine(
+        InferenceConfig("auto", "f32", "cpu"))
     chosen = "torch" if auto.engine is None else auto.engine.name
     return arms, chosen
 
@@ -144,7 +145,7 @@ def throughput(paths, root, name, resolution, batch_size, n_workers, rounds, swe
         Milliseconds per image to decode and preprocess, torchvision's two steps against ``EvalTransform.to_uint8``.
     """
     plain = backbones.create_model(name)
-    reference = backbones.torchvision_eval_transform(name, resolution)
+    reference = backbones.get_backbone(name).data_config(resolution).torchvision_eval_transform()
     arms, chosen = arms_at(name, resolution)
     transform = arms["torch"].transform
     tensors = torch.stack([transform(read_image(p)) for p in paths])
@@ -207,7 +208,7 @@ def memory_run(n, name, batch_size, n_workers):
         for i in range(n):
             paths.append(root / f"img_{i:06d}.jpg")
             os.link(sources[i % len(sources)], paths[-1])
-        embedder = load_embedder(name, "cpu")
+        embedder = load_embedder(name, InferenceConfig(device="cpu"))
         samples, done = [], threading.Event()
         dim = embedder.dim
 

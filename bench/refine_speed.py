@@ -6,7 +6,7 @@ initial weights on the same images, batch size, resolution and augmentation, for
 
 - plain: contiguous (NCHW) tensors, images decoded in the main process (workers=0), torch's default threads;
 - project: ``refine.train_one_epoch`` with channels-last tensors and weights, ``rf_nrWorkers`` DataLoader worker
-  processes and ``refine.configure_threads``.
+  processes and ``inference.set_thread_count``.
 
 Both run in this one process, so they share its OpenMP settings (OMP_WAIT_POLICY=PASSIVE, as 2_refineDNN.py sets
 it). Each first runs one untimed forward/backward pass so one-off kernel set-up is not timed.
@@ -42,7 +42,9 @@ from torch.utils.data import DataLoader  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import helpers  # noqa: E402
-from image_similarity.models import backbones, engines, refine
+from image_similarity.models import backbones, engines, refine, refine_config  # noqa: E402
+from image_similarity.models.heads import ImageClassifier  # noqa: E402
+from image_similarity.models.inference import set_thread_count  # noqa: E402
 from image_similarity.data import fileio, images  # noqa: E402
 from image_similarity.models.embedder import collate_good_bad  # noqa: E402
 
@@ -112,7 +114,7 @@ class Interleaved:
 def bf16_against_f32(initial, dataset, indices, P, resolution, warm_batch):
     """Seconds of the project's loop in f32 and under bf16 autocast, each the faster of two alternated runs."""
     cpu = torch.device("cpu")
-    threads = refine.configure_threads(cpu)
+    threads = set_thread_count()
     seconds = {"f32": [], "bf16": []}
     models = {}
     for arm in ("f32", "bf16", "f32", "bf16"):
@@ -157,13 +159,13 @@ def main():
     items = training_items(P.randomSeed)
     resolution = P.rf_inputResolution if args.resolution is None else args.resolution
     if resolution == "auto":
-        resolution, _ = refine.auto_input_resolution_of(TEXTURES, [key for key, _ in items])
+        resolution, _ = refine_config.auto_input_resolution_of(TEXTURES, [key for key, _ in items])
     n_images = len(items) if args.batches is None else min(len(items), args.batches * P.rf_mbSize)
     indices = refine.epoch_indices([y for _, y in items], 0, P.randomSeed)[:n_images]
-    spec = backbones.get_backbone(P.rf_backbone)
-    dataset = refine.LabelledImages(TEXTURES, items, backbones.train_transform(spec, resolution))
+    data_config = backbones.get_backbone(P.rf_backbone).data_config(resolution)
+    dataset = refine.LabelledImages(TEXTURES, items, data_config.train_transform())
     torch.manual_seed(P.randomSeed)
-    initial = backbones.ImageClassifier(backbones.create_model(P.rf_backbone), len(LABELS), P.rf_dropoutRate)
+    initial = ImageClassifier(backbones.create_model(P.rf_backbone), len(LABELS), P.rf_dropoutRate)
     kept, batch, _ = collate_good_bad([dataset[i] for i in indices[:P.rf_mbSize]])
     warm_batch = batch, dataset.labels[kept]
     cpu = torch.device("cpu")
@@ -187,7 +189,7 @@ def main():
     warm_up(plain_model, warm_batch, torch.contiguous_format)
     plain = plain_steps(plain_model, dataset, indices, P.rf_mbSize, P.rf_lrPerMb[0], P.rf_momentumPerMb,
                         P.rf_l2RegWeight)
-    threads = refine.configure_threads(cpu)
+    threads = set_thread_count()
     model = copy.deepcopy(initial).to(memory_format=torch.channels_last)
     warm_up(model, warm_batch, torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=P.rf_lrPerMb[0], momentum=P.rf_momentumPerMb,

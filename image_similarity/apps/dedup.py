@@ -281,7 +281,8 @@ def _encode_cnn(sources, root, path, views, model, skipped, batch_size, n_worker
     if root is None:
         raise ValueError("method 'cnn' needs the image folder (root) to key its features")
     from ..models.embedder import Embedder, load_embedder   # torch only when 'cnn' is used
-    embedder = model if isinstance(model, Embedder) else load_embedder(model, device)
+    from ..models.inference import InferenceConfig
+    embedder = model if isinstance(model, Embedder) else load_embedder(model, InferenceConfig(device=device))
     dim = embedder.dim
     meta.update(model_id=embedder.model_id, backbone=embedder.backbone, dim=dim)
     paths = [_resolve(source, root) for source in sources]

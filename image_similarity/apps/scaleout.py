@@ -10,16 +10,17 @@ Ray is an optional dependency (``pip install .[scale]``): it is imported when a 
 this module is imported. With ``RAY_ADDRESS`` set (``auto``, ``ray://host:10001`` ...) the work goes to that cluster;
 its nodes need this package installed and the image files (and a checkpoint) at the same paths (a shared file system).
 """
+import dataclasses
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from ..models.backbones import list_backbones
 from ..models.embedder import load_embedder
+from ..models.inference import InferenceConfig
 from ..data.images import SkippedImages, image_key
 
 __all__ = ["init_ray", "featurize_ray"]
@@ -61,15 +62,15 @@ def init_ray(address=None, num_cpus=None):
 
 
 class _BatchEmbedder:
-    """A Ray Data actor: loads the model once, then embeds batches of ``{"index", "path"}`` rows on ``n_threads``.
+    """A Ray Data actor: loads the model once (on ``inference``, whose ``threads`` are its CPUs), then embeds batches
+    of ``{"index", "path"}`` rows.
 
     Each output row is ``index`` (int64), ``vector`` ((D,) float32; zeros for an unreadable image) and ``reason``
     (str; empty for a readable one).
     """
 
-    def __init__(self, model, root, n_threads, backend, precision):
-        torch.set_num_threads(n_threads)
-        self.embedder = load_embedder(model, backend=backend, precision=precision)
+    def __init__(self, model, root, inference):
+        self.embedder = load_embedder(model, inference)
         self.root = root
 
     def __call__(self, batch):
@@ -84,8 +85,7 @@ class _BatchEmbedder:
                 "reason": np.array(reasons, dtype=object)}
 
 
-def featurize_ray(paths, root, model, batch_size=64, n_actors=None, cpus_per_actor=1, skipped=None, backend="torch",
-                  precision="f32"):
+def featurize_ray(paths, root, model, batch_size=64, n_actors=None, cpus_per_actor=1, skipped=None, inference=None):
     """Embed image files on Ray (local or cluster, see :func:`init_ray`, called here if needed).
 
     Parameters
@@ -101,11 +101,12 @@ def featurize_ray(paths, root, model, batch_size=64, n_actors=None, cpus_per_act
     n_actors : int, optional
         Actors running the model; default the cluster's CPUs divided by ``cpus_per_actor`` (at least 1).
     cpus_per_actor : int
-        CPUs reserved by each actor, and the torch threads it runs.
+        CPUs reserved by each actor, and the threads it runs (its ``InferenceConfig.threads``).
     skipped : SkippedImages, optional
         Receives every unreadable file with its reason.
-    backend, precision : str
-        The inference engine of every actor (``embedder.load_embedder``); an engine's export is made here, once.
+    inference : models.inference.InferenceConfig, optional
+        Device and inference engine of every actor (``embedder.load_embedder``); an engine's export is made here,
+        once. Default ``InferenceConfig()``.
 
     Returns
     -------
@@ -120,7 +121,8 @@ def featurize_ray(paths, root, model, batch_size=64, n_actors=None, cpus_per_act
     import ray
 
     init_ray()
-    info = load_embedder(model, backend=backend, precision=precision).info
+    inference = inference or InferenceConfig()
+    info = load_embedder(model, inference).info
     paths = [Path(p) for p in paths]
     keys = [image_key(p, root) for p in paths]
     if not paths:
@@ -136,8 +138,8 @@ def featurize_ray(paths, root, model, batch_size=64, n_actors=None, cpus_per_act
         # Absolute paths: the actors' working folder need not be this one.
         model_ref = model if isinstance(model, str) and model in list_backbones() else str(Path(model).absolute())
         embedded = dataset.map_batches(_BatchEmbedder,
-                                       fn_constructor_args=(model_ref, str(Path(root).absolute()), cpus_per_actor, backend,
-                                                            precision),
+                                       fn_constructor_args=(model_ref, str(Path(root).absolute()),
+                                                            dataclasses.replace(inference, threads=cpus_per_actor)),
                                        batch_size=batch_size, batch_format="numpy",
                                        compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=cpus_per_actor)
         matrix = np.empty((len(paths), info["dim"]), np.float32)

@@ -90,11 +90,9 @@ class SimilarityModel:
         DataLoader processes decoding image files (0 = in this process).
     index_kind : {'auto', 'exact', 'ivf', 'hnsw'}
         Passed to :class:`.index.NearestNeighborIndex`; ``'auto'`` is exact below ``index.ANN_THRESHOLD`` references.
-    device : str or torch.device, optional
-        Where the network runs; default CUDA when available, else CPU.
-    backend : {'auto', 'torch', 'openvino', 'onnxruntime'}
-        The inference engine (:mod:`.engines`), PyTorch by default like the rest of the library: ``'auto'`` is the
-        fastest installed one on CPU, PyTorch on CUDA.
+    inference : models.inference.InferenceConfig, optional
+        Where and how the network runs (device, threads, inference engine); default ``InferenceConfig()``, as the
+        rest of the library: the fastest installed engine on CPU, PyTorch on CUDA.
     colour_weight : float
         In [0, 1): the share of the colour-histogram distance in every distance (:func:`.colour.with_colour`);
         0 = the embedding alone.
@@ -114,14 +112,13 @@ class SimilarityModel:
         ``model_id``, ``backbone``, ``dim``, ``input_resolution``.
     """
 
-    def __init__(self, model="efficientnet_lite0", batch_size=64, n_workers=2, index_kind="auto", device=None,
-                 backend="torch", colour_weight=DEFAULT_COLOUR_WEIGHT):
+    def __init__(self, model="efficientnet_lite0", batch_size=64, n_workers=2, index_kind="auto", inference=None,
+                 colour_weight=DEFAULT_COLOUR_WEIGHT):
         self.model = model
         self.batch_size = batch_size
         self.n_workers = n_workers
         self.index_kind = index_kind
-        self.device = device
-        self.backend = backend
+        self.inference = inference
         self.colour_weight = colour_weight
         self.keys, self.labels, self.info = [], None, None
         self.features, self.colours = None, None
@@ -132,7 +129,7 @@ class SimilarityModel:
     def embedder(self):
         """The :class:`.embedder.Embedder` of ``model``, loaded on first use."""
         if self._embedder is None:
-            embedder = load_embedder(self.model, self.device, self.backend)
+            embedder = load_embedder(self.model, self.inference)
             if self.info is not None and embedder.model_id != self.info["model_id"]:
                 raise ValueError(f"{self.model} is {embedder.model_id} but the references were embedded "
                                  f"with {self.info['model_id']}")
@@ -411,7 +408,7 @@ class SimilarityModel:
 
 
 def create(images, label=None, model="efficientnet_lite0", batch_size=64, keys=None, n_workers=2, index_kind="auto",
-           device=None, backend="torch", colour_weight=DEFAULT_COLOUR_WEIGHT):
+           inference=None, colour_weight=DEFAULT_COLOUR_WEIGHT):
     """Embed reference images and index them.
 
     Parameters
@@ -432,9 +429,9 @@ def create(images, label=None, model="efficientnet_lite0", batch_size=64, keys=N
         DataLoader processes decoding files (0 = in this process).
     index_kind : {'auto', 'exact', 'ivf', 'hnsw'}
         ``'auto'``: exact search below ``index.ANN_THRESHOLD`` references, approximate (IVF) above.
-    device : str or torch.device, optional
-    backend : {'auto', 'torch', 'openvino', 'onnxruntime'}
-        The inference engine, PyTorch by default; ``'auto'``: the fastest installed one on CPU, PyTorch on CUDA.
+    inference : models.inference.InferenceConfig, optional
+        Where and how the network runs; default ``InferenceConfig()`` (the fastest installed engine on CPU, PyTorch
+        on CUDA).
     colour_weight : float
         In [0, 1): how much plain colour and brightness count in every distance (see the module's docstring);
         0 = the embedding alone.
@@ -443,14 +440,14 @@ def create(images, label=None, model="efficientnet_lite0", batch_size=64, keys=N
     -------
     SimilarityModel
     """
-    return SimilarityModel(model, batch_size, n_workers, index_kind, device, backend, colour_weight).add(
+    return SimilarityModel(model, batch_size, n_workers, index_kind, inference, colour_weight).add(
         images, label=label, keys=keys)
 
 
-def load(folder, device=None, backend="torch"):
+def load(folder, inference=None):
     """Read a model written by :meth:`SimilarityModel.save`; the network is only loaded when a query needs it.
 
-    ``device`` and ``backend`` are those of :func:`create`.
+    ``inference`` is that of :func:`create`.
 
     Raises
     ------
@@ -477,8 +474,8 @@ def load(folder, device=None, backend="torch"):
             or (labels is not None and len(labels) != len(stored))):
         raise ValueError(f"{folder}: {len(stored)} feature rows, {len(colours)} colour rows, {len(index)} indexed "
                          f"vectors and {'no' if labels is None else len(labels)} labels do not belong together")
-    similarity = SimilarityModel(model, manifest["batch_size"], manifest["n_workers"], manifest["index_kind"], device,
-                                 backend, manifest["colour_weight"])
+    similarity = SimilarityModel(model, manifest["batch_size"], manifest["n_workers"], manifest["index_kind"],
+                                 inference, manifest["colour_weight"])
     similarity.keys, similarity.features, similarity.labels = list(stored.keys), stored.matrix, labels
     similarity.colours = colours.matrix
     similarity.info = {k: manifest[k] for k in INFO_KEYS}

@@ -65,8 +65,6 @@ def featurize_to_file(paths, root, embedder, path, batch_size=64, n_workers=2, s
     embedder : embedder.Embedder
     batch_size, n_workers, skipped
         As :meth:`embedder.Embedder.iter_batches`.
-    backend, precision : str
-        The inference engine (``embedder.load_embedder``).
     meta : dict, optional
         Extra sidecar entries.
 
@@ -101,8 +99,7 @@ def _stamp(path):
     return [status.st_size, status.st_mtime_ns]
 
 
-def update_features(paths, root, path, model, batch_size=64, n_workers=2, skipped=None, backend="torch",
-                    precision="f32"):
+def update_features(paths, root, path, model, batch_size=64, n_workers=2, skipped=None, inference=None):
     """Bring the store at ``path`` up to date with image files: embed only new or changed ones, drop removed ones.
 
     Every file's size and modification time are kept in the sidecar (``stamps``); a file whose stamp is unchanged
@@ -119,8 +116,8 @@ def update_features(paths, root, path, model, batch_size=64, n_workers=2, skippe
         A backbone name or a refined checkpoint (``embedder.load_embedder``).
     batch_size, n_workers, skipped
         As :meth:`embedder.Embedder.iter_batches`.
-    backend, precision : str
-        The inference engine (``embedder.load_embedder``).
+    inference : models.inference.InferenceConfig, optional
+        Device, threads and inference engine of the network (``embedder.load_embedder``); default its defaults.
 
     Returns
     -------
@@ -156,7 +153,7 @@ def update_features(paths, root, path, model, batch_size=64, n_workers=2, skippe
     todo = [p for k, p in zip(keys, paths) if k not in rows]
     new_keys = []
     if todo:
-        embedder = load_embedder(model, backend=backend, precision=precision)
+        embedder = load_embedder(model, inference)
         meta = {"backbone": embedder.backbone, "dim": embedder.dim}
         new_keys, new_rows = embedder.embed_files(todo, root, batch_size, n_workers, skipped)
         rows.update(zip(new_keys, new_rows))

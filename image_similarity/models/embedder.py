@@ -1,18 +1,18 @@
 """The embedder: one network with its preprocessing and identity, and the only forward loop over images.
 
-An :class:`Embedder` is made by :func:`load_embedder` (a registry name or a refined checkpoint) or, for features
-already on disk, by :func:`resolve_embedder`, which finds the network that made them and refuses any other.
+An :class:`Embedder` is made by :func:`load_embedder` (a registry name or a refined checkpoint, with one
+:class:`.inference.InferenceConfig`) or, for features already on disk, by :func:`resolve_embedder`, which finds the
+network that made them and refuses any other. Its preprocessing is its :class:`.backbones.DataConfig`'s eval transform.
 
-Every forward pass in the package goes through :meth:`Embedder.forward_batch`, on a prepared float32 NCHW batch:
-an inference engine (OpenVINO or ONNX Runtime, :mod:`.engines`, chosen by ``backend``) replaces that one method. Images reach it through one loop,
-:meth:`Embedder.iter_batches`: DataLoader workers decode and resize through :func:`images.load_image` and send uint8
+Every forward pass in the package goes through :meth:`Network.forward_batch`, on a prepared float32 NCHW batch: an
+inference engine (OpenVINO or ONNX Runtime, :mod:`.engines`, chosen by the config's ``backend``) replaces that one
+method. Images reach it through one loop, :meth:`Network.iter_batches` (step 2 runs its classifier through a plain
+:class:`Network`, which has no identity): DataLoader workers decode and resize through :func:`images.load_image` and send uint8
 pixels (:class:`ImageDataset`), :func:`collate_good_bad` splits every batch into readable and unreadable images, and
 each batch is normalised in this process just before the forward pass. A bad image is named and counted once; a
 batch in which every image is bad is simply empty.
 """
 import logging
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +21,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import backbones, engines
+from .checkpoints import load_checkpoint
+from .inference import InferenceConfig, default_device, set_thread_count
 from ..data.images import SkippedImages, image_key, load_image
 
-__all__ = ["Embedder", "load_embedder", "resolve_embedder", "ImageDataset", "collate_good_bad", "default_device"]
+__all__ = ["Network", "Embedder", "load_embedder", "resolve_embedder", "ImageDataset", "collate_good_bad"]
 
 logger = logging.getLogger(__name__)
-
-
-def default_device(device=None):
-    """``torch.device(device)``, or CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class ImageDataset(Dataset):
@@ -72,78 +67,35 @@ def collate_good_bad(items):
     return [i for i, _ in good], batch, bad
 
 
-@contextmanager
-def _cpu_threads():
-    """Use as many intra-op threads as this process may run on (torch counts all cores of the host)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, len(os.sched_getaffinity(0)))))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-class Embedder:
-    """A network mapping images to feature vectors, with its preprocessing and what identifies it.
+class Network:
+    """A network with its preprocessing, run over images: the one forward pass and the one loop over images.
 
     Parameters
     ----------
     net : torch.nn.Module
         Maps a (N, 3, r, r) float32 batch to (N, dim) outputs.
-    transform : backbones.EvalTransform
-        PIL RGB image -> normalised (3, r, r) float32, in two halves (``to_uint8``, ``normalize``).
-    model_id : str
-        ``backbones.model_id`` of the network: ``"pretrained:<name>"`` or ``"sha256:<16 hex>"``.
-    backbone : str
-        Registry name of the architecture.
-    input_resolution : int
-        Input width and height in pixels.
+    data_config : backbones.DataConfig
+        How its inputs must look; ``transform`` is its eval transform (``EvalTransform``: PIL RGB image ->
+        normalised (3, r, r) float32, in two halves, ``to_uint8`` and ``normalize``).
     dim : int, optional
         Output length; default ``net.num_features``.
     device : str or torch.device, optional
         Default CUDA when available (mixed precision, pinned memory), else CPU (channels-last).
-    checkpoint : str or Path, optional
-        The refined checkpoint the network came from.
     """
 
-    def __init__(self, net, transform, model_id, backbone, input_resolution, dim=None, device=None, checkpoint=None):
+    def __init__(self, net, data_config, dim=None, device=None):
         self.device = default_device(device)
         net = net.to(self.device).eval()
         self.net = net if self.device.type == "cuda" else net.to(memory_format=torch.channels_last)
-        self.transform = transform
-        self.model_id, self.backbone = model_id, backbone
-        self.input_resolution = int(input_resolution)
+        self.data_config = data_config
+        self.transform = data_config.eval_transform()
         self.dim = int(net.num_features if dim is None else dim)
-        self.checkpoint = None if checkpoint is None else str(checkpoint)
-        self.engine = None  # an engines.Engine running the forward pass instead of PyTorch (use_engine)
-
-    def use_engine(self, backend="auto", precision="f32", cache_dir=None):
-        """Run the forward pass on an inference engine (:func:`.engines.load_engine`); returns self.
-
-        The network is exported beside its checkpoint, or for a pretrained backbone in ``cache_dir`` (default
-        :func:`.engines.default_cache_dir`). ``backend="torch"``, or an engine that cannot be used (said in one log
-        line), leaves PyTorch.
-        """
-        path = engines.export_path_for(self.model_id, self.input_resolution, self.checkpoint, cache_dir)
-        self.engine = engines.load_engine(self.net, self.model_id, self.input_resolution, path, backend, precision,
-                                          self.device)
-        return self
+        self.engine = None  # an engines.Engine running the forward pass instead of PyTorch (Embedder.use_engine)
 
     @property
-    def info(self):
-        """``model_id``, ``backbone``, ``dim``, ``input_resolution`` (and ``checkpoint`` when refined), plain values."""
-        info = {"model_id": self.model_id, "backbone": self.backbone, "dim": self.dim,
-                "input_resolution": self.input_resolution}
-        return info if self.checkpoint is None else {**info, "checkpoint": self.checkpoint}
-
-    @property
-    def runs_on(self):
-        """What runs the forward pass: ``"PyTorch"`` or the engine and its precision, e.g. ``"openvino f32"``."""
-        return "PyTorch" if self.engine is None else f"{self.engine.name} {self.engine.precision}"
-
-    def __repr__(self):
-        return (f"Embedder({self.model_id}, {self.backbone}, {self.input_resolution} px, dim {self.dim}, "
-                f"{self.device}, {self.runs_on})")
+    def input_resolution(self):
+        """Input width and height in pixels (``data_config.input_size``)."""
+        return self.data_config.input_size
 
     def forward_batch(self, batch):
         """The forward pass: one prepared batch to its outputs.
@@ -203,8 +155,8 @@ class Embedder:
         loader = DataLoader(ImageDataset(sources, self.transform.to_uint8), batch_size=batch_size, shuffle=False,
                             num_workers=min(n_workers, n_batches), collate_fn=collate_good_bad, pin_memory=cuda,
                             generator=torch.Generator().manual_seed(0))
-        with _cpu_threads(), tqdm(total=len(sources), unit="img", desc=desc, leave=False,
-                                  disable=None if progress is None else not progress) as bar:
+        with tqdm(total=len(sources), unit="img", desc=desc, leave=False,
+                  disable=None if progress is None else not progress) as bar:
             for indices, batch, bad in loader:
                 for i, reason in bad:
                     if skipped is not None:
@@ -226,8 +178,7 @@ class Embedder:
         for indices, rows in self.iter_batches(paths, batch_size, n_workers, skipped):
             n_good += len(indices)
             yield [keys[i] for i in indices], rows
-        logger.info("featurized %d of %d images with %s (%d skipped)", n_good, len(paths), self.model_id,
-                    len(paths) - n_good)
+        logger.info("featurized %d of %d images with %r (%d skipped)", n_good, len(paths), self, len(paths) - n_good)
 
     def embed_files(self, paths, root, batch_size=64, n_workers=2, skipped=None):
         """Embed image files in memory.
@@ -258,32 +209,92 @@ class Embedder:
             out[indices] = rows
         return out
 
+    def __repr__(self):
+        return f"{type(self).__name__}({self.input_resolution} px, dim {self.dim}, {self.device})"
 
-def load_embedder(model, device=None, backend="torch", precision="f32"):
+
+class Embedder(Network):
+    """A :class:`Network` mapping images to feature vectors, with what identifies it.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        Maps a (N, 3, r, r) float32 batch to (N, dim) outputs.
+    data_config : backbones.DataConfig
+        Its preprocessing (the backbone entry's, or the one stored in its checkpoint).
+    model_id : str
+        ``backbones.model_id`` of the network: ``"pretrained:<name>"`` or ``"sha256:<16 hex>"``.
+    backbone : str
+        Registry name of the architecture.
+    dim, device
+        As :class:`Network`.
+    checkpoint : str or Path, optional
+        The refined checkpoint the network came from.
+    """
+
+    def __init__(self, net, data_config, model_id, backbone, dim=None, device=None, checkpoint=None):
+        super().__init__(net, data_config, dim, device)
+        self.model_id, self.backbone = model_id, backbone
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+
+    def use_engine(self, inference, cache_dir=None):
+        """Run as ``inference`` (an :class:`.inference.InferenceConfig`) says: its CPU thread count, and the forward
+        pass on its inference engine (:func:`.engines.load_engine`); returns self.
+
+        The network is exported beside its checkpoint, or for a pretrained backbone in ``cache_dir`` (default
+        :func:`.engines.default_cache_dir`). ``backend="torch"``, or an engine that cannot be used (said in one log
+        line), leaves PyTorch.
+        """
+        threads = set_thread_count(inference.threads)
+        path = engines.export_path_for(self.model_id, self.input_resolution, self.checkpoint, cache_dir)
+        self.engine = engines.load_engine(self.net, self.model_id, self.data_config, path, inference, threads)
+        return self
+
+    @property
+    def info(self):
+        """``model_id``, ``backbone``, ``dim``, ``input_resolution`` (and ``checkpoint`` when refined), plain values."""
+        info = {"model_id": self.model_id, "backbone": self.backbone, "dim": self.dim,
+                "input_resolution": self.input_resolution}
+        return info if self.checkpoint is None else {**info, "checkpoint": self.checkpoint}
+
+    @property
+    def runs_on(self):
+        """What runs the forward pass: ``"PyTorch"`` or the engine and its precision, e.g. ``"openvino f32"``."""
+        return "PyTorch" if self.engine is None else f"{self.engine.name} {self.engine.precision}"
+
+    def __repr__(self):
+        return (f"Embedder({self.model_id}, {self.backbone}, {self.input_resolution} px, dim {self.dim}, "
+                f"{self.device}, {self.runs_on})")
+
+
+def load_embedder(model, inference=None):
     """The :class:`Embedder` of a registry name (pretrained weights) or a refined checkpoint path.
 
-    ``backend`` and ``precision`` choose the inference engine (:meth:`Embedder.use_engine`); default PyTorch.
+    Parameters
+    ----------
+    model : str or Path
+        A backbone name (its entry's data config) or a checkpoint (the data config stored in it).
+    inference : inference.InferenceConfig, optional
+        Device, CPU threads and inference engine (:meth:`Embedder.use_engine`); default ``InferenceConfig()``.
 
     Raises
     ------
     ValueError
         When ``model`` is neither a backbone name nor an existing checkpoint, or the file is not a checkpoint.
     """
+    inference = inference or InferenceConfig()
     if isinstance(model, str) and model in backbones.list_backbones():
-        spec = backbones.get_backbone(model)
-        embedder = Embedder(backbones.create_model(model), backbones.eval_transform(spec),
-                            backbones.model_id(model), model, spec.input_size, device=device)
+        embedder = Embedder(backbones.create_model(model), backbones.get_backbone(model).data_config(),
+                            backbones.model_id(model), model, device=inference.device)
     else:
         backbones.model_id(model)  # a clear error when it is neither a name nor a file
-        classifier, ckpt = backbones.load_checkpoint(model)
-        spec, resolution = backbones.get_backbone(ckpt["backbone"]), ckpt["input_resolution"]
-        embedder = Embedder(classifier.embedding_net(), backbones.eval_transform(spec, resolution),
-                            ckpt["model_id"], ckpt["backbone"], resolution, device=device, checkpoint=model)
-    return embedder.use_engine(backend, precision)
+        classifier, ckpt = load_checkpoint(model)
+        embedder = Embedder(classifier.embedding_net(), ckpt["data_config"], ckpt["model_id"], ckpt["backbone"],
+                            device=inference.device, checkpoint=model)
+    return embedder.use_engine(inference)
 
 
-def resolve_embedder(model_id, backbone, checkpoint, features_path="the features", device=None, backend="torch",
-                     precision="f32"):
+def resolve_embedder(model_id, backbone, checkpoint, features_path="the features", inference=None):
     """The network that made features of ``model_id``: the pretrained ``backbone`` or the ``checkpoint``.
 
     Parameters
@@ -296,7 +307,7 @@ def resolve_embedder(model_id, backbone, checkpoint, features_path="the features
         The refined candidate (may be missing).
     features_path : str or Path
         Named in the error.
-    device, backend, precision
+    inference : inference.InferenceConfig, optional
         As :func:`load_embedder`.
 
     Raises
@@ -305,9 +316,9 @@ def resolve_embedder(model_id, backbone, checkpoint, features_path="the features
         When neither candidate is that network (one message: which features, which networks, what to run).
     """
     if model_id == backbones.model_id(backbone):
-        return load_embedder(backbone, device, backend, precision)
+        return load_embedder(backbone, inference)
     found = backbones.model_id(checkpoint) if Path(checkpoint).is_file() else f"missing ({checkpoint})"
     if found == model_id:
-        return load_embedder(checkpoint, device, backend, precision)
+        return load_embedder(checkpoint, inference)
     raise ValueError(f"{features_path} holds features of {model_id}, made by neither the pretrained {backbone} nor "
                      f"the refined network ({found}): run 3_featurizeImages.py again")

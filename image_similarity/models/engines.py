@@ -1,9 +1,10 @@
 """CPU inference engines (OpenVINO, ONNX Runtime) for the embedding network, behind one callable.
 
-The network is exported once to ONNX, which both engines read, and cached: beside a refined checkpoint
-(``model.pt`` -> ``model.onnx``) or, for a pretrained registry backbone, in a cache folder. A JSON sidecar written
-after the export records the ``model_id`` the export came from and the export file's SHA-256, so an export of
-another model (the checkpoint was retrained) or a damaged file is detected and rebuilt, never used. Every way this
+What runs is chosen by one :class:`.inference.InferenceConfig` (backend, precision, threads). The network is exported
+once to ONNX, which both engines read, and cached: beside a refined checkpoint (``model.pt`` -> ``model.onnx``) or,
+for a pretrained registry backbone, in a cache folder. A JSON sidecar written after the export records the
+``model_id`` and the :class:`.backbones.DataConfig` the export came from and the export file's SHA-256, so an export
+of another model (the checkpoint was retrained) or a damaged file is detected and rebuilt, never used. Every way this
 can fail (engine not installed, export or compilation error) falls back to PyTorch with one log line saying why.
 
 ``backend="auto"`` takes the first engine of :data:`AUTO_ORDER` that is installed and works on CPU, and PyTorch on
@@ -21,27 +22,20 @@ from pathlib import Path
 import numpy as np
 
 from ..data.fileio import atomic_path, load_json, save_json
+from .inference import InferenceConfig, default_device
 
-__all__ = ["BACKENDS", "PRECISIONS", "AUTO_ORDER", "Engine", "load_engine", "export_onnx", "export_path_for",
-           "default_cache_dir", "native_bf16", "cpu_info", "EXPORT_FORMAT"]
+__all__ = ["AUTO_ORDER", "Engine", "load_engine", "export_onnx", "export_path_for", "default_cache_dir",
+           "native_bf16", "cpu_info", "EXPORT_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
-PRECISIONS = ("f32", "bf16")
 # OpenVINO first: its f32 forward of Lite0 at 320 px ran 1.2-1.3x ONNX Runtime's on a 2-core AMD EPYC and ~1.2x on
 # an Intel Xeon (issue 17's probe), 2.5-3x PyTorch eager; bench/featurize.py measures all three in one run.
 AUTO_ORDER = ("openvino", "onnxruntime")
-EXPORT_FORMAT = "image_similarity.onnx_export/1"
+EXPORT_FORMAT = "image_similarity.onnx_export/2"
 # Images per forward pass on one stream: small chunks kept the streams' working set in cache (bench/featurize.py).
 CHUNK_IMAGES = 2
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
-
-
-def _n_threads():
-    """torch's intra-op threads (a Ray actor lowers them), at most the cores this process may run on."""
-    import torch
-    return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
 
 
 def cpu_info():
@@ -85,14 +79,15 @@ def _sha256(path):
     return file_sha256(path)
 
 
-def export_onnx(net, path, model_id, input_resolution):
+def export_onnx(net, path, model_id, data_config):
     """Export ``net`` ((N, 3, r, r) float32 -> (N, D)) to ONNX at ``path``, batch size free, then its sidecar.
 
+    The sidecar records ``model_id`` and ``data_config`` (a :class:`.backbones.DataConfig`, r its ``input_size``).
     Both files are written atomically, the sidecar last (and removed first), so an interrupted export is never
     taken for a finished one.
     """
     import torch
-    path, resolution = Path(path), int(input_resolution)
+    path, resolution = Path(path), int(data_config.input_size)
     _sidecar(path).unlink(missing_ok=True)
     example = torch.zeros(2, 3, resolution, resolution)
     on_cpu = all(p.device.type == "cpu" for p in net.parameters())
@@ -112,13 +107,13 @@ def export_onnx(net, path, model_id, input_resolution):
         net.train(was_training)
         for log, level in zip(quiet, levels):
             log.setLevel(level)
-    save_json(_sidecar(path), {"format": EXPORT_FORMAT, "model_id": model_id, "input_resolution": resolution,
+    save_json(_sidecar(path), {"format": EXPORT_FORMAT, "model_id": model_id, "data_config": data_config.as_dict(),
                                "sha256": _sha256(path), "torch": torch.__version__})
     logger.info("exported %s at %d px to %s", model_id, resolution, path)
     return path
 
 
-def _stale_reason(path, model_id, input_resolution):
+def _stale_reason(path, model_id, data_config):
     """Why the export at ``path`` cannot be used for this model (None when it can)."""
     side = _sidecar(path)
     if not path.is_file() or not side.is_file():
@@ -129,8 +124,8 @@ def _stale_reason(path, model_id, input_resolution):
         return f"unreadable sidecar {side} ({err})"
     if meta.get("format") != EXPORT_FORMAT or meta.get("model_id") != model_id:
         return f"it was exported from {meta.get('model_id')}, not {model_id}"
-    if meta.get("input_resolution") != int(input_resolution):
-        return f"it was exported at {meta.get('input_resolution')} px, not {input_resolution}"
+    if meta.get("data_config") != data_config.as_dict():
+        return f"it was exported for the data config {meta.get('data_config')}, not {data_config.as_dict()}"
     if meta.get("sha256") != _sha256(path):
         return f"{path.name} does not match its recorded SHA-256 (damaged)"
     return None
@@ -220,17 +215,7 @@ def _onnxruntime(path, precision, streams):
 _COMPILERS = {"openvino": _openvino, "onnxruntime": _onnxruntime}
 
 
-def _check(backend, precision):
-    if backend not in BACKENDS:
-        raise ValueError(f"run_backend={backend!r}: expected one of {', '.join(BACKENDS)}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"run_precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if precision == "bf16" and backend in ("torch", "onnxruntime"):
-        raise ValueError(f"run_precision='bf16' runs on OpenVINO only: use run_backend='openvino' or 'auto', "
-                         f"or run_precision='f32' with {backend!r}")
-
-
-def load_engine(net, model_id, input_resolution, export_path, backend="auto", precision="f32", device="cpu"):
+def load_engine(net, model_id, data_config, export_path, inference=None, streams=1):
     """The engine that will run ``net``, or None for PyTorch (with one log line saying why, when asked otherwise).
 
     Parameters
@@ -239,28 +224,24 @@ def load_engine(net, model_id, input_resolution, export_path, backend="auto", pr
         (N, 3, r, r) float32 -> (N, D), in eval mode.
     model_id : str
         ``backbones.model_id`` of the network: what the cached export must come from.
-    input_resolution : int
-        r, in pixels.
+    data_config : backbones.DataConfig
+        Its preprocessing; r is ``data_config.input_size``. The cached export must have been made for it.
     export_path : str or Path
         Where the ONNX export lives (see :func:`export_path_for`); exported or re-exported when stale or damaged.
-    backend : {"auto", "torch", "openvino", "onnxruntime"}
-        ``"auto"``: the first of :data:`AUTO_ORDER` that is installed and works on CPU; PyTorch on CUDA.
-    precision : {"f32", "bf16"}
-        bf16 only on OpenVINO and only where :func:`native_bf16`; elsewhere f32, with a warning.
-    device : str or torch.device
-        Engines run on CPU; a CUDA device keeps PyTorch under ``"auto"``.
+    inference : inference.InferenceConfig, optional
+        ``backend``: ``"auto"`` is the first of :data:`AUTO_ORDER` that is installed and works on CPU, PyTorch on
+        CUDA (``device``); ``precision``: bf16 only on OpenVINO and only where :func:`native_bf16`, elsewhere f32
+        with a warning. Default ``InferenceConfig()``.
+    streams : int
+        Forward passes run at once, one core each (the thread count :func:`.inference.set_thread_count` applied).
 
     Returns
     -------
     Engine or None
-
-    Raises
-    ------
-    ValueError
-        For an unknown backend or precision, or bf16 asked of PyTorch or ONNX Runtime.
     """
-    _check(backend, precision)
-    if backend == "torch" or (backend == "auto" and str(device).startswith("cuda")):
+    inference = inference or InferenceConfig()
+    backend, precision = inference.backend, inference.precision
+    if backend == "torch" or (backend == "auto" and default_device(inference.device).type == "cuda"):
         return None
     if precision == "bf16" and not native_bf16():
         logger.warning("run_precision='bf16' asked for, but this CPU has no native bf16 (none of %s in "
@@ -274,9 +255,9 @@ def load_engine(net, model_id, input_resolution, export_path, backend="auto", pr
             installed.append(name)
         except ImportError as err:
             reasons.append(f"{name} is not installed ({err}; pip install '.[inference]')")
-    if installed and _ensure_export(net, model_id, input_resolution, path, reasons):
+    if installed and _ensure_export(net, model_id, data_config, path, reasons):
         for name in installed:
-            engine = _compile(name, precision, net, model_id, input_resolution, path, reasons)
+            engine = _compile(name, precision, net, model_id, data_config, path, reasons, streams)
             if engine is not None:
                 logger.info("inference engine: %s, %s, %d streams, on %s", name, precision, engine.streams, path)
                 return engine
@@ -284,31 +265,32 @@ def load_engine(net, model_id, input_resolution, export_path, backend="auto", pr
     return None
 
 
-def _compile(name, precision, net, model_id, input_resolution, path, reasons):
+def _compile(name, precision, net, model_id, data_config, path, reasons, streams):
     """Load the export into engine ``name``; an export it cannot load is rebuilt once. None (and why) on failure."""
     for attempt in range(2):
         try:
-            run, streams = _COMPILERS[name](path, precision, _n_threads())
+            run, streams = _COMPILERS[name](path, precision, streams)
             # One pass per stream here, one at a time: the engines set up their per-process state on a first call
             # (pybind11 statics behind OpenVINO's Tensor.data), and two streams doing that at once deadlocked.
-            warm_up = np.zeros((1, 3, int(input_resolution), int(input_resolution)), np.float32)
+            size = int(data_config.input_size)
+            warm_up = np.zeros((1, 3, size, size), np.float32)
             for _ in range(streams):
                 run(warm_up)
             return Engine(name, precision, path, run, streams)
         except Exception as err:  # each engine has its own load errors (RuntimeError, onnxruntime's Fail ...)
-            if attempt or not _ensure_export(net, model_id, input_resolution, path, reasons, force=True):
+            if attempt or not _ensure_export(net, model_id, data_config, path, reasons, force=True):
                 reasons.append(f"{name} could not load {path} ({type(err).__name__}: {err})")
     return None
 
 
-def _ensure_export(net, model_id, input_resolution, path, reasons, force=False):
+def _ensure_export(net, model_id, data_config, path, reasons, force=False):
     """Export ``net`` to ``path`` unless a valid export of this model is there; False (and why) when that fails."""
-    stale = "the engine could not load it" if force else _stale_reason(path, model_id, input_resolution)
+    stale = "the engine could not load it" if force else _stale_reason(path, model_id, data_config)
     if stale is None:
         return True
     logger.info("exporting %s to ONNX: %s", model_id, stale)
     try:
-        export_onnx(net, path, model_id, input_resolution)
+        export_onnx(net, path, model_id, data_config)
     except Exception as err:  # the exporter's failures share no base class
         reasons.append(f"the ONNX export to {path} failed ({type(err).__name__}: {err})")
         return False

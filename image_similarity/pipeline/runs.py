@@ -13,6 +13,7 @@ from typing import Optional
 
 from ..search import rankers
 from ..models.embedder import Embedder, resolve_embedder
+from ..models.inference import InferenceConfig
 from ..data.features import Features, load_features
 
 __all__ = ["Run", "load_run", "recommended_ranker", "PREFERRED_RANKER", "FALLBACK_RANKER"]
@@ -71,8 +72,8 @@ class Run:
         What is missing, one line each.
     candidates : (str, Path, Path)
         The pretrained backbone, the refined checkpoint and the features' path, for :attr:`embedder`.
-    engine : (str, str)
-        The inference backend and precision the network runs on (``embedder.load_embedder``).
+    engine : models.inference.InferenceConfig
+        How the network runs (``embedder.load_embedder``).
     """
 
     features: Features
@@ -81,7 +82,7 @@ class Run:
     attributes: dict
     notes: list
     candidates: tuple
-    engine: tuple = ("torch", "f32")
+    engine: InferenceConfig = InferenceConfig()
     _embedder: Optional[Embedder] = None
 
     @property
@@ -92,14 +93,14 @@ class Run:
     def load_network(self):
         """The network that made the features (:func:`.embedder.resolve_embedder`), loaded once."""
         if self._embedder is None:
-            self._embedder = resolve_embedder(self.model_id, *self.candidates, None, *self.engine)
+            self._embedder = resolve_embedder(self.model_id, *self.candidates, self.engine)
         return self._embedder
 
     embedder = property(load_network)
 
 
 def load_run(features_path, backbone, checkpoint, svm_path, classifier_path, evaluation_csv, name=None,
-             attribute_paths=None, random_state=None, network=True, mmap=True, backend="torch", precision="f32"):
+             attribute_paths=None, random_state=None, network=True, mmap=True, engine=None):
     """Load a run's outputs.
 
     Parameters
@@ -123,8 +124,8 @@ def load_run(features_path, backbone, checkpoint, svm_path, classifier_path, eva
         ranked).
     mmap : bool
         Memory-map the feature matrix.
-    backend, precision : str
-        The inference engine of the network (``embedder.load_embedder``).
+    engine : models.inference.InferenceConfig, optional
+        How the network runs (``embedder.load_embedder``); default ``InferenceConfig()``.
 
     Raises
     ------
@@ -149,7 +150,7 @@ def load_run(features_path, backbone, checkpoint, svm_path, classifier_path, eva
 
         attributes = configured_attributes(name, svm_path, features_path, attribute_paths)
     run = Run(features, ranker_map, recommended_ranker(evaluation_csv, ranker_map), attributes, notes,
-              (backbone, checkpoint, features_path), (backend, precision))
+              (backbone, checkpoint, features_path), engine or InferenceConfig())
     if network:
         run.load_network()  # now: a missing or wrong network fails before anything else
     return run
