@@ -1,4 +1,7 @@
-"""Backbone registry: entries, weights loading, transforms, the classifier and its checkpoints."""
+"""Backbone registry: entries, weights loading, the data config and its transforms, the classifier and its
+checkpoints."""
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +13,18 @@ from torchvision import transforms
 
 from conftest import REPO, SAMPLE_DIR
 from image_similarity.models import backbones
+from image_similarity.models.checkpoints import load_checkpoint, save_checkpoint
 from image_similarity.models.embedder import load_embedder
+from image_similarity.models.heads import ImageClassifier
+from image_similarity.models.inference import InferenceConfig
 from image_similarity.data.images import read_image
 
 GOLDEN = REPO / "tests" / "data" / "lite0_can_1.npy"  # Lite0 embedding of data/fridgeObjects/can/can_1.jpg
+ON_TORCH = InferenceConfig(backend="torch", device="cpu")  # the weights themselves, not an engine's export of them
+
+
+def eval_transform(name, input_size=None):
+    return backbones.get_backbone(name).data_config(input_size).eval_transform()
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +158,7 @@ def test_explicit_weights_path_and_checksum(empty_hub):
 # ---------------------------------------------------------------- transforms
 
 def test_lite0_eval_transform_is_resize_256_bicubic_crop_224():
-    transform = backbones.eval_transform(backbones.get_backbone("efficientnet_lite0"))
+    transform = eval_transform("efficientnet_lite0")
     resize_crop = transform.resize_crop
     assert resize_crop.resize_size == 256 and resize_crop.size == 224
     assert resize_crop.interpolation == transforms.InterpolationMode.BICUBIC
@@ -155,7 +166,7 @@ def test_lite0_eval_transform_is_resize_256_bicubic_crop_224():
 
 
 def test_resnet_transform_uses_imagenet_statistics_and_bilinear():
-    transform = backbones.eval_transform("resnet50")
+    transform = eval_transform("resnet50")
     assert transform.resize_crop.interpolation == transforms.InterpolationMode.BILINEAR
     assert transform.mean == (0.485, 0.456, 0.406)
 
@@ -164,8 +175,8 @@ def test_resnet_transform_uses_imagenet_statistics_and_bilinear():
 def test_eval_transform_matches_torchvision_resize_then_crop(name):
     """The one-step box resize gives torchvision's Resize + CenterCrop + Normalize pixels, on real photos."""
     spec = backbones.get_backbone(name)
-    reference = backbones.torchvision_eval_transform(spec)
-    ours = backbones.eval_transform(spec)
+    reference = spec.data_config().torchvision_eval_transform()
+    ours = spec.data_config().eval_transform()
     grey_level = 1 / 255 / min(spec.std)
     photo = read_image(SAMPLE_DIR / "can" / "can_1.jpg")
     for size in [photo.size, (300, 400), (400, 300), (256, 256), (225, 900), (1000, 257)]:
@@ -178,7 +189,7 @@ def test_eval_transform_matches_torchvision_resize_then_crop(name):
 
 
 def test_eval_transform_halves_compose_to_the_whole():
-    transform = backbones.eval_transform("efficientnet_lite0")
+    transform = eval_transform("efficientnet_lite0")
     image = read_image(SAMPLE_DIR / "can" / "can_1.jpg")
     pixels = transform.to_uint8(image)
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 224, 224)
@@ -187,20 +198,50 @@ def test_eval_transform_halves_compose_to_the_whole():
 
 def test_transforms_give_normalised_tensors_at_any_resolution():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
-    out = backbones.eval_transform("efficientnet_lite0")(image)
+    out = eval_transform("efficientnet_lite0")(image)
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32 and -1 <= out.min() < out.max() <= 1
-    assert backbones.eval_transform("efficientnet_lite0", resolution=160).resize_crop.resize_size == 182
-    assert backbones.eval_transform("efficientnet_lite2")(image).shape == (3, 260, 260)
-    train = backbones.train_transform("efficientnet_lite0", resolution=160)
+    assert eval_transform("efficientnet_lite0", 160).resize_crop.resize_size == 182
+    assert eval_transform("efficientnet_lite2")(image).shape == (3, 260, 260)
+    train = backbones.get_backbone("efficientnet_lite0").data_config(160).train_transform()
     a, b = train(image), train(image)
     assert a.shape == b.shape == (3, 160, 160) and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", backbones.list_backbones())
+def test_data_config_is_derived_from_the_registry_entry(name):
+    spec = backbones.get_backbone(name)
+    config = spec.data_config()
+    assert (config.input_size, config.interpolation, config.crop_pct, config.mean, config.std) == (
+        spec.input_size, spec.interpolation, spec.crop_pct, tuple(spec.mean), tuple(spec.std))
+    assert config.resize_size == math.floor(spec.input_size / spec.crop_pct)
+    at_320 = spec.data_config(320)
+    assert (at_320.input_size, at_320.resize_size) == (320, math.floor(320 / spec.crop_pct))
+    transform = config.eval_transform()  # every transform comes from the one value
+    assert (transform.resize_crop.resize_size, transform.resize_crop.size) == (config.resize_size, config.input_size)
+    assert transform.resize_crop.interpolation.value == config.interpolation and transform.std == config.std
+    assert backbones.DataConfig.from_dict(json.loads(json.dumps(config.as_dict()))) == config
+
+
+def test_lite_data_configs_are_timms():
+    lite0, lite2 = (backbones.get_backbone(n).data_config() for n in ("efficientnet_lite0", "efficientnet_lite2"))
+    assert (lite0.input_size, lite0.resize_size, lite0.interpolation) == (224, 256, "bicubic")
+    assert (lite2.input_size, lite2.resize_size, lite2.crop_pct) == (260, 292, 0.89)
+
+
+def test_a_damaged_data_config_is_refused_naming_its_source():
+    values = backbones.get_backbone("resnet18").data_config().as_dict()
+    del values["mean"]
+    with pytest.raises(ValueError, match="model.pt: a data config needs exactly the fields"):
+        backbones.DataConfig.from_dict(values, "model.pt")
+    with pytest.raises(ValueError, match="is not a valid InterpolationMode"):
+        backbones.DataConfig(**{**backbones.get_backbone("resnet18").data_config().as_dict(), "interpolation": "lanczos2"})
 
 
 # ---------------------------------------------------------------- golden embedding
 
 def test_golden_lite0_embedding():
     """The shipped weights on one real photo give the stored embedding (guards the mapping and the transform)."""
-    embedder = load_embedder("efficientnet_lite0", "cpu")
+    embedder = load_embedder("efficientnet_lite0", ON_TORCH)
     vector = embedder.forward_batch(embedder.transform(read_image(SAMPLE_DIR / "can" / "can_1.jpg"))[None])[0]
     golden = np.load(GOLDEN)
     assert embedder.info == {"model_id": "pretrained:efficientnet_lite0", "backbone": "efficientnet_lite0", "dim": 1280,
@@ -215,25 +256,48 @@ def test_golden_lite0_embedding():
 # ---------------------------------------------------------------- classifier and checkpoints
 
 def test_checkpoint_round_trip(tmp_path, lite0):
-    model = backbones.ImageClassifier(backbones.create_model("efficientnet_lite0", pretrained=False), 3, 0.2).eval()
-    path = backbones.save_checkpoint(tmp_path / "model.pt", model, "efficientnet_lite0", ["a", "b", "c"], 192,
-                                     {"epochs": 2})
-    loaded, info = backbones.load_checkpoint(path)
+    model = ImageClassifier(backbones.create_model("efficientnet_lite0", pretrained=False), 3, 0.2).eval()
+    data_config = backbones.get_backbone("efficientnet_lite0").data_config(192)
+    path = save_checkpoint(tmp_path / "model.pt", model, "efficientnet_lite0", ["a", "b", "c"], data_config,
+                           {"epochs": 2})
+    loaded, info = load_checkpoint(path)
     x = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(loaded(x), model(x)) and loaded(x).shape == (2, 3)
         assert torch.equal(loaded.embed(x), model.backbone(x))
-    assert info["classes"] == ["a", "b", "c"] and info["input_resolution"] == 192 and info["meta"] == {"epochs": 2}
+    assert info["classes"] == ["a", "b", "c"] and info["data_config"] == data_config and info["meta"] == {"epochs": 2}
     assert info["model_id"] == backbones.model_id(path) and info["model_id"].startswith("sha256:")
     assert len(info["model_id"]) == len("sha256:") + 16
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary left behind
 
-    embedder = load_embedder(path, "cpu")
+    embedder = load_embedder(path, ON_TORCH)
     assert embedder.dim == 1280 and embedder.input_resolution == 192 and embedder.checkpoint == str(path)
     assert embedder.transform(Image.new("RGB", (90, 70))).shape == (3, 192, 192)
     with torch.inference_mode():
         expected = model.backbone(x).numpy()
     np.testing.assert_allclose(embedder.forward_batch(x), expected, atol=1e-5)
+
+
+def test_the_data_config_round_trips_through_a_checkpoint_to_the_embedder(tmp_path):
+    """What step 2 trained with is what every later forward pass preprocesses with."""
+    model = ImageClassifier(backbones.create_model("resnet18", pretrained=False), 2, 0.0).eval()
+    trained_with = backbones.get_backbone("resnet18").data_config(160)
+    path = save_checkpoint(tmp_path / "model.pt", model, "resnet18", ["a", "b"], trained_with)
+    assert load_checkpoint(path)[1]["data_config"] == trained_with
+    embedder = load_embedder(path, ON_TORCH)
+    assert embedder.data_config == trained_with and embedder.input_resolution == 160
+    resize_crop = embedder.transform.resize_crop
+    assert (resize_crop.resize_size, resize_crop.size, resize_crop.interpolation.value) == (182, 160, "bilinear")
+
+
+def test_a_checkpoint_from_before_the_data_config_gets_its_backbones(tmp_path):
+    model = ImageClassifier(backbones.create_model("efficientnet_lite0", pretrained=False), 2, 0.0)
+    path = save_checkpoint(tmp_path / "model.pt", model, "efficientnet_lite0", ["a", "b"],
+                           backbones.get_backbone("efficientnet_lite0").data_config(192))
+    payload = torch.load(path, weights_only=True)
+    del payload["data_config"]
+    torch.save({**payload, "input_resolution": 192}, path)
+    assert load_checkpoint(path)[1]["data_config"] == backbones.get_backbone("efficientnet_lite0").data_config(192)
 
 
 def test_foreign_files_are_not_checkpoints(tmp_path):
@@ -245,7 +309,7 @@ def test_foreign_files_are_not_checkpoints(tmp_path):
     empty.write_bytes(b"")
     for path in (junk, other, empty):
         with pytest.raises(ValueError, match=str(path)):
-            backbones.load_checkpoint(path)
+            load_checkpoint(path)
     with pytest.raises(ValueError, match="neither a backbone name"):
         load_embedder(str(tmp_path / "missing.pt"))
 

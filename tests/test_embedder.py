@@ -6,13 +6,19 @@ from PIL import Image
 
 from conftest import SAMPLE_DIR, make_image
 from image_similarity.models import backbones
+from image_similarity.models.checkpoints import save_checkpoint
 from image_similarity.models.embedder import Embedder, load_embedder, resolve_embedder
+from image_similarity.models.heads import ImageClassifier
+from image_similarity.models.inference import InferenceConfig
 from image_similarity.data.images import SkippedImages, image_key, read_image
+
+
+ON_TORCH = InferenceConfig(backend="torch")  # the loop is under test here; engines are test_engines.py's
 
 
 @pytest.fixture(scope="module")
 def embedder():
-    return load_embedder("efficientnet_lite0")
+    return load_embedder("efficientnet_lite0", ON_TORCH)
 
 
 @pytest.fixture
@@ -96,7 +102,7 @@ def test_forward_batch_is_the_one_seam(folder, embedder):
         def forward_batch(self, batch):
             return 2 * super().forward_batch(batch)
 
-    doubled = Doubled(embedder.net, embedder.transform, embedder.model_id, embedder.backbone, 224)
+    doubled = Doubled(embedder.net, embedder.data_config, embedder.model_id, embedder.backbone)
     paths = _good(folder)[:2]
     _, plain = embedder.embed_files(paths, folder, batch_size=2, n_workers=0)
     _, twice = doubled.embed_files(paths, folder, batch_size=2, n_workers=0)
@@ -105,11 +111,13 @@ def test_forward_batch_is_the_one_seam(folder, embedder):
 
 
 def test_resolve_embedder_finds_the_network_or_refuses_in_one_message(tmp_path):
-    found = resolve_embedder("pretrained:efficientnet_lite0", "efficientnet_lite0", tmp_path / "model.pt")
+    found = resolve_embedder("pretrained:efficientnet_lite0", "efficientnet_lite0", tmp_path / "model.pt",
+                             inference=ON_TORCH)
     assert found.model_id == "pretrained:efficientnet_lite0" and found.checkpoint is None
-    model = backbones.ImageClassifier(backbones.create_model("efficientnet_lite0", pretrained=False), 2, 0.0)
-    path = backbones.save_checkpoint(tmp_path / "model.pt", model, "efficientnet_lite0", ["a", "b"], 64)
-    refined = resolve_embedder(backbones.model_id(path), "efficientnet_lite0", path)
+    model = ImageClassifier(backbones.create_model("efficientnet_lite0", pretrained=False), 2, 0.0)
+    path = save_checkpoint(tmp_path / "model.pt", model, "efficientnet_lite0", ["a", "b"],
+                           backbones.get_backbone("efficientnet_lite0").data_config(64))
+    refined = resolve_embedder(backbones.model_id(path), "efficientnet_lite0", path, inference=ON_TORCH)
     assert refined.checkpoint == str(path) and refined.input_resolution == 64
     with pytest.raises(ValueError, match=r"f.npy holds features of sha256:0+, made by neither the pretrained "
                                          r"efficientnet_lite0 nor the refined network \(sha256:.*3_featurizeImages"):
