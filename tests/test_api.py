@@ -12,6 +12,8 @@ from PIL import Image
 import image_similarity
 from conftest import SAMPLE_DIR, make_image
 from image_similarity.models import backbones
+from image_similarity.models.checkpoints import save_checkpoint
+from image_similarity.models.heads import ImageClassifier
 from image_similarity.data.images import ImageReadError
 
 LABELS = ("can", "carton", "milk_bottle", "water_bottle")
@@ -182,8 +184,9 @@ def test_save_load_gives_identical_results(model, folder, tmp_path):
 
 
 def test_refined_checkpoint_is_copied_with_the_model(tmp_path):
-    classifier = backbones.ImageClassifier(backbones.create_model("efficientnet_lite0"), 4)
-    checkpoint = backbones.save_checkpoint(tmp_path / "model.pt", classifier, "efficientnet_lite0", LABELS, 224)
+    classifier = ImageClassifier(backbones.create_model("efficientnet_lite0"), 4)
+    checkpoint = save_checkpoint(tmp_path / "model.pt", classifier, "efficientnet_lite0", LABELS,
+                                 backbones.get_backbone("efficientnet_lite0").data_config())
     paths = [_photos(label, 0, 2)[i] for label in LABELS for i in range(2)]
     refined = image_similarity.create(paths, model=checkpoint, n_workers=0)
     assert refined.keys == [str(p) for p in paths] and refined.labels is None

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_labelled_images, run_script
-from image_similarity.models import backbones
+from image_similarity.models.checkpoints import load_checkpoint
 from image_similarity.data import fileio
 from image_similarity.apps import label_issues
 from image_similarity.pipeline import plots
@@ -230,7 +230,7 @@ def test_steps_2_and_4_train_without_the_excluded_images(pipeline):
     refine = ["--set", "rf_maxEpochs=1", "--set", "rf_inputResolution=64", "--set", "rf_mbSize=8",
               "--set", "rf_nrWorkers=0", "--set", "rf_boFreezeWeights=True"]
     run_ok("2_refineDNN.py", *settings(pipeline), *refine, *knob, env={"OMP_NUM_THREADS": "1"})
-    meta = backbones.load_checkpoint(proc / "model.pt")[1]["meta"]
+    meta = load_checkpoint(proc / "model.pt")[1]["meta"]
     assert (meta["n_train"], meta["n_val"]) == (len(splits["train"]) - 2, len(splits["val"]) - 1)
 
     fileio.save_csv(pipeline / "exclude.tsv", ["key"], [[splits["train"][0]], ["red/not_there.jpg"]], "\t")

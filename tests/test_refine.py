@@ -8,7 +8,10 @@ import torch
 
 from conftest import make_image
 from image_similarity.pipeline import plots
-from image_similarity.models import refine
+from image_similarity.models import backbones, refine, refine_compare, refine_config, refine_resume
+from image_similarity.models.checkpoints import load_checkpoint, save_checkpoint
+from image_similarity.models.heads import ImageClassifier
+from image_similarity.models.inference import InferenceConfig
 from image_similarity.data.images import SkippedImages
 
 CLASSES = ["blue", "green", "red"]  # label-id order
@@ -39,7 +42,7 @@ def colours(tmp_path_factory):
 def config(**changes):
     values = dict(input_resolution=64, batch_size=8, max_epochs=2, lr_per_epoch=(0.01,), dropout=0.2, n_workers=0,
                   seed=0)
-    return refine.RefineConfig(**{**values, **changes})
+    return refine_config.RefineConfig(**{**values, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +95,12 @@ def test_resumed_run_ends_with_the_same_weights(colours, uninterrupted, single_t
 def test_resume_refuses_other_settings(colours, uninterrupted):
     root, train, val = colours
     _, checkpoint = uninterrupted
-    signature = refine._data_signature(CLASSES, train, val)
+    signature = refine_resume.data_signature(CLASSES, train, val)
     with pytest.raises(ValueError, match="batch_size 8 -> 4"):
-        refine.load_resume_checkpoint(checkpoint, config(batch_size=4), signature)
+        refine_resume.load_resume_checkpoint(checkpoint, config(batch_size=4), signature)
     with pytest.raises(ValueError, match="other images"):
-        refine.load_resume_checkpoint(checkpoint, config(), refine._data_signature(CLASSES, train[1:], val))
-    state = refine.load_resume_checkpoint(checkpoint, config(max_epochs=10, n_workers=2), signature)
+        refine_resume.load_resume_checkpoint(checkpoint, config(), refine_resume.data_signature(CLASSES, train[1:], val))
+    state = refine_resume.load_resume_checkpoint(checkpoint, config(max_epochs=10, n_workers=2), signature)
     assert state["epoch"] == 3 and len(state["log_rows"]) == 3
 
 
@@ -109,8 +112,10 @@ def test_best_epoch_is_chosen_on_validation(colours, single_thread):
     first, second = result.log_rows
     assert first["val_err"] < second["val_err"] or math.isnan(second["val_loss"])
     assert result.best_epoch == 1
-    val_set = refine.LabelledImages(root, val, refine.backbones.eval_transform("efficientnet_lite0", 64))
-    val_loss, val_err, n = refine.evaluate(result.model, val_set, 8, 0, torch.device("cpu"), progress=False)
+    data_config = config().data_config
+    val_set = refine.LabelledImages(root, val, data_config.eval_transform())
+    val_loss, val_err, n = refine.evaluate(result.model, data_config, val_set, 8, 0, torch.device("cpu"),
+                                           progress=False)
     assert n == 9
     assert val_err == first["val_err"] and val_loss == pytest.approx(first["val_loss"], rel=1e-4)
 
@@ -119,11 +124,11 @@ def test_frozen_backbone_keeps_its_weights_and_statistics(colours, single_thread
     root, train, val = colours
     result = refine.fine_tune(config(max_epochs=2, lr_per_epoch=(0.05,), freeze_backbone=True), train, val, root,
                               CLASSES, "cpu", progress=False)
-    pretrained = refine.backbones.create_model("efficientnet_lite0").state_dict()
+    pretrained = backbones.create_model("efficientnet_lite0").state_dict()
     after = result.model.backbone.state_dict()
     assert all(torch.equal(tensor, after[key]) for key, tensor in pretrained.items())
     torch.manual_seed(0)
-    untrained_head = refine.backbones.ImageClassifier(refine.backbones.create_model("efficientnet_lite0"), 3, 0.2)
+    untrained_head = ImageClassifier(backbones.create_model("efficientnet_lite0"), 3, 0.2)
     assert not torch.equal(untrained_head.head[1].weight, result.model.head[1].weight)
     # The head learnt: all 9 validation images right for seeds 0-9 at 1 and 2 threads (chance is 1/3).
     assert result.best_val_accuracy > 2 / 3
@@ -157,17 +162,18 @@ def test_unreadable_images_are_skipped_and_recorded(colours, tmp_path):
     bad.parent.mkdir()
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     make_image(tmp_path / "red" / "fine.jpg", COLORS["red"])
+    data_config = backbones.get_backbone("efficientnet_lite0").data_config(32)
     dataset = refine.LabelledImages(tmp_path, [("red/broken.jpg", 2), ("red/fine.jpg", 2)],
-                                    refine.backbones.eval_transform("efficientnet_lite0", 32))
+                                    data_config.eval_transform())
     indices, images, bad_items = next(iter(refine.make_loader(dataset, [0, 1], 2, 0, torch.device("cpu"))))
     assert images.shape == (1, 3, 32, 32) and dataset.labels[indices].tolist() == [2]
     assert [dataset.sources[i] for i, _ in bad_items] == [bad]
     # A batch in which every image is bad is empty, not an error, and its file is recorded.
     skipped = SkippedImages()
-    model = refine.backbones.ImageClassifier(refine.backbones.create_model("efficientnet_lite0", pretrained=False),
-                                             3, 0.0)
+    model = ImageClassifier(backbones.create_model("efficientnet_lite0", pretrained=False), 3, 0.0)
     broken = refine.LabelledImages(tmp_path, [("red/broken.jpg", 2)], dataset.transform)
-    loss, err, n = refine.evaluate(model, broken, 1, 0, torch.device("cpu"), skipped=skipped, progress=False)
+    loss, err, n = refine.evaluate(model, data_config, broken, 1, 0, torch.device("cpu"), skipped=skipped,
+                                   progress=False)
     assert n == 0 and math.isnan(loss) and math.isnan(err)
     assert list(dict(skipped.items)) == [str(bad)]
 
@@ -200,7 +206,6 @@ def test_normalised_softmax_head_gives_unit_embeddings_of_its_projection(colours
     """The cosine classifier with a 64-dim projection, cosine schedule, slower backbone and random-resized-crop
     trains, and its checkpoint's embedder returns the L2-normalised 64-dim embedding (accuracy is not asserted: see
     test_training_lowers_the_loss)."""
-    from image_similarity.models import backbones
     from image_similarity.models.embedder import load_embedder
 
     root, train, val = colours
@@ -211,12 +216,12 @@ def test_normalised_softmax_head_gives_unit_embeddings_of_its_projection(colours
     assert model.head_kind == "normsoftmax" and model.embedding_dim == 64
     assert [row["lr"] for row in result.log_rows] == pytest.approx([0.05, 0.025])
     assert all(math.isfinite(row["train_loss"]) for row in result.log_rows)
-    path = backbones.save_checkpoint(tmp_path / "model.pt", model, "efficientnet_lite0", CLASSES, 64)
-    embedder = load_embedder(path)
+    path = save_checkpoint(tmp_path / "model.pt", model, "efficientnet_lite0", CLASSES, config().data_config)
+    embedder = load_embedder(path, InferenceConfig(backend="torch"))
     keys, matrix = embedder.embed_files([root / key for key, _ in val], root, n_workers=0)
     assert matrix.shape == (9, 64) and embedder.dim == 64
     assert np.linalg.norm(matrix, axis=1) == pytest.approx(np.ones(9), abs=1e-5)
-    reloaded, info = backbones.load_checkpoint(path)
+    reloaded, info = load_checkpoint(path)
     assert info["head"] == "normsoftmax" and reloaded.head[1].temperature == 0.05
 
 
@@ -224,10 +229,10 @@ def test_pretrained_ranks_better_only_when_strictly_better():
     def comparison(refined, pretrained):
         return {"refined": dict(zip(("top1", "mean_rank"), refined)),
                 "pretrained": dict(zip(("top1", "mean_rank"), pretrained))}
-    assert refine.pretrained_ranks_better(comparison((0.5, 3.0), (0.6, 4.0)))
-    assert refine.pretrained_ranks_better(comparison((0.5, 3.0), (0.5, 2.5)))
-    assert not refine.pretrained_ranks_better(comparison((0.5, 3.0), (0.5, 3.0)))  # a tie keeps the refined one
-    assert not refine.pretrained_ranks_better(comparison((0.7, 9.0), (0.6, 1.0)))
+    assert refine_compare.pretrained_ranks_better(comparison((0.5, 3.0), (0.6, 4.0)))
+    assert refine_compare.pretrained_ranks_better(comparison((0.5, 3.0), (0.5, 2.5)))
+    assert not refine_compare.pretrained_ranks_better(comparison((0.5, 3.0), (0.5, 3.0)))  # a tie keeps the refined one
+    assert not refine_compare.pretrained_ranks_better(comparison((0.7, 9.0), (0.6, 1.0)))
 
 
 @pytest.mark.parametrize("sides, expected", [
@@ -239,8 +244,8 @@ def test_pretrained_ranks_better_only_when_strictly_better():
     ([], (224, None)),
 ])
 def test_auto_input_resolution_is_the_largest_the_median_image_has_pixels_for(sides, expected):
-    assert refine.auto_input_resolution(sides) == expected
-    assert refine.auto_input_resolution([100, 700], candidates=(128, 256, 384)) == (384, 400.0)
+    assert refine_config.auto_input_resolution(sides) == expected
+    assert refine_config.auto_input_resolution([100, 700], candidates=(128, 256, 384)) == (384, 400.0)
 
 
 def test_auto_input_resolution_of_reads_the_images_under_a_folder(tmp_path):
@@ -248,8 +253,8 @@ def test_auto_input_resolution_of_reads_the_images_under_a_folder(tmp_path):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         make_image(tmp_path / name, (90, 40, 200), size=size)
     (tmp_path / "b" / "broken.jpg").write_bytes(b"not an image")
-    assert refine.auto_input_resolution_of(tmp_path, ["a/wide.jpg", "a/tall.png", "b/broken.jpg"]) == (320, 335.0)
-    assert refine.auto_input_resolution_of(tmp_path, ["a/wide.jpg", "b/small.jpg", "b/small.jpg"]) == (224, 113.0)
+    assert refine_config.auto_input_resolution_of(tmp_path, ["a/wide.jpg", "a/tall.png", "b/broken.jpg"]) == (320, 335.0)
+    assert refine_config.auto_input_resolution_of(tmp_path, ["a/wide.jpg", "b/small.jpg", "b/small.jpg"]) == (224, 113.0)
 
 
 def test_config_names_the_setting_at_fault():

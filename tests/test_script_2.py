@@ -12,7 +12,7 @@ from PIL import Image
 
 import helpers
 from conftest import REPO, run_script
-from image_similarity.models import backbones
+from image_similarity.models.checkpoints import checkpoint_meta, load_checkpoint
 from image_similarity.data import fileio
 from image_similarity.data.splits import make_ranking_sets
 
@@ -81,8 +81,8 @@ def test_refines_and_writes_model_log_and_curves(tiny_dataset, tmp_path):
     summary = done.stdout.strip().splitlines()[-1]
     assert summary.startswith("Done: best epoch ") and "val accuracy" in summary and "min" in summary
 
-    model, info = backbones.load_checkpoint(proc / "model.pt")
-    assert info["classes"] == ["blue", "green", "red"] and info["input_resolution"] == 64
+    model, info = load_checkpoint(proc / "model.pt")
+    assert info["classes"] == ["blue", "green", "red"] and info["data_config"].input_size == 64
     assert info["meta"]["epoch"] in (1, 2) and info["meta"]["train_params"]["batch_size"] == 8
     assert info["meta"]["n_val"] == 6 and info["meta"]["val_accuracy"] > 1 / 3
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
@@ -111,8 +111,8 @@ def test_auto_resolution_suits_the_training_images(tiny_dataset, tmp_path, side,
     assert (f"rf_inputResolution = 'auto': {resolution} px, for training images whose median shorter side is "
             f"{side} px.") in done.stdout
     assert f"at {resolution} px on 18 train / 6 val images" in done.stdout
-    _, info = backbones.load_checkpoint(proc / "model.pt")
-    assert info["input_resolution"] == resolution and info["meta"]["train_params"]["input_resolution"] == resolution
+    _, info = load_checkpoint(proc / "model.pt")
+    assert info["data_config"].input_size == resolution and info["meta"]["train_params"]["input_resolution"] == resolution
 
 
 @pytest.mark.slow
@@ -134,7 +134,7 @@ def test_kill_during_an_epoch_then_resume(tiny_dataset, tmp_path):
     done = run_script(SCRIPT, *args, "--resume", env=ENV)
     assert done.returncode == 0, done.stderr
     assert "Resumed after epoch" in done.stdout
-    backbones.load_checkpoint(proc / "model.pt")
+    load_checkpoint(proc / "model.pt")
     state = torch.load(checkpoint, weights_only=True)
     assert state["epoch"] == 4 and [r["epoch"] for r in state["log_rows"]] == [1, 2, 3, 4]
     assert not list(tmp_path.rglob("*.tmp"))
@@ -161,7 +161,7 @@ def test_falls_back_to_the_pretrained_network_when_validation_prefers_it(sample_
     assert done.returncode == 0, done.stderr
     assert "ranks validation WORSE than the pretrained one: steps 3+ will use the pretrained" in done.stdout
     assert done.stdout.strip().splitlines()[-1].endswith("steps 3+ use the pretrained network.")
-    meta = backbones.checkpoint_meta(proc / "model.pt")
+    meta = checkpoint_meta(proc / "model.pt")
     assert meta["pretrained_ranks_better"] is True
     refined, pretrained = meta["val_ranking"]["refined"], meta["val_ranking"]["pretrained"]
     assert refined["n_sets"] == pretrained["n_sets"] == 9

@@ -4,6 +4,8 @@ import pytest
 
 from conftest import run_script
 from image_similarity.models import backbones
+from image_similarity.models.checkpoints import save_checkpoint
+from image_similarity.models.heads import ImageClassifier
 from image_similarity.data import features, fileio
 
 SCRIPT = "3_featurizeImages.py"
@@ -41,9 +43,9 @@ def test_pretrained_features_are_written_and_deterministic(dataset):
 
 def test_refined_model_is_used(dataset, tmp_path):
     work = dataset.parents[1]
-    model = backbones.ImageClassifier(backbones.create_model("efficientnet_lite0"), 3)
-    path = backbones.save_checkpoint(work / "proc" / "tiny" / "model.pt", model, "efficientnet_lite0",
-                                     ["blue", "green", "red"], 96)
+    model = ImageClassifier(backbones.create_model("efficientnet_lite0"), 3)
+    path = save_checkpoint(work / "proc" / "tiny" / "model.pt", model, "efficientnet_lite0", ["blue", "green", "red"],
+                           backbones.get_backbone("efficientnet_lite0").data_config(96))
     result = _run(work, "rf_maxEpochs=2")
     assert result.returncode == 0, result.stderr
     stored = features.load_features(work / "proc" / "tiny" / "features.npy")

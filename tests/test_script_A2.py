@@ -6,6 +6,8 @@ import numpy as np
 
 from conftest import REPO, SAMPLE_DIR, make_image, run_script
 from image_similarity.models import backbones
+from image_similarity.models.checkpoints import save_checkpoint
+from image_similarity.models.heads import ImageClassifier
 from image_similarity.data import features
 
 SCRIPT = "A2_featurizeImagesInDir.py"
@@ -66,8 +68,9 @@ def test_another_model_recomputes_everything(tmp_path):
     make_image(folder / "b.png", (30, 40, 200), pattern="dots")
     out = tmp_path / "f.npy"
     assert _done(_run(folder, out)).startswith("Done: embedded 2,")
-    model = backbones.ImageClassifier(backbones.create_model("efficientnet_lite0", pretrained=False), 2)
-    checkpoint = backbones.save_checkpoint(tmp_path / "model.pt", model, "efficientnet_lite0", ["x", "y"], 64)
+    model = ImageClassifier(backbones.create_model("efficientnet_lite0", pretrained=False), 2)
+    checkpoint = save_checkpoint(tmp_path / "model.pt", model, "efficientnet_lite0", ["x", "y"],
+                                 backbones.get_backbone("efficientnet_lite0").data_config(64))
     result = _run(folder, out, "--model", checkpoint)
     assert "recomputed all" in result.stdout and _done(result).startswith("Done: embedded 2, reused 0,")
     assert str(_load(out)["model_id"]) == backbones.model_id(checkpoint)

@@ -8,12 +8,13 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["BACKENDS", "PRECISIONS", "InferenceConfig", "default_device", "cpu_cores", "set_thread_count"]
+__all__ = ["BACKENDS", "PRECISIONS", "BF16_BACKENDS", "InferenceConfig", "default_device", "cpu_cores", "set_thread_count"]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
 PRECISIONS = ("f32", "bf16")
+BF16_BACKENDS = ("auto", "openvino")  # the engines that compute in bf16 ("auto" picks OpenVINO for it)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class InferenceConfig:
             raise ValueError(f"run_backend={self.backend!r}: expected one of {', '.join(BACKENDS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"run_precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
-        if self.precision == "bf16" and self.backend in ("torch", "onnxruntime"):
+        if self.precision == "bf16" and self.backend not in BF16_BACKENDS:
             raise ValueError(f"run_precision='bf16' runs on OpenVINO only: use run_backend='openvino' or 'auto', "
                              f"or run_precision='f32' with {self.backend!r}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
