@@ -27,7 +27,7 @@ def add_arguments(parser):
 def main(args, P):
     import torch
     import uvicorn
-    from image_similarity.apps.service import create_app
+    from image_similarity.apps.service import create_app, server_config
     if args.dataset:
         P = helpers.load_parameters([*args.overrides, f"datasetName={args.dataset}"])
     helpers.require(P.featuresPath, "3_featurizeImages.py")
@@ -43,7 +43,9 @@ def main(args, P):
           f"{', '.join(service.rankers)} (default {service.default_ranker}); attributes "
           f"{', '.join(service.attributes) or 'none'}; uploads up to {service.max_upload_bytes:,} bytes")
     print(f"Open http://{args.host}:{args.port}/ (Ctrl+C stops)")
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
+    timeout = P.svc_requestTimeoutSec or None
+    app = create_app(service, timeout, P.svc_maxDecodes or None)
+    uvicorn.Server(server_config(app, args.host, args.port, timeout, P.svc_maxConnections or None)).run()
     print(f"Done: served {P.datasetName} on {args.host}:{args.port}.")
 
 
