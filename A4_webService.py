@@ -18,7 +18,6 @@ import helpers
 
 
 def add_arguments(parser):
-    parser.add_argument("--dataset", help="dataset name (default: datasetName of PARAMETERS.py)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                                                             "only; 0.0.0.0 = every interface)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
@@ -28,8 +27,6 @@ def main(args, P):
     import torch
     import uvicorn
     from image_similarity.apps.service import create_app, server_config
-    if args.dataset:
-        P = helpers.load_parameters([*args.overrides, f"datasetName={args.dataset}"])
     helpers.require(P.featuresPath, "3_featurizeImages.py")
     if not 0 < args.port < 65536:
         raise helpers.UsageError(f"--port must be in 1..65535, got {args.port}")

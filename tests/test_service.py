@@ -323,8 +323,10 @@ class ServedScript:
 
 def test_script_serves_and_refuses_missing_features(pipeline, tmp_path):
     work, args = pipeline
-    missing = run_script("A4_webService.py", "--set", f"workDir={tmp_path}", "--dataset", "tiny")
+    missing = run_script("A4_webService.py", "--set", f"workDir={tmp_path}", "--set", "datasetName=tiny")
     assert missing.returncode == 2 and "3_featurizeImages.py" in missing.stderr
+    # One way to name the dataset, as in every other script.
+    assert run_script("A4_webService.py", "--dataset", "tiny").returncode == 2
     with ServedScript(*args) as served:
         assert served.health["n_references"] == 36
     assert "Serving 36 references of tiny" in served.output and f"Open {served.url}/" in served.output

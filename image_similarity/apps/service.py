@@ -486,7 +486,8 @@ async function search(file) {
     const link = Object.assign(document.createElement("a"), {href: "/images/" + m.id, target: "_blank"});
     link.append(img);
     const caption = document.createElement("figcaption");
-    caption.textContent = (i + 1) + ". " + m.label + " - distance " + m.distance.toFixed(4) +
+    caption.textContent = (i + 1) + ". " + m.key.split("/").pop() + " (" + m.label + ") - distance " +
+      m.distance.toPrecision(4) +
       (m.probability === undefined ? "" : ", P(match) " + m.probability.toFixed(3));
     fig.append(link, caption); $("results").append(fig);
   });
