@@ -16,7 +16,6 @@ import helpers
 
 
 def add_arguments(parser):
-    parser.add_argument("--dataset", help="dataset name (default: datasetName of PARAMETERS.py)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                                                             "only; 0.0.0.0 = every interface)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
@@ -24,9 +23,7 @@ def add_arguments(parser):
 
 def main(args, P):
     import uvicorn
-    from image_similarity.apps.service import create_app
-    if args.dataset:
-        P = helpers.load_parameters([*args.overrides, f"datasetName={args.dataset}"])
+    from image_similarity.apps.service import create_app, server_config
     helpers.require(P.featuresPath, "3_featurizeImages.py")
     if not 0 < args.port < 65536:
         raise helpers.UsageError(f"--port must be in 1..65535, got {args.port}")
@@ -39,7 +36,9 @@ def main(args, P):
           f"{', '.join(service.rankers)} (default {service.default_ranker}); attributes "
           f"{', '.join(service.attributes) or 'none'}; uploads up to {service.max_upload_bytes:,} bytes")
     print(f"Open http://{args.host}:{args.port}/ (Ctrl+C stops)")
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
+    timeout = P.svc_requestTimeoutSec or None
+    app = create_app(service, timeout, P.svc_maxDecodes or None)
+    uvicorn.Server(server_config(app, args.host, args.port, timeout, P.svc_maxConnections or None)).run()
     print(f"Done: served {P.datasetName} on {args.host}:{args.port}.")
 
 

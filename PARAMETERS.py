@@ -98,6 +98,9 @@ attributeModels = {}                    # Extra attributes (A1 --attributes, the
 # Web service (script: A4_webService.py)
 svc_maxUploadBytes = 10_000_000         # Largest accepted image upload in bytes (larger: 413)
 svc_thumbnailPx = 160                   # Longest side of the thumbnails served by /images/<id>?thumb=1, in pixels
+svc_requestTimeoutSec = 60              # A request's headers, and a query's upload, must arrive within this (else closed / 408); 0 = off
+svc_maxConnections = 200                # Connections and requests at once; more get 503 at once; 0 = off
+svc_maxDecodes = 0                      # Queries decoded and searched at once (each holds one decoded image); 0 = one per core
 
 ###################
 # Derived paths (do not modify: they follow datasetName)

@@ -15,6 +15,7 @@ from image_similarity.models import backbones
 from image_similarity.models.checkpoints import save_checkpoint
 from image_similarity.models.heads import ImageClassifier
 from image_similarity.data.images import ImageReadError
+from image_similarity.search.index import NearestNeighborIndex
 
 LABELS = ("can", "carton", "milk_bottle", "water_bottle")
 PER_LABEL = 6
@@ -181,6 +182,52 @@ def test_save_load_gives_identical_results(model, folder, tmp_path):
     (out / "model.json").unlink()  # what an interrupted save leaves
     with pytest.raises(FileNotFoundError, match="model.json"):
         image_similarity.load(out)
+
+
+def test_a_failed_save_leaves_the_earlier_one_loadable(model, copy_of, folder, tmp_path, monkeypatch):
+    """A full disk half-way through a save over an earlier one: the earlier save still loads, nothing is left over."""
+    out = model.save(tmp_path / "saved")
+    before = image_similarity.load(out).query([folder / "can" / _photos("can", 0, 1)[0].name], k=5)
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(NearestNeighborIndex, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        copy_of.save(out)
+    monkeypatch.undo()
+    pd.testing.assert_frame_equal(image_similarity.load(out).query([folder / "can" / _photos("can", 0, 1)[0].name],
+                                                                   k=5), before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "saved"]  # no half-written folder beside it
+
+
+def test_save_refuses_a_folder_of_other_files(model, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="notes.txt"):
+        model.save(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("field, value, word", [
+    ("batch_size", 0, "'batch_size' must be an integer >= 1"), ("colour_weight", "abc", "'colour_weight' must be"),
+    ("model", "/etc/passwd", "'model' must be 'model.pt' or a backbone name"), ("index_kind", "ball", "one of"),
+    ("labels", {"a": 1}, "'labels' must be"), ("n_workers", True, "'n_workers' must be an integer >= 0"),
+    ("batch_size", None, "'batch_size' is missing"), (None, None, "not a readable manifest")])
+def test_load_checks_every_manifest_field(model, tmp_path, field, value, word):
+    out = model.save(tmp_path / "saved")
+    manifest = json.loads((out / "model.json").read_text())
+    if field is None:
+        (out / "model.json").write_text('{"format": ')  # truncated
+    else:
+        if value is None:
+            del manifest[field]
+        else:
+            manifest[field] = value
+        (out / "model.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError) as err:
+        image_similarity.load(out)
+    assert str(out / "model.json") in str(err.value) and word in str(err.value)
 
 
 def test_refined_checkpoint_is_copied_with_the_model(tmp_path):

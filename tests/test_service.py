@@ -292,30 +292,92 @@ def test_missing_payloads_leave_the_fixed_rankers(pipeline):
     assert service.attributes == {} and len(service.notes) == 2 and "4_trainSvm.py" in service.notes[0]
 
 
-def test_script_serves_and_refuses_missing_features(pipeline, tmp_path):
-    work, args = pipeline
-    missing = run_script("A4_webService.py", "--set", f"workDir={tmp_path}", "--dataset", "tiny")
-    assert missing.returncode == 2 and "3_featurizeImages.py" in missing.stderr
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
-    process = subprocess.Popen([sys.executable, str(REPO / "A4_webService.py"), *args, "--port", str(port)],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+class ServedScript:
+    """A4_webService.py in a subprocess on a free port, until the block ends; ``output`` holds what it printed."""
+
+    def __init__(self, *args):
+        sock = free_socket()
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, str(REPO / "A4_webService.py"), *args, "--port",
+                                         str(self.port)], cwd=REPO, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+        self.output = ""
+
+    def __enter__(self):
         deadline = time.monotonic() + 120
         while True:
-            assert process.poll() is None, process.stdout.read()
+            assert self.process.poll() is None, self.process.stdout.read()
             assert time.monotonic() < deadline, "A4_webService.py did not answer /health"
             try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
+                self.health = httpx.get(f"{self.url}/health", timeout=2).json()
+                return self
             except httpx.TransportError:
                 time.sleep(0.3)
-        assert health.json()["n_references"] == 36
-    finally:
-        process.terminate()
-        output, _ = process.communicate(timeout=30)
-    assert "Serving 36 references of tiny" in output and f"Open http://127.0.0.1:{port}/" in output
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        self.output, _ = self.process.communicate(timeout=30)
+
+
+def test_script_serves_and_refuses_missing_features(pipeline, tmp_path):
+    work, args = pipeline
+    missing = run_script("A4_webService.py", "--set", f"workDir={tmp_path}", "--set", "datasetName=tiny")
+    assert missing.returncode == 2 and "3_featurizeImages.py" in missing.stderr
+    # One way to name the dataset, as in every other script.
+    assert run_script("A4_webService.py", "--dataset", "tiny").returncode == 2
+    with ServedScript(*args) as served:
+        assert served.health["n_references"] == 36
+    assert "Serving 36 references of tiny" in served.output and f"Open {served.url}/" in served.output
+
+
+def test_huge_numbers_get_plain_answers(server, tmp_path):
+    client, _ = server
+    assert client.get("/images/" + "1" * 4301).status_code == 404
+    assert client.get("/images/" + "1" * 4301, params={"thumb": 1}).status_code == 404
+    response = query(client, red_query(tmp_path), k="9" * 5000)
+    detail = response.json()["detail"]
+    assert response.status_code == 422 and detail.startswith("k must be an integer in 1..100, got '99999")
+    assert "(5000 characters)" in detail and "4300" not in detail and len(detail) < 120
+
+
+def _raw(url, data):
+    """A socket to the server of ``url`` that has sent ``data``."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(data)
+    return sock
+
+
+def _reply_or_close(sock):
+    """The first bytes the server sends back, b'' when it closes the connection; and the seconds it took."""
+    start = time.monotonic()
+    try:
+        data = sock.recv(200)
+    except ConnectionResetError:
+        data = b""
+    return data, time.monotonic() - start
+
+
+def test_script_bounds_slow_and_vanishing_clients(pipeline):
+    """Slow headers are cut, a slow body gets 408, a client gone mid-upload is one log line (no traceback)."""
+    _, args = pipeline
+    with ServedScript(*args, "--set", "svc_requestTimeoutSec=2") as served:
+        slow_headers = _raw(served.url, b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        body, content_type = multipart(b"\xff\xd8" + bytes(50_000))
+        head = (f"POST /query HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        slow_body = _raw(served.url, head + body[:1000])
+        for _ in range(3):
+            _raw(served.url, head + body[:20_000]).close()
+        reply, seconds = _reply_or_close(slow_headers)
+        assert reply == b"" and seconds < 8
+        reply, seconds = _reply_or_close(slow_body)
+        assert reply.startswith(b"HTTP/1.1 408") and seconds < 8
+        assert httpx.get(f"{served.url}/health", timeout=5).status_code == 200  # still serving
+    assert "Traceback" not in served.output and "Exception in ASGI application" not in served.output
+    assert served.output.count("went away during its upload") == 3, served.output[-3000:]
 
 
 def test_label_issues_view_reads_the_csv_when_present(server):

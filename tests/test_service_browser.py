@@ -1,4 +1,5 @@
 """The service's page in a real headless Chromium (Selenium): pick an image, see the grid of matches, screenshot it."""
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,7 +56,9 @@ def test_page_shows_k_matches(browser, server, tmp_path):  # noqa: F811
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .match")) == 10)
     matches = browser.find_elements(By.CSS_SELECTOR, "#results .match")
     captions = [m.find_element(By.TAG_NAME, "figcaption").text for m in matches]
-    assert captions[0].startswith("1. red - distance ")
+    # The file's name, its label, and a distance with four significant digits (never "0.0000" for a small one).
+    found = re.fullmatch(r"1\. red_\d+\.jpg \(red\) - distance (-?[\d.]+)(e[-+]\d+)?", captions[0])
+    assert found and len(found.group(1).lstrip("-").replace(".", "").lstrip("0")) == 4, captions[0]
     assert "10 matches (hybrid)" in browser.find_element(By.ID, "status").text
     # Every thumbnail came from /images/<id>?thumb=1 and decoded in the browser.
     wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
@@ -117,7 +120,7 @@ def test_page_combines_attributes(browser, server, tmp_path):  # noqa: F811
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .match")) == 5)
     assert "(attributes:tiny+again)" in browser.find_element(By.ID, "status").text
     captions = [m.text for m in browser.find_elements(By.CSS_SELECTOR, "#results figcaption")]
-    assert all(", P(match) " in c for c in captions) and captions[0].startswith("1. blue - distance ")
+    assert all(", P(match) " in c for c in captions) and re.match(r"1\. blue_\d+\.jpg \(blue\) - distance ", captions[0])
 
 
 def test_page_shows_the_label_issue_suspects(browser, server):  # noqa: F811

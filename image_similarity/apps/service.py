@@ -28,6 +28,7 @@ send everything before reading the reply (urllib, requests) get the 413 too, and
 sending it. Bodies that are not a decodable image (text, truncated, decompression bomb) get 415 or 422 naming the
 reason.
 """
+import asyncio
 import html
 import io
 import logging
@@ -42,6 +43,7 @@ from anyio import CapacityLimiter, to_thread
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from . import attributes as attribute_models
 from ..search.distances import top_k
@@ -49,7 +51,8 @@ from ..data.images import ImageReadError, read_image
 from .label_issues import load_label_issues as label_issue_rows
 from ..data.splits import label_of
 
-__all__ = ["SimilarityService", "create_app", "MAX_K", "FORM_OVERHEAD_BYTES", "DISCARD_BYTES"]
+__all__ = ["SimilarityService", "create_app", "server_config", "parse_count", "MAX_K", "FORM_OVERHEAD_BYTES",
+           "DISCARD_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,19 @@ MAX_K = 100
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, headers and the small fields around the image
 LABEL_ISSUES_SHOWN = 60  # suspects listed by /label-issues and the page
 DISCARD_BYTES = 256 * 2**20  # an oversize body is read and dropped up to this size, so that its 413 reaches the client
+
+
+def parse_count(text, name, low, high):
+    """``text`` as an int in ``low..high``, or ValueError saying so (in plain words, whatever the text's length).
+
+    Only ASCII digits are read, and no more of them than ``high`` has: Python's int() refuses very long numbers with
+    a message about its own limits, and reads non-ASCII digits.
+    """
+    text = str(text)
+    if not (text.isascii() and text.isdigit() and len(text) <= len(str(high))) or not low <= int(text) <= high:
+        shown = text if len(text) <= 20 else f"{text[:20]}... ({len(text)} characters)"
+        raise ValueError(f"{name} must be an integer in {low}..{high}, got {shown!r}")
+    return int(text)
 
 
 class SimilarityService:
@@ -207,9 +223,11 @@ class SimilarityService:
 
     def image_path(self, image_id):
         """The file of reference ``image_id`` (a row number as text), or KeyError when there is none."""
-        if not image_id.isdecimal() or int(image_id) >= len(self.keys):
-            raise KeyError(image_id)
-        path = (self.image_dir / self.keys[int(image_id)]).resolve()
+        try:
+            row = parse_count(image_id, "id", 0, len(self.keys) - 1)
+        except ValueError:
+            raise KeyError(image_id) from None
+        path = (self.image_dir / self.keys[row]).resolve()
         if not path.is_relative_to(self.image_dir) or not path.is_file():
             raise KeyError(image_id)
         return path
@@ -239,13 +257,18 @@ async def _discard_body(receive, received=0, bound=None):
         more = message.get("more_body", False)
 
 
-def _limited(receive, limit, image_limit):
-    """Wrap an ASGI ``receive`` so a body longer than ``limit`` bytes stops with 413 (naming ``image_limit``)."""
+def _limited(receive, limit, image_limit, timeout_s):
+    """Wrap an ASGI ``receive``: a body longer than ``limit`` bytes stops with 413 (naming ``image_limit``), one not
+    complete within ``timeout_s`` seconds of the first read (None: no bound) with 408."""
     received = 0
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
     async def limited_receive():
         nonlocal received
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), deadline and max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise HTTPException(408, f"the upload was not complete within {timeout_s:g} s") from None
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
@@ -257,8 +280,18 @@ def _limited(receive, limit, image_limit):
     return limited_receive
 
 
-def create_app(service):
+def create_app(service, upload_timeout_s=60.0, max_decodes=None):
     """The FastAPI app serving one :class:`SimilarityService`.
+
+    Parameters
+    ----------
+    service : SimilarityService
+    upload_timeout_s : float or None
+        A query's upload must arrive within this many seconds (else 408), so that slow bodies hold no worker;
+        None: no bound.
+    max_decodes : int, optional
+        Queries decoded and searched at once; each holds at most one decoded image (bounded by the reader's decode
+        budget). None: one per core.
 
     Returns
     -------
@@ -269,7 +302,7 @@ def create_app(service):
     app.state.service = service
     body_limit = service.max_upload_bytes + FORM_OVERHEAD_BYTES
     # Queries decode and search in at most one thread per core: more would only hold more decoded images at once.
-    workers = {"limiter": None, "n": len(os.sched_getaffinity(0))}
+    workers = {"limiter": None, "n": max_decodes or len(os.sched_getaffinity(0))}
 
     def limiter():
         if workers["limiter"] is None:  # created in the event loop, on first use
@@ -288,22 +321,25 @@ def create_app(service):
                 await _discard_body(request.receive)
             raise HTTPException(413, f"upload of {int(declared):,} bytes is over the "
                                      f"{service.max_upload_bytes:,}-byte limit")
-        limited = Request(request.scope, _limited(request.receive, body_limit, service.max_upload_bytes))
-        async with limited.form(max_files=1, max_fields=8, max_part_size=64 * 1024) as form:
-            upload = form.get("image")
-            if not isinstance(upload, UploadFile):
-                raise HTTPException(400, "no image: send the file as the multipart field 'image'")
-            data = await upload.read(service.max_upload_bytes + 1)
-            filename = upload.filename or "upload"
-            fields = {name: form.get(name) for name in ("k", "ranker", "attributes")}
+        limited = Request(request.scope, _limited(request.receive, body_limit, service.max_upload_bytes,
+                                                  upload_timeout_s))
+        try:
+            async with limited.form(max_files=1, max_fields=8, max_part_size=64 * 1024) as form:
+                upload = form.get("image")
+                if not isinstance(upload, UploadFile):
+                    raise HTTPException(400, "no image: send the file as the multipart field 'image'")
+                data = await upload.read(service.max_upload_bytes + 1)
+                filename = upload.filename or "upload"
+                fields = {name: form.get(name) for name in ("k", "ranker", "attributes")}
+        except ClientDisconnect:  # nobody is left to answer: one line, not an ASGI traceback
+            logger.info("client %s went away during its upload", request.client.host if request.client else "?")
+            return Response(status_code=400)
         if len(data) > service.max_upload_bytes:
             raise HTTPException(413, f"{filename} is over the {service.max_upload_bytes:,}-byte limit")
-        k_text = fields["k"] if fields["k"] not in (None, "") else "5"
-        if not str(k_text).isdecimal():
-            raise HTTPException(422, f"k must be an integer in 1..{MAX_K}, got {k_text!r}")
         names = [n.strip() for n in (fields["attributes"] or "").split(",") if n.strip()]
         try:
-            return await to_thread.run_sync(service.query, data, int(k_text), fields["ranker"] or None, names,
+            k = parse_count(fields["k"] if fields["k"] not in (None, "") else "5", "k", 1, MAX_K)
+            return await to_thread.run_sync(service.query, data, k, fields["ranker"] or None, names,
                                             limiter=limiter())
         except ImageReadError as err:
             status = 415 if err.reason.startswith("not an image") else 422
@@ -333,6 +369,55 @@ def create_app(service):
         return PAGE.replace("{{title}}", html.escape(f"Image similarity: {len(service.keys)} references"))
 
     return app
+
+
+def server_config(app, host="127.0.0.1", port=8000, request_timeout_s=60.0, max_connections=200, log_level="info"):
+    """A uvicorn configuration whose connections cannot be held open by slow or silent clients.
+
+    Parameters
+    ----------
+    app : fastapi.FastAPI
+    host : str
+    port : int
+    request_timeout_s : float or None
+        A connection must send a request's headers within this many seconds of opening (or of its previous
+        response), else it is closed; bodies have the same bound in :func:`create_app`. None: no bound.
+    max_connections : int or None
+        Connections and requests in flight at once; past it new requests get 503 at once. None: no bound.
+    log_level : str
+
+    Returns
+    -------
+    uvicorn.Config
+    """
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        """uvicorn's h11 protocol, closing a connection whose next request's headers are not in by the deadline."""
+
+        def _arm(self):
+            waiting_for = self.cycle  # a new request replaces the cycle; the same one at the deadline: none came
+            self.loop.call_later(request_timeout_s, self._expire, waiting_for)
+
+        def _expire(self, waiting_for):
+            idle = waiting_for is None or waiting_for.response_complete  # never cut a request being answered
+            if self.cycle is waiting_for and idle and not self.transport.is_closing():
+                logger.info("closed a connection from %s: no request within %g s",
+                            self.client[0] if self.client else "?", request_timeout_s)
+                self.transport.close()
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self):
+            self._arm()  # before a pipelined request, if any, starts in there
+            super().on_response_complete()
+
+    return uvicorn.Config(app, host=host, port=port, http=HeaderDeadlineProtocol if request_timeout_s else "h11",
+                          limit_concurrency=max_connections,
+                          timeout_keep_alive=5, log_level=log_level)
 
 
 PAGE = """<!doctype html>
@@ -401,7 +486,8 @@ async function search(file) {
     const link = Object.assign(document.createElement("a"), {href: "/images/" + m.id, target: "_blank"});
     link.append(img);
     const caption = document.createElement("figcaption");
-    caption.textContent = (i + 1) + ". " + m.label + " - distance " + m.distance.toFixed(4) +
+    caption.textContent = (i + 1) + ". " + m.key.split("/").pop() + " (" + m.label + ") - distance " +
+      m.distance.toPrecision(4) +
       (m.probability === undefined ? "" : ", P(match) " + m.probability.toFixed(3));
     fig.append(link, caption); $("results").append(fig);
   });

@@ -17,7 +17,6 @@ the histograms)``, in ``[0, 2]``, lower is more similar.
 """
 import logging
 import os
-import shutil
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -29,19 +28,16 @@ from PIL import Image
 
 from ..models import backbones
 from ..models.embedder import load_embedder
-from ..data.features import load_features, save_features
-from ..data.fileio import atomic_path, load_json, save_json
 from ..data.images import ImageReadError, SkippedImages, list_images
 from ..search.colour import COLOUR_DIM, colour_histograms, with_colour
 from ..search.index import NearestNeighborIndex
+from .model_folder import MODEL_FORMAT, read_model_folder, write_model_folder
 from ..data.splits import label_of
 
 __all__ = ["SimilarityModel", "create", "load", "MODEL_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_FORMAT = "image_similarity.similarity_model/2"  # 2: colour histograms (colours.npy) and colour_weight
-MANIFEST, FEATURES, COLOURS, INDEX, CHECKPOINT = "model.json", "features.npy", "colours.npy", "index.faiss", "model.pt"
 # The least weight that keeps plain white and black apart (tests/test_colour.py); its cost: bench/colour_weight.py.
 DEFAULT_COLOUR_WEIGHT = 0.3
 QUERY_COLUMNS = ["query", "reference", "distance", "rank"]
@@ -372,40 +368,27 @@ class SimilarityModel:
                 f"({s['model_id']}), {s['index_kind']} index{labels})")
 
     def save(self, folder):
-        """Write the model to ``folder``: features, index, manifest and (for a refined model) the checkpoint.
+        """Write the model to ``folder``: features, colours, index, manifest and (for a refined model) the checkpoint.
 
-        Every file is written atomically; the manifest ``model.json`` is removed first and written last, so an
-        interrupted save is never loaded as a finished one.
+        The save is written beside ``folder`` and swapped in when complete (:mod:`.model_folder`): an earlier save
+        there stays loadable until then, whatever happens to this one.
 
         Parameters
         ----------
         folder : str or Path
-            Created if needed; files of an earlier save there are replaced.
+            Created if needed; it may hold an earlier save, and nothing else.
 
         Returns
         -------
         Path
         """
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / MANIFEST).unlink(missing_ok=True)
-        meta = {"model_id": self.info["model_id"], "backbone": self.info["backbone"]}
-        save_features(folder / FEATURES, self.keys, self.features, meta)
-        save_features(folder / COLOURS, self.keys, self.colours, meta)
-        self._index.save(folder / INDEX)
-        model = self.model
-        if self.model not in backbones.list_backbones():
-            if Path(self.model).resolve() != (folder / CHECKPOINT).resolve():
-                with atomic_path(folder / CHECKPOINT) as tmp:
-                    shutil.copyfile(self.model, tmp)
-            model = CHECKPOINT
-        info = {k: self.info[k] for k in INFO_KEYS}
-        save_json(folder / MANIFEST, {"format": MODEL_FORMAT, "model": str(model), **info, "labels": self.labels,
-                                      "batch_size": self.batch_size, "n_workers": self.n_workers,
-                                      "index_kind": self.index_kind, "colour_weight": self.colour_weight})
+        checkpoint = None if self.model in backbones.list_backbones() else self.model
+        manifest = {"model": str(self.model), **{k: self.info[k] for k in INFO_KEYS}, "labels": self.labels,
+                    "batch_size": self.batch_size, "n_workers": self.n_workers, "index_kind": self.index_kind,
+                    "colour_weight": self.colour_weight}
+        folder = write_model_folder(folder, manifest, self.keys, self.features, self.colours, self._index, checkpoint)
         logger.info("saved %s to %s", self, folder)
         return folder
-
 
 def create(images, label=None, model="efficientnet_lite0", batch_size=64, keys=None, n_workers=2, index_kind="auto",
            inference=None, colour_weight=DEFAULT_COLOUR_WEIGHT):
@@ -454,29 +437,13 @@ def load(folder, inference=None):
     FileNotFoundError
         When ``folder`` holds no finished save (no ``model.json``).
     ValueError
-        When its files do not belong together (other format, row counts, checkpoint of another model).
+        When the manifest has a missing or bad field (named), or the files do not belong together (other format,
+        row counts, checkpoint of another model).
     """
-    folder = Path(folder)
-    if not (folder / MANIFEST).is_file():
-        raise FileNotFoundError(f"{folder / MANIFEST} not found: not a saved SimilarityModel (or an interrupted save)")
-    manifest = load_json(folder / MANIFEST)
-    if manifest.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, expected {MODEL_FORMAT!r}")
-    model = manifest["model"] if manifest["model"] in backbones.list_backbones() else folder / manifest["model"]
-    if backbones.model_id(model) != manifest["model_id"]:
-        raise ValueError(f"{model} is {backbones.model_id(model)} but {folder} was embedded with "
-                         f"{manifest['model_id']}")
-    stored = load_features(folder / FEATURES, mmap=False)
-    colours = load_features(folder / COLOURS, mmap=False)
-    index = NearestNeighborIndex.load(folder / INDEX)
-    labels = manifest["labels"]
-    if (len(index) != len(stored) or colours.keys != stored.keys
-            or (labels is not None and len(labels) != len(stored))):
-        raise ValueError(f"{folder}: {len(stored)} feature rows, {len(colours)} colour rows, {len(index)} indexed "
-                         f"vectors and {'no' if labels is None else len(labels)} labels do not belong together")
+    manifest, model, stored, colours, index = read_model_folder(folder)
     similarity = SimilarityModel(model, manifest["batch_size"], manifest["n_workers"], manifest["index_kind"],
                                  inference, manifest["colour_weight"])
-    similarity.keys, similarity.features, similarity.labels = list(stored.keys), stored.matrix, labels
+    similarity.keys, similarity.features, similarity.labels = list(stored.keys), stored.matrix, manifest["labels"]
     similarity.colours = colours.matrix
     similarity.info = {k: manifest[k] for k in INFO_KEYS}
     similarity._index, similarity._rows = index, {k: i for i, k in enumerate(similarity.keys)}
