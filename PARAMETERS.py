@@ -100,6 +100,10 @@ svc_maxUploadBytes = 10_000_000         # Largest accepted image upload in bytes
 svc_thumbnailPx = 160                   # Longest side of the thumbnails served by /images/<id>?thumb=1, in pixels
 
 ###################
+# Embedding map (script: A7_embeddingMap.py; the web page's map view)
+map_method = "auto"                     # 'umap' (needs umap-learn), 'tsne', or 'auto' (UMAP when installed, else t-SNE)
+map_maxThumbnails = 300                 # Draw thumbnails instead of dots up to this many images; 0 = dots only
+
 # Derived paths (do not modify: they follow datasetName)
 ###################
 from pathlib import Path  # noqa: E402
@@ -140,4 +144,6 @@ rankHistogramPath = resultsDir / "rank_histogram.png"
 rankingResultsPath = resultsDir / "ranking_results.csv"
 labelIssuesPath = resultsDir / "label_issues.csv"
 labelIssuesSheetPath = resultsDir / "label_issues.png"
+embeddingMapPath = procDir / "embedding_map.json"        # the map's points, for the web page
+embeddingMapPlotPath = resultsDir / "embedding_map.png"
 labelIssuesExcludePath = rootDir / labelIssuesExcludeFile if labelIssuesExcludeFile else None
