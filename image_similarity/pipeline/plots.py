@@ -18,6 +18,8 @@ __all__ = ["DPI", "plot_top_n_curves", "plot_rank_histogram", "format_distance",
            "plot_contact_sheet", "plot_duplicate_groups", "plot_embedding_map"]
 
 DPI = 100  # figure inches * DPI = PNG pixels (no tight bounding box, so sizes are exact)
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "<", ">")
+LINE_STYLES = ("-", "--", "-.", ":")
 
 
 def _save(fig, path):
@@ -39,8 +41,11 @@ def plot_top_n_curves(results, top_ns, path, title="Top-N accuracy"):
     """
     fig = Figure(figsize=(9, 6))
     ax = fig.subplots()
-    for name, metrics in results.items():
-        ax.plot(top_ns, [100.0 * metrics[f"top{n}"] for n in top_ns], marker="o", label=name)
+    # Rankers often tie (L2 and cosine rank normalised embeddings alike): each curve gets its own marker and dash, and
+    # markers shrink as curves are drawn over earlier ones, so a curve hidden under another still shows round it.
+    for i, (name, metrics) in enumerate(results.items()):
+        ax.plot(top_ns, [100.0 * metrics[f"top{n}"] for n in top_ns], label=name, marker=MARKERS[i % len(MARKERS)],
+                markersize=max(3.0, 13.0 - 1.5 * i), linestyle=LINE_STYLES[i % len(LINE_STYLES)], linewidth=1.5)
     ax.set(xlabel="N", ylabel="queries with the positive in the top N (%)", title=title, ylim=(0, 102))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
