@@ -103,6 +103,10 @@ svc_maxConnections = 200                # Connections and requests at once; more
 svc_maxDecodes = 0                      # Queries decoded and searched at once (each holds one decoded image); 0 = one per core
 
 ###################
+# Embedding map (script: A7_embeddingMap.py; the web page's map view)
+map_method = "auto"                     # 'umap' (needs umap-learn), 'tsne', or 'auto' (UMAP when installed, else t-SNE)
+map_maxThumbnails = 300                 # Draw thumbnails instead of dots up to this many images; 0 = dots only
+
 # Derived paths (do not modify: they follow datasetName)
 ###################
 from pathlib import Path  # noqa: E402
@@ -143,4 +147,6 @@ rankHistogramPath = resultsDir / "rank_histogram.png"
 rankingResultsPath = resultsDir / "ranking_results.csv"
 labelIssuesPath = resultsDir / "label_issues.csv"
 labelIssuesSheetPath = resultsDir / "label_issues.png"
+embeddingMapPath = procDir / "embedding_map.json"        # the map's points, for the web page
+embeddingMapPlotPath = resultsDir / "embedding_map.png"
 labelIssuesExcludePath = rootDir / labelIssuesExcludeFile if labelIssuesExcludeFile else None

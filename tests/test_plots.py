@@ -41,3 +41,14 @@ def test_distances_keep_three_significant_digits():
     """Class-probability distances are tiny; the figures must still tell them apart."""
     assert [plots.format_distance(d) for d in (2.3456e-5, 4.1e-4, 0.43219, 12.3456, 0.0)] == \
         ["2.35e-05", "0.00041", "0.432", "12.3", "0"]
+
+
+def test_top_n_curves_that_coincide_all_stay_visible(tmp_path):
+    """Three rankers with the same accuracies: each one's colour still shows (L2 under cosine was invisible)."""
+    same = {f"top{n}": a for n, a in zip((1, 2, 4, 8), (0.5, 0.7, 0.8, 0.95))}
+    path = plots.plot_top_n_curves({"L2": same, "cosine": same, "weightedl2": same}, [1, 2, 4, 8], tmp_path / "t.png")
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("RGB")).astype(int)
+    for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E), (0x2C, 0xA0, 0x2C)):  # matplotlib's C0, C1, C2
+        near = (np.abs(pixels - colour).sum(axis=-1) < 40).sum()
+        assert near > 250, f"colour {colour} covers only {near} pixels"  # its legend entry alone: about 100

@@ -6,6 +6,7 @@ Each function builds one figure with ``matplotlib.figure.Figure`` (no pyplot sta
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -14,9 +15,11 @@ from ..data.images import load_image
 
 __all__ = ["DPI", "plot_top_n_curves", "plot_rank_histogram", "format_distance", "plot_query_result",
            "plot_retrieval_grid", "plot_score_vs_probability", "plot_refine_curves", "plot_table",
-           "plot_contact_sheet", "plot_duplicate_groups"]
+           "plot_contact_sheet", "plot_duplicate_groups", "plot_embedding_map"]
 
 DPI = 100  # figure inches * DPI = PNG pixels (no tight bounding box, so sizes are exact)
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "<", ">")
+LINE_STYLES = ("-", "--", "-.", ":")
 
 
 def _save(fig, path):
@@ -38,8 +41,11 @@ def plot_top_n_curves(results, top_ns, path, title="Top-N accuracy"):
     """
     fig = Figure(figsize=(9, 6))
     ax = fig.subplots()
-    for name, metrics in results.items():
-        ax.plot(top_ns, [100.0 * metrics[f"top{n}"] for n in top_ns], marker="o", label=name)
+    # Rankers often tie (L2 and cosine rank normalised embeddings alike): each curve gets its own marker and dash, and
+    # markers shrink as curves are drawn over earlier ones, so a curve hidden under another still shows round it.
+    for i, (name, metrics) in enumerate(results.items()):
+        ax.plot(top_ns, [100.0 * metrics[f"top{n}"] for n in top_ns], label=name, marker=MARKERS[i % len(MARKERS)],
+                markersize=max(3.0, 13.0 - 1.5 * i), linestyle=LINE_STYLES[i % len(LINE_STYLES)], linewidth=1.5)
     ax.set(xlabel="N", ylabel="queries with the positive in the top N (%)", title=title, ylim=(0, 102))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -269,3 +275,53 @@ def plot_duplicate_groups(groups, root, path, max_groups=8, max_per_group=6):
         tiles += [(None, "")] * (max_per_group - len(shown))
     return plot_contact_sheet(tiles, path, columns=max_per_group,
                               title="near-duplicate groups" if tiles else "no near-duplicates")
+
+
+def plot_embedding_map(emap, path, image_root=None, max_thumbnails=300, thumb_px=28, title="embedding map"):
+    """The collection in the plane: a dot (or a thumbnail) per image coloured by label, a red ring round each
+    label-issue suspect, a grey line between near-duplicates.
+
+    Parameters
+    ----------
+    emap : embedding_map.EmbeddingMap
+    path : str or Path
+        PNG written, 1200 x 1000 pixels.
+    image_root : str or Path, optional
+        The folder the keys are relative to: thumbnails are drawn when given and there are at most
+        ``max_thumbnails`` images (unreadable ones stay dots).
+    max_thumbnails, thumb_px : int
+    title : str
+    """
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    fig = Figure(figsize=(12, 10))
+    ax = fig.subplots()
+    xy = np.asarray(emap.coords, dtype=float)
+    for a, b in emap.duplicate_pairs:
+        ax.plot(xy[[a, b], 0], xy[[a, b], 1], color="0.4", lw=1.2, zorder=1)
+    names = sorted(set(emap.labels))
+    palette = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    colours = {name: palette(i % palette.N) for i, name in enumerate(names)}
+    for name in names:
+        rows = [i for i, label in enumerate(emap.labels) if label == name]
+        ax.scatter(xy[rows, 0], xy[rows, 1], s=22, color=colours[name], label=name or "(no label)", zorder=2)
+    suspects = [i for i, s in enumerate(emap.suspects) if s]
+    if suspects:
+        ax.scatter(xy[suspects, 0], xy[suspects, 1], s=260, facecolors="none", edgecolors="red", linewidths=2,
+                   label="label issue", zorder=4)
+    if emap.duplicate_pairs:
+        ax.plot([], [], color="0.4", lw=1.2, label="near-duplicates")
+    if image_root is not None and len(emap.keys) <= max_thumbnails:
+        for (x, y), key, label in zip(xy, emap.keys, emap.labels):
+            image = load_image(Path(image_root) / key)
+            if image is not None:
+                image.thumbnail((thumb_px, thumb_px))
+                box = AnnotationBbox(OffsetImage(np.asarray(image), zoom=1.0), (x, y), frameon=True, pad=0.1,
+                                     bboxprops={"edgecolor": colours[label], "linewidth": 1.5})
+                box.set_zorder(3)
+                ax.add_artist(box)
+    ax.set(xlim=(-0.05, 1.05), ylim=(-0.05, 1.05), xticks=[], yticks=[],
+           title=f"{title}: {len(emap.keys)} images, {emap.method}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.subplots_adjust(left=0.02, right=0.82, bottom=0.02, top=0.95)
+    return _save(fig, path)
