@@ -23,7 +23,11 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 __all__ = ["atomic_path", "remove_stale_temporaries", "atomic_write_bytes", "atomic_write_text", "save_pickle",
-           "load_pickle", "save_json", "load_json", "save_csv", "read_tsv", "save_npy"]
+           "load_pickle", "json_text", "save_json", "load_json", "save_csv", "read_tsv", "save_npy"]
+
+
+class _WriteError(OSError):
+    """A failed write whose message names the output."""
 
 
 @contextmanager
@@ -58,10 +62,10 @@ def atomic_path(path):
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except OSError as err:
-        if str(path) in str(err):
-            raise
+        if isinstance(err, _WriteError) or str(path) in str(err):
+            raise  # already names its file (an atomic_path nested in this one)
         # ENOSPC and numpy's "N requested and M written" name no file: say which output failed.
-        named = OSError(f"{path}: cannot write: {err.strerror or err}")
+        named = _WriteError(f"{path}: cannot write: {err.strerror or err}")
         named.errno = err.errno
         raise named from err
     finally:
@@ -117,8 +121,13 @@ def load_pickle(path):
         return pickle.load(handle)
 
 
+def json_text(obj):
+    """``obj`` as the indented JSON text every ``.json`` artefact holds."""
+    return json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
+
+
 def save_json(path, obj):
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    return atomic_write_text(path, json_text(obj))
 
 
 def load_json(path):
