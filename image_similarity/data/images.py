@@ -225,7 +225,7 @@ def shorter_side(path) -> Optional[int]:
     """The shorter side of the image at ``path`` in pixels, from its header alone (nothing is decoded); None when
     Pillow cannot open it (:func:`read_image` names the reason when the image is used)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=ACCEPTED_FORMATS) as img:
             return min(img.size)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
