@@ -2,9 +2,10 @@
 
 For each Pillow mode a file reaches (1, L, P, LA, I;16, I, F, RGB, RGBA, CMYK), one image of the largest size that
 ``read_image``'s limits allow (``MAX_IMAGE_PIXELS``, and ``MAX_DECODE_BYTES`` through ``decode_bytes``) is written
-(PNG, or TIFF for the modes PNG cannot hold), plus a 1-pixel-high strip where Pillow can write one; each is decoded through ``read_image`` in a
-fresh subprocess, which reports its peak resident memory (VmHWM, so Linux only) before and after. The growth must stay under
-the estimate ``decode_bytes`` checks before decoding. Prints a table and writes bench/results/decode_memory.json.
+(PNG, or TIFF for the modes PNG cannot hold), plus a 1-pixel-high strip where Pillow can write one; each is decoded
+through ``read_image`` in a fresh subprocess, which reports its peak resident memory (VmHWM, so Linux only) before
+and after. The growth must stay under the estimate ``decode_bytes`` checks before decoding. Prints a table and
+writes bench/results/decode_memory.json.
 
     python bench/decode_memory.py                 # ~3 min, ~2 GB of temporary files
     python bench/decode_memory.py --modes "I;16"  # one mode

@@ -3,7 +3,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -81,14 +80,14 @@ def test_a_full_disk_names_the_output(tmp_path):
     # /dev/full fails every write with ENOSPC, like a full disk; the error must say which output it was.
     target = tmp_path / "features.npy"
     with pytest.raises(OSError) as info:
-        with fileio.atomic_path(target) as tmp, open("/dev/full", "wb") as full:
+        with fileio.atomic_path(target), open("/dev/full", "wb") as full:
             full.write(b"x" * 100_000)
             full.flush()
     assert str(info.value).startswith(f"{target}: cannot write: ") and info.value.errno == 28
     assert "No space left on device" in str(info.value)
     # numpy's own message ("N requested and M written") names no file either
     with pytest.raises(OSError, match=rf"^{target}: cannot write: "):
-        with fileio.atomic_path(target) as tmp, open("/dev/full", "wb", buffering=0) as full:
+        with fileio.atomic_path(target), open("/dev/full", "wb", buffering=0) as full:
             np.arange(200_000, dtype=np.float32).tofile(full)
     assert list(tmp_path.iterdir()) == []
 

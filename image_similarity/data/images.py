@@ -284,7 +284,7 @@ class SkippedImages:
     def __iter__(self):
         return iter(self.items.items())
 
-    def summary(self, limit=10):
+    def summary(self, limit=20):
         """One line naming the skipped files, or '' when none were."""
         if not self.items:
             return ""
