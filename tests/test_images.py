@@ -220,6 +220,9 @@ def test_formats_outside_the_allow_list_are_refused_before_decoding(tmp_path):
     Image.new("RGB", (40, 30)).save(buffer, "EPS")
     with pytest.raises(ImageReadError, match="format EPS is not accepted"):
         read_image(io.BytesIO(buffer.getvalue()))
+    for short in (b"", b"ab"):  # too short for some formats' signature checks
+        with pytest.raises(ImageReadError, match="not an image Pillow can decode"):
+            read_image(io.BytesIO(short))
     for fmt in ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP"):
         buffer = io.BytesIO()
         Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, fmt)

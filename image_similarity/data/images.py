@@ -5,6 +5,7 @@ so a CMYK, 16-bit, palette or rotated file looks the same everywhere, and a bad 
 """
 import logging
 import os
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,8 +188,13 @@ def _refused_format(source):
     Image.init()
     for format_id in Image.ID:
         accept = Image.OPEN[format_id][1]
-        if format_id not in ACCEPTED_FORMATS and accept is not None and accept(prefix):
-            return format_id
+        if format_id in ACCEPTED_FORMATS or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return format_id
+        except (struct.error, IndexError, ValueError):  # a few checks assume 4 or more bytes
+            continue
     return None
 
 
