@@ -2,7 +2,8 @@
 
 n is the URL's 1-based position among its label's lines, so a re-run (or a run after a crash) skips the files
 already present and fetches only the rest. Bodies that are not images are refused; failures and refused lines
-are listed in results/<datasetName>/download_failures.tsv. Exit status 0 even when some URLs failed.
+are listed in results/<datasetName>/download_failures.tsv. Exit status 0 even when some URLs failed. A URL whose
+body takes over dl_deadlineSec fails; Ctrl-C stops at once, keeping the finished files.
 
     python 0_downloadImages.py [--urls FILE] [--set NAME=VALUE ...]
 """
@@ -28,7 +29,8 @@ def main(args, P):
 
     print(f"Downloading {len(entries)} URL(s) from {urls_path} into {P.imgDir} ({P.dl_nrWorkers} workers)")
     report = download_images(entries, P.imgDir, n_workers=P.dl_nrWorkers, timeout=P.dl_timeoutSec,
-                             max_retries=P.dl_maxRetries, max_bytes=P.dl_maxBytes, backoff=P.dl_backoffSec)
+                             max_retries=P.dl_maxRetries, max_bytes=P.dl_maxBytes, backoff=P.dl_backoffSec,
+                             deadline=P.dl_deadlineSec, max_pixels=P.dl_maxImagePixels)
     for failure in report.failed[:10]:
         print(f"failed {failure.label}\t{failure.url}: {failure.reason}")
     report.failed = rejected + report.failed  # refused lines count as failures in the summary and the TSV

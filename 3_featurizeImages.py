@@ -15,6 +15,8 @@ logger = logging.getLogger("3_featurizeImages")
 def main(args, P):
     from image_similarity.models import backbones
     from image_similarity.data import features, images
+    helpers.require_int_at_least(P, "run_mbSize", 1)
+    helpers.require_int_at_least(P, "run_nrWorkers", 0)
     model = helpers.featurizing_model(P)
     if P.rf_maxEpochs == 0 and P.modelPath.exists():
         print(f"rf_maxEpochs = 0: using the pretrained {P.rf_backbone}, not {P.modelPath}")

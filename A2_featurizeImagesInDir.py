@@ -24,6 +24,8 @@ def add_arguments(parser):
 def main(args, P):
     from image_similarity.models import backbones
     from image_similarity.data import features, images
+    helpers.require_int_at_least(P, "run_mbSize", 1)
+    helpers.require_int_at_least(P, "run_nrWorkers", 0)
     if not args.dir.is_dir():
         raise helpers.UsageError(f"{args.dir} is not a folder")
     model = args.model or helpers.featurizing_model(P, fallback=True)

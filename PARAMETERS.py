@@ -15,6 +15,8 @@ dl_timeoutSec = 10.0                    # Per-request timeout in seconds
 dl_maxRetries = 3                       # Retries on timeouts, connection errors and 5xx (never on 4xx); 0 = no retry
 dl_backoffSec = 0.5                     # Retry back-off factor in seconds: waits 0, 2x, 4x ... before retries; 0 = none
 dl_maxBytes = 20_000_000                # Largest accepted response body in bytes
+dl_maxImagePixels = 40_000_000          # Largest accepted image in pixels (width x height), checked before decoding; 89_478_485 = the reader's own limit
+dl_deadlineSec = 120.0                  # Most seconds one URL may take in all (retries and a slow trickle included); 0 = no deadline
 
 # Near-duplicate removal (script: 1_prepareData.py)
 dedup_enabled = True                    # Keep one image per group of near-duplicates; False = report only
@@ -101,6 +103,7 @@ svc_thumbnailPx = 160                   # Longest side of the thumbnails served 
 svc_requestTimeoutSec = 60              # A request's headers, and a query's upload, must arrive within this (else closed / 408); 0 = off
 svc_maxConnections = 200                # Connections and requests at once; more get 503 at once; 0 = off
 svc_maxDecodes = 0                      # Queries decoded and searched at once (each holds one decoded image); 0 = one per core
+svc_maxImagePixels = 40_000_000         # Largest accepted upload in pixels (width x height), checked before decoding (larger: 422); 89_478_485 = the reader's own limit
 
 ###################
 # Embedding map (script: A7_embeddingMap.py; the web page's map view)

@@ -141,6 +141,14 @@ def require_choice(P, name, choices):
     return value
 
 
+def require_int_at_least(P, name, low):
+    """Raise a one-line UsageError, before any work, unless knob ``name`` is an integer >= ``low``."""
+    value = getattr(P, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
 def split_settings(P):
     """Step 1's split and ranking-set knobs as the keyword arguments of ``splits.splits_and_ranking_sets``."""
     from image_similarity.data.fileio import read_tsv
@@ -257,7 +265,7 @@ def load_service(P):
     from image_similarity.apps.service import SimilarityService
 
     return SimilarityService.from_run(load_run(P), P.imgDir, P.svc_maxUploadBytes, P.svc_thumbnailPx,
-                                      P.labelIssuesPath)
+                                      P.labelIssuesPath, P.svc_maxImagePixels)
 
 
 def require_features(features, keys, path):

@@ -95,6 +95,13 @@ def lace_with_bad_inputs(root, label, outside_dir):
     bomb = Image.new("1", (20_000, 20_000))  # 400 MP: over Pillow's hard limit, yet a tiny file
     put("huge_20000x20000.png", _png_bytes(bomb), "bad", reason="decompression bomb")
     put("bomb_12000x12000.png", _png_bytes(Image.new("1", (12_000, 12_000))), "bad", reason="decompression bomb")
+    # Formats outside the allow-list, refused before decoding whatever their name (Pillow would run Ghostscript on EPS)
+    buffer = io.BytesIO()
+    upright.save(buffer, "EPS")
+    put("vector_drawing.jpg", buffer.getvalue(), "bad", reason="format EPS is not accepted")
+    buffer = io.BytesIO()
+    upright.save(buffer, "ICO")
+    put("favicon.png", buffer.getvalue(), "bad", reason="format ICO is not accepted")
 
     # Unusual formats with valid content (tolerances in the tests absorb JPEG loss)
     put("cmyk.jpg", _jpeg_bytes(upright.convert("CMYK")), "ok", REFERENCE)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from image_similarity.apps import dedup
+from image_similarity.apps import dedup, dedup_cli
 from image_similarity.data.images import SkippedImages
 
 HASH_SIZE, MAX_DISTANCE = 16, 10  # PARAMETERS.py defaults
@@ -117,17 +117,17 @@ def test_command_line_prints_the_groups(photo_folder, repo_root, capsys):
             in result.stdout)
     assert "1 group(s) of near-duplicates in 6 image(s)" in result.stdout
     assert "3 would be removed" in result.stdout and "broken.png" in result.stdout
-    dedup._main([str(photo_folder), "--max-distance", "0", "--method", "dhash"])  # same entry point, in-process
+    dedup_cli.main([str(photo_folder), "--max-distance", "0", "--method", "dhash"])  # same entry point, in-process
     assert "group 1: orig/a_original.jpg (kept), orig/b_copy.jpg\n" in capsys.readouterr().out
     with pytest.raises(SystemExit) as info:
-        dedup._main([str(photo_folder / "nope")])
+        dedup_cli.main([str(photo_folder / "nope")])
     assert info.value.code == 2 and "is not a folder" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ encodings, search, CLI, moves (issue 19)
 def _cli(*args, cwd, prelude=""):
     """Run the dedup command line in a real subprocess; ``prelude`` is Python run first (e.g. a kill switch)."""
-    code = f"{prelude}\nfrom image_similarity.apps import dedup\ndedup._main({[str(a) for a in args]!r})"
+    code = f"{prelude}\nfrom image_similarity.apps import dedup_cli\ndedup_cli.main({[str(a) for a in args]!r})"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
@@ -202,6 +202,42 @@ def test_command_line_writes_csv_sheet_and_encodings_and_names_bad_files_once(co
     assert not list(out.parent.glob(".*.tmp"))
     default = _cli(copies_folder, "--method", "ahash", cwd=tmp_path)   # default output beside the folder
     assert default.returncode == 0 and (copies_folder.parent / "photos_near_duplicates_ahash.csv").is_file()
+
+
+def test_bad_arguments_are_refused_in_one_line_before_any_image_is_read(photo_folder, tmp_path):
+    (tmp_path / "junk.npy").write_bytes(b"not an encodings file")
+    (tmp_path / "a_file").write_text("a file where the destination's parent should be")
+    np.save(tmp_path / "no_sidecar.npy", np.zeros((2, 32), np.uint8))
+    cases = [(["--hash-size", "100000"], "hash_size must be an integer in 2..64, got 100000"),
+             (["--hash-size", "1"], "hash_size must be an integer in 2..64, got 1"),
+             (["--threshold", "-1"], "threshold for dhash is a whole number of bits in 0..256, got -1.0"),
+             (["--threshold", "2.5"], "threshold for dhash is a whole number of bits in 0..256, got 2.5"),
+             (["--method", "cnn", "--threshold", "3"], "threshold for 'cnn' is a cosine distance in [0, 2], got 3.0"),
+             (["--move-duplicates", photo_folder / "dups"], f"must lie outside {photo_folder}"),
+             (["--move-duplicates", tmp_path / "a_file" / "dups"], "cannot create the folder"),
+             (["--against", tmp_path / "junk.npy"], "is not an encodings file written by this command"),
+             (["--against", tmp_path / "no_sidecar.npy"], "is not an encodings file written by this command"),
+             (["--against", tmp_path / "missing.npy"], "not found")]
+    for args, message in cases:
+        result = _cli(photo_folder, *args, "--out", tmp_path / "groups.csv", cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith("python -m")
+        assert not (tmp_path / "groups.encodings.npy").exists() and not (photo_folder / "dups").exists(), args
+
+
+def test_a_full_destination_is_one_line_naming_the_file_and_nothing_is_lost(copies_folder, tmp_path):
+    originals = {p.relative_to(copies_folder).as_posix(): p.read_bytes() for p in copies_folder.rglob("*.*")}
+    # Moving to another file system copies; the copy fails as on a full disk.
+    prelude = ("import errno, os, shutil\n"
+               "def rename(a, b):\n    raise OSError(errno.EXDEV, 'Invalid cross-device link')\n"
+               "def copy2(a, b):\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+               "os.rename, shutil.copy2 = rename, copy2")
+    result = _cli(copies_folder, "--move-duplicates", tmp_path / "moved", cwd=tmp_path, prelude=prelude)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'moved' / 'orig' / 'b_copy.jpg'}: cannot "
+                                                      "write: No space left on device")
+    assert {p.relative_to(copies_folder).as_posix(): p.read_bytes() for p in copies_folder.rglob("*.*")} == originals
+    assert [p.name for p in (tmp_path / "moved").rglob("*") if p.is_file()] == ["moved.tsv"]
 
 
 def test_groups_csv_is_replaced_atomically(tmp_path, monkeypatch):

@@ -82,6 +82,18 @@ def _endless(handler, server):
         server.sent += len(chunk)
 
 
+def _dribble(handler, body, interval=0.2):
+    """A byte every ``interval`` seconds (well within the client's per-read timeout), for as long as it takes."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "image/jpeg")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    for byte in body:
+        handler.wfile.write(bytes([byte]))
+        handler.wfile.flush()
+        time.sleep(interval)
+
+
 class _Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         pass  # clients hanging up on slow or endless bodies are expected here
@@ -139,6 +151,8 @@ def server(payloads):
             _send(handler, 200, payloads["big_jpg"] + b"\0" * CAP)
         elif path == "/endless.jpg":
             _endless(handler, handler.server)
+        elif path == "/dribble.jpg":
+            _dribble(handler, jpg)
         else:
             _send(handler, 404, b"not found", "text/plain")
 
@@ -252,6 +266,24 @@ def test_bad_responses_fail_with_a_reason_and_leave_no_file(server, tmp_path, pa
         assert server.sent < 50_000_000  # the client hung up long before the server's 100 MB
 
 
+def test_a_trickling_server_fails_at_the_per_url_deadline(server, tmp_path):
+    # ~1,000 bytes at 5 bytes a second: each read is within the timeout, the whole would take minutes.
+    start = time.monotonic()
+    report = download_images(_entries(server, "/dribble.jpg", "/good.jpg"), tmp_path, **{**FAST, "deadline": 2.0})
+    elapsed = time.monotonic() - start
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert [e.relpath for e in report.downloaded] == ["things/2.jpg"]
+    (failure,) = report.failed
+    assert failure.url.endswith("/dribble.jpg") and "over the per-URL deadline" in failure.reason
+    assert not (tmp_path / "things/1.jpg").exists() and _leftovers(tmp_path) == []
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(server, tmp_path):
+    report = download_images(_entries(server, "/good.jpg"), tmp_path, **{**FAST, "max_pixels": 64 * 48 - 1})
+    (failure,) = report.failed
+    assert "64x48 is over the 3,071-pixel limit" in failure.reason
+
+
 def test_resume_skips_valid_files_and_replaces_corrupt_ones(server, payloads, tmp_path):
     entries = _entries(server, "/good.jpg", "/good.png", "/good2.jpg")
     first = download_images(entries, tmp_path, **FAST)
@@ -360,6 +392,49 @@ def test_script_refuses_a_missing_or_unusable_url_file(tmp_path):
     unusable = _script(urls, tmp_path)
     assert unusable.returncode == 2 and "no usable label<TAB>url line (2 refused)" in unusable.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_ctrl_c_with_a_stuck_connection_stops_at_once_and_keeps_finished_files(payloads, tmp_path):
+    release = threading.Event()
+
+    def route(handler, hit):
+        if handler.path == "/stuck.jpg":  # headers and a few bytes, then nothing until the test ends
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(payloads["jpg"])))
+            handler.end_headers()
+            handler.wfile.write(payloads["jpg"][:10])
+            handler.wfile.flush()
+            release.wait(120)
+        else:
+            _send(handler, 200, payloads["jpg"])
+
+    srv = _serve(route)
+    try:
+        urls = _write_urls(tmp_path / "urls.tsv", [f"a\t{srv.url}/stuck.jpg", f"b\t{srv.url}/good.jpg"])
+        proc = subprocess.Popen([sys.executable, str(REPO / "0_downloadImages.py"), "--urls", str(urls), "--set",
+                                 f"workDir={tmp_path}", "--set", "datasetName=web", "--set", "dl_timeoutSec=60",
+                                 "--set", "dl_deadlineSec=0"], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        finished = tmp_path / "data/web/b/1.jpg"
+        wait_until = time.monotonic() + 60
+        while not (finished.exists() and srv.hits["/stuck.jpg"]) and time.monotonic() < wait_until:
+            time.sleep(0.05)
+        assert proc.poll() is None and finished.exists(), "the run should be waiting on the stuck URL"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        try:
+            _, stderr = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("Ctrl-C did not stop the run within 10 s")
+        assert time.monotonic() - start < 5
+    finally:
+        release.set()
+        srv.shutdown()
+        srv.server_close()
+    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    assert finished.read_bytes() == payloads["jpg"] and not (tmp_path / "data/web/a/1.jpg").exists()
 
 
 def test_kill_9_mid_run_then_rerun_gives_the_same_files_as_one_clean_run(tmp_path):

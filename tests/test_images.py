@@ -1,13 +1,15 @@
 """The image reader contract, on images generated here: modes, orientation, formats, bad files, folder walking."""
 import io
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_image
+from conftest import REPO, make_image
 from image_similarity.data import images
 from image_similarity.data.images import ImageReadError, SkippedImages, list_images, load_image, read_image
 
@@ -160,6 +162,71 @@ def test_max_pixels_is_honoured(tmp_path):
     with pytest.raises(ImageReadError, match=r"small.png: 20x10 is over the 199-pixel limit"):
         read_image(path, max_pixels=199)
     assert images.MAX_IMAGE_PIXELS == 89_478_485
+
+
+def _grey16_png_header_only(width, height):
+    """A PNG that claims width x height 16-bit grey pixels but holds no image data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_decode_budget_in_bytes_is_checked_from_the_header(tmp_path):
+    path = tmp_path / "wide16.png"
+    path.write_bytes(_grey16_png_header_only(9_400, 9_400))  # under the pixel limit; 2 bytes a pixel
+    needed = images.decode_bytes("I;16", 9_400, 9_400)
+    # Refused from the header: the file holds no pixel data, so decoding would have said "truncated" instead.
+    with pytest.raises(ImageReadError, match=rf"wide16.png: 9400x9400 I;16 needs about {needed:,} bytes to decode, "
+                                             r"over the 500,000,000-byte limit"):
+        read_image(path, max_bytes=500_000_000)
+    # Mode-aware: the same size in 8-bit grey needs less than in 16-bit, and RGB more.
+    assert images.decode_bytes("L", 100, 100) < images.decode_bytes("I;16", 100, 100) < \
+        images.decode_bytes("RGB", 100, 100)
+    # Every mode passes at the pixel limit under the default budget.
+    assert images.decode_bytes("RGBA", images.MAX_IMAGE_PIXELS, 1) <= images.MAX_DECODE_BYTES
+
+
+PEAK_CHILD = """
+import re, sys
+from image_similarity.data.images import decode_bytes, read_image
+def peak():
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", status.read()).group(1)) * 1024
+before = peak()
+image = read_image(sys.argv[1])
+print(peak() - before, decode_bytes("I;16", image.width, image.height))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc")
+def test_16_bit_decoding_stays_within_its_estimate(tmp_path):
+    # 3000 x 3000 16-bit grey: the float64 conversion took ~27 bytes a pixel (243 MB); the estimate allows 12.
+    pixels = np.zeros((3000, 3000), np.uint16)
+    pixels[:, :1500] = 40_000
+    Image.fromarray(pixels).save(tmp_path / "grey16.png")
+    out = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(tmp_path / "grey16.png")], capture_output=True,
+                         text=True, check=True, cwd=REPO).stdout.split()
+    growth, estimate = map(int, out)
+    assert growth < estimate, f"decoding grew the process by {growth:,} bytes, over the {estimate:,} estimated"
+
+
+def test_formats_outside_the_allow_list_are_refused_before_decoding(tmp_path):
+    for fmt, name in (("EPS", "drawing.eps"), ("ICO", "icon.png"), ("PPM", "portable.jpg")):
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / name, fmt)
+        with pytest.raises(ImageReadError, match=rf"{name}: format {fmt} is not accepted \(accepted: JPEG, PNG, GIF, "
+                                                 r"BMP, TIFF, WEBP\)"):
+            read_image(tmp_path / name)
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buffer, "EPS")
+    with pytest.raises(ImageReadError, match="format EPS is not accepted"):
+        read_image(io.BytesIO(buffer.getvalue()))
+    for short in (b"", b"ab"):  # too short for some formats' signature checks
+        with pytest.raises(ImageReadError, match="not an image Pillow can decode"):
+            read_image(io.BytesIO(short))
+    for fmt in ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, fmt)
+        assert read_image(buffer).size == (40, 30), fmt
 
 
 @pytest.mark.parametrize("name, content, reason", [

@@ -4,6 +4,7 @@ A dataset of small real images is laced with the generated corpus in tests/bad_i
 name each bad file once, skip it, process every good file, and leave nothing half-written.
 """
 import csv
+import io
 import os
 import resource
 import signal
@@ -13,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from bad_inputs import lace_with_bad_inputs
 from conftest import REPO, make_image, make_labelled_images, run_script
@@ -47,8 +49,8 @@ def assert_bad_files_named_once(corpus, stderr):
         assert len(lines) == 1, f"{key} ({why}) reported {len(lines)} times:\n{stderr[-3000:]}"
 
 
-def test_corpus_has_at_least_25_cases(laced):
-    assert laced[2].n_cases >= 25
+def test_corpus_has_at_least_27_cases(laced):
+    assert laced[2].n_cases >= 27
 
 
 def test_odd_but_valid_files_decode_to_the_right_pixels(laced):
@@ -159,6 +161,11 @@ def test_service_refuses_bad_uploads_and_answers_odd_ones(laced):
         for key in ("red/cmyk.jpg", "red/sixteen_bit.png", "red/animated.gif", "red/exif_orientation_6.jpg"):
             answer = client.post("/query", files={"image": (key, (root / key).read_bytes())}, data={"k": "3"})
             assert answer.status_code == 200 and len(answer.json()["results"]) == 3, key
+        # A valid image over svc_maxImagePixels (40 MP) is refused from its header, before decoding.
+        buffer = io.BytesIO()
+        Image.new("1", (7_000, 6_000)).save(buffer, "PNG")
+        answer = client.post("/query", files={"image": ("wide.png", buffer.getvalue())}, data={"k": "3"})
+        assert answer.status_code == 422 and "7000x6000 is over the 40,000,000-pixel limit" in answer.json()["detail"]
 
 
 def test_nothing_usable_is_a_clear_error(tmp_path):

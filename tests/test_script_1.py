@@ -39,6 +39,10 @@ def test_tiny_dataset_outputs(tiny_dataset):
     assert sorted(all_keys) == sorted(p.relative_to(tiny_dataset).as_posix() for p in tiny_dataset.rglob("*.jpg"))
     infos = {split: fileio.load_pickle(proc / f"imgInfos{split.title()}.pickle") for split in SPLITS}
     assert [len(infos[s]) for s in SPLITS] == [15, 0, 6]  # val has one image per label: no query
+    # ... which step 1 says, naming the labels, instead of step 4 finding no validation sets later
+    assert ("WARNING: val holds fewer than 2 images of label(s) blue, green, red: they give no val query (no ranking "
+            "sets at all)") in result.stderr
+    assert "train holds" not in result.stderr and "test holds" not in result.stderr
     for split in ("train", "test"):
         keys = {k for v in splits[split].values() for k in v}
         for s in infos[split]:

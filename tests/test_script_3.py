@@ -53,6 +53,19 @@ def test_refined_model_is_used(dataset, tmp_path):
     assert stored.matrix.shape == (24, 1280)
 
 
+def test_bad_batch_settings_are_refused_before_the_outputs_are_touched(dataset):
+    work = dataset.parents[1]
+    assert _run(work, "rf_maxEpochs=0").returncode == 0
+    out = work / "proc" / "tiny" / "features.npy"
+    before = {p: p.read_bytes() for p in (out, features.sidecar_path(out))}
+    for knob, text in (("run_mbSize=0", "run_mbSize must be an integer >= 1, got 0"),
+                       ("run_nrWorkers=-1", "run_nrWorkers must be an integer >= 0, got -1"),
+                       ("run_mbSize=2.5", "run_mbSize must be an integer >= 1, got 2.5")):
+        result = _run(work, "rf_maxEpochs=0", knob)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {text}"], result.stderr
+    assert {p: p.read_bytes() for p in before} == before
+
+
 def test_missing_model_is_a_one_line_error(dataset):
     result = _run(dataset.parents[1], "rf_maxEpochs=3")
     assert result.returncode == 2

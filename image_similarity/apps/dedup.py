@@ -1,303 +1,47 @@
 """Near-duplicate images: perceptual hashes or CNN embeddings, searched at scale, grouped, reported and moved.
 
-The imagededup flow (encode, then find duplicates), built to scale to millions of images:
+The imagededup flow (encode, then find duplicates), built to scale to millions of images, in three modules:
 
-1. :func:`encode` reads every image once and streams its encoding into an ``.npy`` with a JSON sidecar (keys and
-   settings): packed bits for the hashes of :data:`HASH_METHODS`, float32 features of the project's network for
-   ``'cnn'``. With ``invariant=True`` it also encodes the image's flips and quarter turns (:data:`VIEWS`).
-2. :func:`find_duplicates` puts the upright encodings into an index (a FAISS binary index for hashes, searched by
-   exact Hamming range; the project's :class:`~image_similarity.index.NearestNeighborIndex` for embeddings, searched
-   by cosine range), range-searches it a chunk of queries at a time with every view, keeping the nearest, and
-   returns the connected components of the links. ``against=`` checks new images against an encoded set without
-   re-encoding it. Memory beyond the index stays flat in N: encodings are read from the memory-mapped file.
-3. :func:`save_groups_csv` and :func:`plots.plot_duplicate_groups` report them; :func:`move_duplicates` moves
-   (never deletes) all but the kept image of each group, through a journal, so that a killed run can be re-run.
+1. :func:`encode` (:mod:`.dedup_encode`) reads every image once and streams its encoding into an ``.npy`` with a
+   JSON sidecar: packed hash bits or float32 features of the project's network, optionally of every flip and
+   quarter turn.
+2. :func:`find_duplicates` (here) puts the upright encodings into an index (a FAISS binary index for hashes, searched
+   by exact Hamming range; the project's :class:`~image_similarity.index.NearestNeighborIndex` for embeddings,
+   searched by cosine range), range-searches it a chunk of queries at a time with every view, keeping the nearest,
+   and returns the connected components of the links. ``against=`` checks new images against an encoded set
+   without re-encoding it. Memory beyond the index stays flat in N: encodings are read from the memory-mapped file.
+3. :func:`save_groups_csv` and :func:`plots.plot_duplicate_groups` report them; :func:`move_duplicates`
+   (:mod:`.dedup_move`) moves (never deletes) all but the kept image of each group, through a journal, so that a
+   killed run can be re-run.
 
-Step 1 calls the same code. From a shell::
+Step 1 calls the same code. From a shell (:mod:`.dedup_cli`)::
 
     python -m image_similarity.apps.dedup FOLDER [--method dhash|phash|ahash|whash|cnn] [--threshold T] [--invariant]
         [--against ENCODINGS.npy] [--out FILE.csv] [--move-duplicates DIR]
 """
-import argparse
-import copy
-import csv
-import logging
 import math
 import os
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import imagehash
 import numpy as np
-from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
-from ..data.fileio import atomic_path, load_json, save_csv, save_json
-from ..data.images import SkippedImages, image_key, list_images, load_image
+from ..data.fileio import save_csv
+from .dedup_encode import (DEFAULT_THRESHOLDS, HASH_METHODS, METHODS, VIEWS, Encodings, check_settings,  # noqa: F401
+                           encode, load_encodings)
+from .dedup_move import move_duplicates  # noqa: F401 (re-exported)
 
 __all__ = ["HASH_METHODS", "METHODS", "DEFAULT_THRESHOLDS", "VIEWS", "Encodings", "encode", "load_encodings",
-           "find_links", "connected_groups", "find_duplicates", "group_rows", "save_groups_csv", "move_duplicates", "hash_images",
-           "find_near_duplicate_groups", "kept_key", "duplicates_to_remove"]
+           "check_settings", "find_links", "connected_groups", "find_duplicates", "group_rows", "save_groups_csv",
+           "move_duplicates", "hash_images", "find_near_duplicate_groups", "kept_key", "duplicates_to_remove"]
 
-logger = logging.getLogger(__name__)
-
-# One driver (encode) for every hash; each variant is only its formula, all from imagehash.
-HASH_METHODS = {
-    "dhash": imagehash.dhash,          # horizontal gradient signs: robust to resizing and recompression
-    "phash": imagehash.phash,          # low DCT frequencies
-    "ahash": imagehash.average_hash,   # above or below the mean grey level
-    "whash": imagehash.whash,          # Haar wavelet low band (hash_size must be a power of 2)
-}
-METHODS = (*HASH_METHODS, "cnn")
-# Defaults: Hamming bits of a 256-bit hash (hash_size 16), cosine distance 1 - cos for 'cnn'. dhash keeps step 1's
-# long-standing 10 bits. The others are the largest threshold at which precision stayed 1.000 on a tuning set that
-# the reported numbers do not use: `python bench/dedup.py quality --dataset data/fridgeObjects --n-originals 40
-# --n-distractors 60` (bench/results/dedup_quality_fridgeObjects.json); phash never dropped below 1.000 up to 80
-# bits and is capped at 64, where unrelated hashes (128 +- 8 bits apart) are 8 standard deviations away.
-DEFAULT_THRESHOLDS = {"dhash": 10, "phash": 64, "ahash": 16, "whash": 20, "cnn": 0.09}
-DEFAULT_MODEL = "efficientnet_lite0"   # backbone name or refined checkpoint for 'cnn'
-# The 8 symmetries of the square: the upright image first, then its flips and quarter turns.
-VIEWS = (None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
-         Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
-         Image.Transpose.TRANSVERSE)
 MULTIHASH_FROM = 20_000    # from this many hashes, multi-index hashing (IndexBinaryMultiHash) instead of brute force
 MIN_SUBSTRING_BITS = 16    # multi-index hashing splits the hash into substrings of at least this many bits
 QUERY_CHUNK = 65_536       # encodings range-searched at a time
-PRINTED_GROUPS = 20        # groups the command line prints (all are in the CSV)
-
-
-def _view(img, view):
-    return img if view is None else img.transpose(view)
-
-
-def _views(invariant):
-    return VIEWS if invariant else VIEWS[:1]
-
-
-# ---------------------------------------------------------------------------------------------------- encodings
-@dataclass
-class Encodings:
-    """Encoded images: one row per image, one slice per view.
-
-    Attributes
-    ----------
-    keys : list of str
-        Paths relative to ``meta['root']`` ('label/file.jpg'), or any names.
-    array : ndarray of shape (n_images, n_views, width)
-        uint8 packed hash bits (``width = n_bits / 8``) or float32 features (``width = dim``); view 0 is upright.
-        Usually memory-mapped from the ``.npy``.
-    meta : dict
-        ``method``, ``invariant``, ``root``, and ``hash_size`` (hashes) or ``model_id`` (cnn).
-    """
-
-    keys: list
-    array: np.ndarray
-    meta: dict
-
-    @property
-    def method(self):
-        return self.meta["method"]
-
-    def __len__(self):
-        return len(self.keys)
-
-
-def _sidecar_path(path):
-    return Path(path).with_suffix(".json")
-
-
-class _EncodingsSink:
-    """Where :func:`encode` writes: an ``(n_max, width)`` array in memory, or a .npy at a temporary path that
-    :meth:`finish` cuts to the rows written and renames into place, then writes the sidecar. A context manager:
-    an exception removes the temporary file."""
-
-    def __init__(self, path, n_max, width, dtype):
-        self.path, self.dtype, self._atomic = path and Path(path), np.dtype(dtype), None
-        if self.path is None:
-            self.array = np.empty((n_max, width), self.dtype)
-            return
-        _sidecar_path(path).unlink(missing_ok=True)   # no finished-looking pair while the new one is written
-        self._atomic = atomic_path(path)
-        self.tmp = self._atomic.__enter__()
-        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype, shape=(max(n_max, 1), width))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        if self._atomic is not None:
-            self.array = None
-            self._atomic.__exit__(*exc_info)
-
-    def finish(self, keys, meta, n_views):
-        """The :class:`Encodings` of the first ``len(keys)`` rows (from the file when there is one)."""
-        n_rows, width = len(keys), self.array.shape[1]
-        if self.path is None:
-            return Encodings(keys, self.array[:n_rows].reshape(n_rows, n_views, width // n_views), meta)
-        self.array.flush()
-        self.array = None
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                  "shape": (n_rows, width)}
-        with open(self.tmp, "rb+") as handle:
-            np.lib.format.read_magic(handle)
-            np.lib.format.read_array_header_1_0(handle)
-            offset = handle.tell()
-            handle.seek(0)
-            np.lib.format.write_array_header_1_0(handle, header)
-            if handle.tell() != offset:
-                raise RuntimeError(f"{self.path}: the .npy header changed size when rewritten")
-            handle.truncate(offset + n_rows * width * self.dtype.itemsize)
-        self._atomic.__exit__(None, None, None)
-        self._atomic = None
-        save_json(_sidecar_path(self.path), {**meta, "n_images": n_rows, "keys": list(keys)})
-        return load_encodings(self.path)
-
-
-def load_encodings(path):
-    """Read an encodings ``.npy`` and its sidecar written by :func:`encode` (memory-mapped).
-
-    Raises
-    ------
-    FileNotFoundError
-        When either file is missing (the sidecar is written last: without it the encoding did not finish).
-    ValueError
-        When the two disagree.
-    """
-    path = Path(path)
-    for required in (path, _sidecar_path(path)):
-        if not required.is_file():
-            raise FileNotFoundError(f"{required} not found (encodings incomplete: encode the images again)")
-    meta = load_json(_sidecar_path(path))
-    keys = meta.pop("keys")
-    flat = np.load(path, mmap_mode="r", allow_pickle=False)
-    n_views = len(_views(meta.get("invariant", False)))
-    if flat.ndim != 2 or flat.shape[0] != len(keys) or flat.shape[1] % n_views:
-        raise ValueError(f"{path} has shape {flat.shape} but {_sidecar_path(path)} lists {len(keys)} keys with "
-                         f"{n_views} view(s) each: the two files do not belong together")
-    return Encodings(keys, flat.reshape(len(keys), n_views, flat.shape[1] // n_views), meta)
-
-
-def _check_method(method, hash_size):
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if not isinstance(hash_size, int) or hash_size < 2:
-        raise ValueError(f"hash_size must be an integer >= 2, got {hash_size!r}")
-    if method == "whash" and hash_size & (hash_size - 1):
-        raise ValueError(f"whash needs a power-of-2 hash_size, got {hash_size}")
-
-
-def _resolve(source, root):
-    path = Path(source)
-    if root is not None and not path.is_absolute() and not path.is_relative_to(root):
-        path = Path(root) / path
-    return path
-
-
-def _key(source, path, root):
-    return image_key(path, root) if root is not None else str(source)
-
-
-def _hash_bits(img, method, hash_size):
-    """The packed bits (uint8, ``ceil(hash_size**2 / 8)`` bytes; zero padding changes no distance) of one hash."""
-    return np.packbits(HASH_METHODS[method](img, hash_size=hash_size).hash.ravel())
-
-
-def encode(sources, root=None, path=None, method="dhash", hash_size=16, invariant=False, model=DEFAULT_MODEL,
-           skipped=None, progress=True, batch_size=64, n_workers=2, device=None):
-    """Encode every readable image, streaming into ``path`` (.npy + .json sidecar) or into memory.
-
-    Parameters
-    ----------
-    sources : iterable of str or Path
-        Image paths, or keys relative to ``root``.
-    root : str or Path, optional
-        The image folder; results are keyed by the path relative to it, else by ``str(source)``.
-    path : str or Path, optional
-        Where to write the encodings (an ``.npy``; the sidecar ``.json`` is written last). None = in memory.
-    method : str
-        One of :data:`METHODS`.
-    hash_size : int
-        Hash grid side: ``hash_size**2`` bits (hash methods only).
-    invariant : bool
-        Also encode the 7 flips and quarter turns of :data:`VIEWS` (8 times the work and the file size).
-    model : str, Path or Embedder
-        Backbone name, refined checkpoint or a loaded :class:`~image_similarity.embedder.Embedder` (``'cnn'`` only).
-    skipped : SkippedImages, optional
-        Unreadable images are recorded here and logged once each, never raised.
-    progress : bool
-        Show a tqdm progress bar.
-    batch_size, n_workers, device
-        Forward-pass batch, DataLoader workers and device (``'cnn'`` only).
-
-    Returns
-    -------
-    Encodings
-        One row per readable image, in input order.
-    """
-    _check_method(method, hash_size)
-    sources = list(sources)
-    views = _views(invariant)
-    meta = {"method": method, "invariant": bool(invariant), "root": str(Path(root).resolve()) if root else None}
-    if method == "cnn":
-        return _encode_cnn(sources, root, path, views, model, skipped, batch_size, n_workers, device, meta)
-    meta["hash_size"] = hash_size
-    width = -(-hash_size * hash_size // 8)
-    keys = []
-    with _EncodingsSink(path, len(sources), len(views) * width, np.uint8) as sink:
-        for source in tqdm(sources, desc=f"hashing ({method})", unit="img", disable=not progress):
-            image_path = _resolve(source, root)
-            img = load_image(image_path, skipped)
-            if img is not None:
-                sink.array[len(keys)] = np.concatenate([_hash_bits(_view(img, v), method, hash_size) for v in views])
-                keys.append(_key(source, image_path, root))
-        return sink.finish(keys, meta, len(views))
-
-
-class _ViewTransform:
-    """A backbone's eval transform applied to one flip or quarter turn of the image (picklable for workers)."""
-
-    def __init__(self, transform, view):
-        self.transform, self.view = transform, view
-
-    def to_uint8(self, img):
-        return self.transform.to_uint8(_view(img, self.view))
-
-    def normalize(self, pixels):
-        return self.transform.normalize(pixels)
-
-
-def _embed_files(paths, root, embedder, view, skipped, batch_size, n_workers):
-    """Yield ``(keys, features)`` batches of one view of the image files, through the embedder's one loop."""
-    viewed = copy.copy(embedder)
-    viewed.transform = _ViewTransform(embedder.transform, view)
-    yield from viewed.iter_files(paths, root, batch_size, n_workers, skipped)
-
-
-def _encode_cnn(sources, root, path, views, model, skipped, batch_size, n_workers, device, meta):
-    if root is None:
-        raise ValueError("method 'cnn' needs the image folder (root) to key its features")
-    from ..models.embedder import Embedder, load_embedder   # torch only when 'cnn' is used
-    from ..models.inference import InferenceConfig
-    embedder = model if isinstance(model, Embedder) else load_embedder(model, InferenceConfig(device=device))
-    dim = embedder.dim
-    meta.update(model_id=embedder.model_id, backbone=embedder.backbone, dim=dim)
-    paths = [_resolve(source, root) for source in sources]
-    keys = []
-    with _EncodingsSink(path, len(paths), len(views) * dim, np.float32) as sink:
-        for batch_keys, rows in _embed_files(paths, root, embedder, views[0], skipped, batch_size, n_workers):
-            sink.array[len(keys):len(keys) + len(rows), :dim] = rows
-            keys.extend(batch_keys)
-        readable = [Path(root) / key for key in keys]   # the other views: only the readable files, no new warnings
-        for number, view in enumerate(views[1:], 1):
-            done = 0
-            for _, rows in _embed_files(readable, root, embedder, view, None, batch_size, n_workers):
-                sink.array[done:done + len(rows), number * dim:(number + 1) * dim] = rows
-                done += len(rows)
-        return sink.finish(keys, meta, len(views))
 
 
 # ---------------------------------------------------------------------------------------------------- search
@@ -487,83 +231,6 @@ def save_groups_csv(path, groups):
     return save_csv(path, ["group", "key", "status", "distance"], group_rows(groups))
 
 
-# ---------------------------------------------------------------------------------------------------- moving
-JOURNAL_NAME = "moved.tsv"   # in the --move-duplicates folder: one "source<TAB>destination" line per move
-
-
-def _same_file(a, b):
-    if a.stat().st_size != b.stat().st_size:
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            chunk = fa.read(1 << 20)
-            if chunk != fb.read(1 << 20):
-                return False
-            if not chunk:
-                return True
-
-
-def _finish_move(source, destination):
-    """Complete one journalled move; True when ``destination`` holds the file and ``source`` is gone."""
-    if destination.exists() and not source.exists():
-        return True
-    if source.exists() and destination.exists():
-        if not _same_file(source, destination):
-            logger.warning("not moving %s: %s exists and differs", source, destination)
-            return False
-        source.unlink()   # a copy across file systems finished before the kill: the file is at its destination
-        return True
-    if not source.exists():
-        logger.warning("cannot move %s: the file is gone", source)
-        return False
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(source, destination)   # atomic on one file system
-    except OSError:
-        with atomic_path(destination) as tmp:   # across file systems: a complete copy appears atomically
-            shutil.copy2(source, tmp)
-        source.unlink()
-    return True
-
-
-def move_duplicates(groups, folder, destination):
-    """Move every duplicate (never the kept image) from ``folder`` to the same relative path under ``destination``.
-
-    The whole plan is first appended to the journal ``destination/moved.tsv`` and synced; then each file is moved
-    by an atomic rename. A run killed at any point and re-run first completes the journalled plan, so no file is
-    lost or moved twice. Images of an ``against`` set (absolute keys) are not touched.
-
-    Returns
-    -------
-    list of (Path, Path)
-        The moves done or completed by this call.
-    """
-    folder, destination = Path(folder), Path(destination)
-    if destination.resolve() == folder.resolve() or folder.resolve() in destination.resolve().parents:
-        raise ValueError(f"--move-duplicates {destination} must lie outside {folder}, or a re-run would scan it")
-    destination.mkdir(parents=True, exist_ok=True)
-    journal = destination / JOURNAL_NAME
-    plan = []
-    if journal.exists():
-        with open(journal, encoding="utf-8", newline="") as handle:
-            plan = [tuple(map(Path, row)) for row in csv.reader(handle, delimiter="\t") if len(row) == 2]
-    new = [(folder / key, destination / key) for group in groups for key, _ in group[1:]
-           if not Path(key).is_absolute()]
-    journalled = set(plan)
-    new = [(source, target) for source, target in new if source.exists() and (source, target) not in journalled]
-    for source, target in [move for move in new if move[1].exists()]:
-        logger.warning("not moving %s: %s already exists and is not in %s", source, target, journal)
-        new.remove((source, target))
-    with open(journal, "a", encoding="utf-8", newline="") as handle:
-        handle.writelines(f"{source}\t{target}\n" for source, target in new)
-        handle.flush()
-        os.fsync(handle.fileno())
-    done = []
-    for source, target in plan + new:
-        if source.exists() and _finish_move(source, target):
-            done.append((source, target))
-    return done
-
 
 # ---------------------------------------------------------------------------------------------------- the old API
 def hash_images(sources, root=None, hash_size=16, skipped=None, method="dhash", progress=True):
@@ -619,79 +286,7 @@ def duplicates_to_remove(groups):
     return sorted(key for group in groups for key in group if key != kept_key(group))
 
 
-# ---------------------------------------------------------------------------------------------------- command line
-def _main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m image_similarity.apps.dedup",
-        description="Find groups of near-duplicate images in a folder; write them as CSV and a contact sheet, and "
-                    "optionally move the duplicates away (never deleting them).")
-    parser.add_argument("folder", type=Path, help="folder searched recursively for images")
-    parser.add_argument("--method", choices=METHODS, default="dhash", help="how images are compared (default dhash)")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="largest distance of a near-duplicate: Hamming bits for hashes, cosine distance for "
-                             "cnn (default: " + ", ".join(f"{m} {t}" for m, t in DEFAULT_THRESHOLDS.items()) + ")")
-    parser.add_argument("--max-distance", type=int, dest="threshold", help=argparse.SUPPRESS)  # the old name
-    parser.add_argument("--hash-size", type=int, default=16, help="hash grid side; hash_size**2 bits (default 16)")
-    parser.add_argument("--invariant", action="store_true",
-                        help="also match flipped and quarter-turned copies (8x the encoding work)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"backbone or checkpoint for cnn ({DEFAULT_MODEL})")
-    parser.add_argument("--against", type=Path, metavar="ENCODINGS",
-                        help="an encodings .npy written by an earlier run: new images are checked against it")
-    parser.add_argument("--out", type=Path, help="groups CSV (default: FOLDER_near_duplicates_METHOD.csv beside "
-                                                 "FOLDER); the contact sheet .png and .encodings.npy go beside it")
-    parser.add_argument("--move-duplicates", type=Path, metavar="DIR",
-                        help="move every duplicate to DIR/<key> (journal DIR/moved.tsv; re-run after a kill)")
-    args = parser.parse_args(argv)
-    if not args.folder.is_dir():
-        parser.error(f"{args.folder} is not a folder")
-    if args.against is not None and not args.against.is_file():
-        parser.error(f"--against {args.against} not found")
-    if args.method != "cnn" and args.threshold is not None and args.threshold != int(args.threshold):
-        parser.error(f"--threshold for {args.method} is a whole number of bits, got {args.threshold:g}")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    from ..pipeline.plots import plot_duplicate_groups
-    folder_name = args.folder.resolve().name
-    out = args.out or args.folder.resolve().parent / f"{folder_name}_near_duplicates_{args.method}.csv"
-    encodings_path = out.with_suffix(".encodings.npy")
-    against = load_encodings(args.against) if args.against is not None else None
-    if against is not None:
-        if encodings_path.resolve() == args.against.resolve():
-            parser.error(f"--out {out} would overwrite the encodings given to --against; choose another --out")
-        wanted = {"method": args.method, "hash_size": None if args.method == "cnn" else args.hash_size}
-        if args.method == "cnn":
-            from ..models.backbones import model_id
-            wanted["model_id"] = model_id(args.model)
-        differs = {k: (v, against.meta.get(k)) for k, v in wanted.items() if v != against.meta.get(k)}
-        if differs:
-            parser.error(f"--against {args.against} was encoded differently: " + ", ".join(
-                f"{k} {new!r} here, {old!r} there" for k, (new, old) in differs.items()))
-    skipped = SkippedImages()
-    paths = list_images(args.folder, skipped=skipped)
-    if against is not None and against.meta.get("root") == str(args.folder.resolve()):
-        known = set(against.keys)    # the same folder encoded before: only its new images are encoded
-        paths = [p for p in paths if image_key(p, args.folder) not in known]
-    threshold = args.threshold if args.method == "cnn" or args.threshold is None else int(args.threshold)
-    encodings = encode(paths, root=args.folder, path=encodings_path, method=args.method, hash_size=args.hash_size,
-                       invariant=args.invariant, model=args.model, skipped=skipped)
-    groups = find_duplicates(encodings, threshold, against)
-    save_groups_csv(out, groups)
-    sheet = plot_duplicate_groups(groups, args.folder, out.with_suffix(".png"))
-    for number, group in enumerate(groups[:PRINTED_GROUPS], 1):
-        print(f"group {number}: {group[0][0]} (kept), " + ", ".join(key for key, _ in group[1:]))
-    if len(groups) > PRINTED_GROUPS:
-        print(f"... {len(groups) - PRINTED_GROUPS} more group(s) in {out}")
-    n_duplicates = sum(len(group) - 1 for group in groups)
-    print(f"{len(groups)} group(s) of near-duplicates in {len(encodings)} image(s) under {args.folder}"
-          + (f" checked against {len(against)} in {args.against}" if against is not None else "")
-          + f"; {n_duplicates} would be removed")
-    print(f"wrote {out}, {sheet} and {encodings_path}")
-    if args.move_duplicates is not None:
-        moved = move_duplicates(groups, args.folder, args.move_duplicates)
-        print(f"moved {len(moved)} duplicate(s) to {args.move_duplicates} (log: "
-              f"{args.move_duplicates / JOURNAL_NAME})")
-    if skipped:
-        print(skipped.summary())
-
 
 if __name__ == "__main__":
-    _main()
+    from .dedup_cli import main
+    main()

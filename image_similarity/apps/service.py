@@ -94,6 +94,8 @@ class SimilarityService:
         Attributes a query may combine by name.
     max_upload_bytes : int
         Largest accepted image upload, in bytes.
+    max_image_pixels : int
+        Largest accepted upload in pixels (width x height), checked from its header before decoding.
     thumb_px : int
         Longest side of thumbnails, in pixels.
     notes : list of str, optional
@@ -103,7 +105,8 @@ class SimilarityService:
     """
 
     def __init__(self, embedder, features, ranker_map, image_dir, default_ranker="cosine", attribute_map=None,
-                 max_upload_bytes=10_000_000, thumb_px=160, notes=(), label_issues_path=None):
+                 max_upload_bytes=10_000_000, thumb_px=160, notes=(), label_issues_path=None,
+                 max_image_pixels=40_000_000):
         self.embedder = embedder
         if embedder.model_id != features.meta["model_id"]:
             raise ValueError(f"the network is {embedder.model_id} but the features come from "
@@ -121,6 +124,7 @@ class SimilarityService:
                 raise ValueError(f"attribute {name!r} was trained on {attribute.model_id}, not {self.model_id}")
         self.image_dir = Path(image_dir).resolve()
         self.max_upload_bytes = int(max_upload_bytes)
+        self.max_image_pixels = int(max_image_pixels)
         self.thumb_px = int(thumb_px)
         self.notes = list(notes)
         self.label_issues_path = Path(label_issues_path) if label_issues_path else None
@@ -130,12 +134,13 @@ class SimilarityService:
         self.thumbnail = lru_cache(maxsize=4096)(self._thumbnail)
 
     @classmethod
-    def from_run(cls, run, image_dir, max_upload_bytes=10_000_000, thumb_px=160, label_issues_path=None):
+    def from_run(cls, run, image_dir, max_upload_bytes=10_000_000, thumb_px=160, label_issues_path=None,
+                 max_image_pixels=40_000_000):
         """The service of a run loaded by :func:`.runs.load_run` (with its network)."""
         for note in run.notes:
             logger.warning(note)
         return cls(run.embedder, run.features, run.rankers, image_dir, run.default_ranker, run.attributes,
-                   max_upload_bytes, thumb_px, run.notes, label_issues_path)
+                   max_upload_bytes, thumb_px, run.notes, label_issues_path, max_image_pixels)
 
     def health(self):
         """The ``/health`` document: a dict of plain JSON values."""
@@ -188,7 +193,7 @@ class SimilarityService:
                 raise ValueError(f"unknown ranker {name!r}: available are {list(self.rankers)}")
             scorer = self.rankers[name]
         start = time.perf_counter()
-        image = read_image(io.BytesIO(data))
+        image = read_image(io.BytesIO(data), max_pixels=self.max_image_pixels)
         batch = self.embedder.transform(image).unsqueeze(0)
         decoded = time.perf_counter()
         with self._net_slots:
@@ -342,7 +347,7 @@ def create_app(service, upload_timeout_s=60.0, max_decodes=None):
             return await to_thread.run_sync(service.query, data, k, fields["ranker"] or None, names,
                                             limiter=limiter())
         except ImageReadError as err:
-            status = 415 if err.reason.startswith("not an image") else 422
+            status = 415 if err.reason.startswith(("not an image", "format ")) else 422
             raise HTTPException(status, f"{filename}: {err.reason}") from None
         except ValueError as err:
             raise HTTPException(422, str(err)) from None

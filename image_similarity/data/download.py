@@ -1,19 +1,23 @@
 """Download a ``label<TAB>url`` list into ``<out_dir>/<label>/<n>.jpg``: concurrent, retried, checked, resumable.
 
 Every body must decode through :func:`image_similarity.images.read_image` (error pages and HTML are refused),
-is capped in size while it streams, and is written atomically, so an interrupted run leaves only finished files
-and a re-run skips them. ``n`` is the 1-based position of the URL among its label's lines, so names stay stable.
+is capped in size and in time while it streams, and is written atomically, so an interrupted run leaves only
+finished files and a re-run skips them. Downloads run in daemon threads: Ctrl-C stops a run at once, even with
+a connection stuck mid-body. ``n`` is the 1-based position of the URL among its label's lines, so names stay stable.
 """
 import io
 import logging
+import queue
+import threading
+import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
@@ -157,9 +161,9 @@ def make_session(max_retries=3, backoff=0.5, pool_size=8):
     return session
 
 
-def _is_valid_image(path):
+def _is_valid_image(path, max_pixels):
     try:
-        read_image(path)
+        read_image(path, max_pixels=max_pixels)
         return True
     except ImageReadError:
         return False
@@ -171,8 +175,12 @@ def _cause(err):
     return getattr(cause, "reason", None) or cause
 
 
-def _fetch_body(session, url, timeout, max_bytes):
-    """The response body as bytes, or a ValueError with the reason (bad status, too large, network error)."""
+def _fetch_body(session, url, timeout, max_bytes, deadline, stop):
+    """The response body as bytes, or a ValueError with the reason (bad status, too large, too slow, network error).
+
+    ``deadline`` is a ``time.monotonic()`` value (or None): the body is read as it arrives (``read1``), so a server
+    that trickles bytes, each within ``timeout``, is cut off there. ``stop`` (a threading.Event) ends the read too.
+    """
     try:
         with session.get(url, timeout=timeout, stream=True) as response:
             if response.status_code >= 400:
@@ -183,11 +191,16 @@ def _fetch_body(session, url, timeout, max_bytes):
                 raise ValueError(f"body of {int(declared):,} bytes is over the {max_bytes:,}-byte limit")
             body = bytearray()
             try:
-                for chunk in response.iter_content(CHUNK_BYTES):
+                while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
                     body += chunk
                     if len(body) > max_bytes:
                         raise ValueError(f"body is over the {max_bytes:,}-byte limit (stopped reading)")
-            except requests.RequestException as err:  # not retried: the adapter's retries end with the headers
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise ValueError(f"over the per-URL deadline ({len(body):,} bytes received): server too slow")
+                    if stop.is_set():
+                        raise ValueError("interrupted")
+            except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
+                # not retried: the adapter's retries end with the headers
                 raise ValueError(f"body cut off: {_cause(err)}") from None
             return bytes(body)
     except requests.TooManyRedirects:
@@ -196,32 +209,68 @@ def _fetch_body(session, url, timeout, max_bytes):
         raise ValueError(f"request failed: {_cause(err)}") from None
 
 
-def _download_one(session, entry, out_dir, timeout, max_bytes):
-    """Fetch one entry into ``out_dir``; returns 'downloaded' or 'present', or raises ValueError with the reason."""
+def _download_one(session, entry, out_dir, limits, stop):
+    """Fetch one entry into ``out_dir``; returns 'downloaded' or 'present', or raises ValueError with the reason.
+
+    A write error (disk full, read-only folder) is an OSError naming the file: it stops the run.
+    """
     target = Path(out_dir) / entry.label / f"{entry.index}.jpg"
     remove_stale_temporaries(target)  # a kill -9 during a write leaves atomic_path's temporary file
     if target.exists():
-        if _is_valid_image(target):
+        if _is_valid_image(target, limits.max_pixels):
             return "present"
         logger.warning("%s exists but does not decode: downloading it again", target)
-    body = _fetch_body(session, entry.url, timeout, max_bytes)
+    deadline = time.monotonic() + limits.deadline if limits.deadline else None
+    body = _fetch_body(session, entry.url, limits.timeout, limits.max_bytes, deadline, stop)
     try:
-        image = read_image(io.BytesIO(body))
+        image = read_image(io.BytesIO(body), max_pixels=limits.max_pixels)
     except ImageReadError as err:
         raise ValueError(f"not a usable image ({len(body):,} bytes): {err.reason}") from None
-    try:
-        if body.startswith(JPEG_MAGIC):
-            atomic_write_bytes(target, body)  # keep the original bytes, EXIF orientation included
-        else:
-            with atomic_path(target) as tmp:
-                image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
-    except OSError as err:  # disk full, read-only folder: stop the run, naming the file
-        raise OSError(f"{target}: cannot write: {err}") from err
+    if body.startswith(JPEG_MAGIC):
+        atomic_write_bytes(target, body)  # keep the original bytes, EXIF orientation included
+    else:
+        with atomic_path(target) as tmp:
+            image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
     return "downloaded"
 
 
+class _Limits(NamedTuple):
+    timeout: float
+    max_bytes: int
+    deadline: float
+    max_pixels: int
+
+
+def _in_daemon_threads(task, items, n_workers, stop):
+    """Yield ``(index, result, exception)`` as ``task(item)`` finishes for each item, in any order.
+
+    Daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's threads at exit, so a Ctrl-C
+    would wait for a stuck connection; daemon threads are dropped, and a killed write leaves only a temporary file
+    that the next run removes. Setting ``stop`` makes the workers take no new item.
+    """
+    todo, done = queue.SimpleQueue(), queue.SimpleQueue()
+    for pair in enumerate(items):
+        todo.put(pair)
+
+    def work():
+        while not stop.is_set():
+            try:
+                i, item = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((i, task(item), None))
+            except Exception as err:  # handed to the caller, which decides what stops the run
+                done.put((i, None, err))
+
+    for _ in range(min(n_workers, len(items))):
+        threading.Thread(target=work, daemon=True).start()
+    for _ in range(len(items)):
+        yield done.get()
+
+
 def download_images(entries, out_dir, n_workers=8, timeout=10.0, max_retries=3, max_bytes=20_000_000,
-                    backoff=0.5, session=None, progress=True):
+                    backoff=0.5, session=None, progress=True, deadline=120.0, max_pixels=40_000_000):
     """Download every entry to ``<out_dir>/<label>/<index>.jpg``, skipping targets that already decode.
 
     Parameters
@@ -234,6 +283,8 @@ def download_images(entries, out_dir, n_workers=8, timeout=10.0, max_retries=3, 
         Concurrent downloads (threads).
     timeout : float
         Seconds to connect, and between bytes received.
+    deadline : float
+        Most seconds for one URL's body to arrive in all, however steadily it trickles; 0 = no deadline.
     max_retries : int
         Retries on timeouts, connection errors and 5xx; 4xx are never retried. Ignored when ``session`` is given.
     max_bytes : int
@@ -244,6 +295,8 @@ def download_images(entries, out_dir, n_workers=8, timeout=10.0, max_retries=3, 
         Used as is (shared by the threads); None = :func:`make_session`.
     progress : bool
         Show a tqdm bar.
+    max_pixels : int
+        Largest accepted image in pixels (width x height), checked from the header before decoding.
 
     Returns
     -------
@@ -257,21 +310,19 @@ def download_images(entries, out_dir, n_workers=8, timeout=10.0, max_retries=3, 
     if repeated:
         raise ValueError(f"several entries would be saved as {', '.join(repeated)}")
     session = session or make_session(max_retries, backoff, pool_size=n_workers)
-    outcomes = {}
-    pool = ThreadPoolExecutor(max_workers=n_workers)
+    limits, stop, outcomes = _Limits(timeout, max_bytes, deadline, max_pixels), threading.Event(), {}
+    finished = _in_daemon_threads(lambda entry: _download_one(session, entry, out_dir, limits, stop), entries,
+                                  n_workers, stop)
     try:
-        futures = {pool.submit(_download_one, session, entry, out_dir, timeout, max_bytes): i
-                   for i, entry in enumerate(entries)}
-        for future in tqdm(as_completed(futures), total=len(entries), desc="download", unit="url",
-                           disable=not progress):
-            i = futures[future]
-            try:
-                outcomes[i] = future.result()
-            except ValueError as err:
-                outcomes[i] = Failure(entries[i].url, entries[i].label, str(err))
+        for i, outcome, err in tqdm(finished, total=len(entries), desc="download", unit="url", disable=not progress):
+            if isinstance(err, ValueError):
+                outcome = Failure(entries[i].url, entries[i].label, str(err))
                 logger.debug("failed %s (%s): %s", entries[i].url, entries[i].relpath, err)
+            elif err is not None:
+                raise err
+            outcomes[i] = outcome
     finally:
-        pool.shutdown(cancel_futures=True)  # on Ctrl-C or a disk error, drop the queued downloads
+        stop.set()  # on Ctrl-C or a disk error, the workers start nothing new and cut their reads
     report = DownloadReport()
     for i, entry in enumerate(entries):
         outcome = outcomes[i]

@@ -5,13 +5,17 @@ the ``.npy`` file from an :class:`embedder.Embedder` (:func:`featurize_to_file`)
 their matrix in memory; A2 keeps a store up to date with a folder (:func:`update_features`); A5 and a saved
 ``SimilarityModel`` write the same format (:func:`save_features`).
 """
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_path, load_json, save_json, save_npy
+from .fileio import atomic_path, json_text, load_json
 from .images import image_key
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["featurize_to_file", "update_features", "save_features", "load_features", "Features", "sidecar_path"]
 
@@ -28,11 +32,26 @@ def _sidecar(keys, dim, meta):
     return {**meta, "dim": int(dim), "n_images": len(keys), "keys": list(keys)}
 
 
-def save_features(path, keys, matrix, meta):
-    """Write ``matrix`` (N, D) as float32 ``path`` (.npy), then the sidecar JSON; both atomic.
+@contextmanager
+def _publishing(path):
+    """Yield ``(npy_tmp, sidecar)``: write the matrix to ``npy_tmp`` and fill the ``sidecar`` dict; on success the
+    pair replaces the store at ``path``.
 
-    The old sidecar is removed first and the new one written last, so an interrupted run is never taken for a
-    finished one.
+    Both files are complete beside the store before anything is replaced, so a full disk or a kill while writing
+    leaves the earlier store whole. Then the old sidecar is removed, the matrix renamed in and the sidecar last: a
+    kill between the two renames leaves a matrix without a sidecar, which readers take for an unfinished store
+    (never old keys over new rows).
+    """
+    sidecar = {}
+    side = sidecar_path(path)
+    with atomic_path(side) as json_tmp, atomic_path(path) as npy_tmp:
+        yield npy_tmp, sidecar
+        json_tmp.write_text(json_text(sidecar), encoding="utf-8")
+        side.unlink(missing_ok=True)
+
+
+def save_features(path, keys, matrix, meta):
+    """Write ``matrix`` (N, D) as float32 ``path`` (.npy) and the sidecar JSON, replacing a store as one.
 
     Parameters
     ----------
@@ -44,10 +63,9 @@ def save_features(path, keys, matrix, meta):
     matrix = np.asarray(matrix, dtype=np.float32)
     if matrix.ndim != 2 or matrix.shape[0] != len(keys):
         raise ValueError(f"{path}: {len(keys)} keys for a matrix of shape {matrix.shape}")
-    sidecar = _sidecar(keys, matrix.shape[1], meta)
-    sidecar_path(path).unlink(missing_ok=True)
-    save_npy(path, matrix)
-    save_json(sidecar_path(path), sidecar)
+    with _publishing(path) as (npy_tmp, sidecar), open(npy_tmp, "wb") as handle:
+        np.save(handle, matrix)
+        sidecar.update(_sidecar(keys, matrix.shape[1], meta))
     return Path(path)
 
 
@@ -55,8 +73,8 @@ def featurize_to_file(paths, root, embedder, path, batch_size=64, n_workers=2, s
     """Embed image files straight into ``path`` (.npy, float32) and its sidecar; memory stays flat.
 
     Rows are appended to a temporary ``.npy`` as batches arrive; the header is fixed up to the number of readable
-    images at the end (numpy leaves room for that), then the file is synced and renamed, and the sidecar is written
-    last.
+    images at the end (numpy leaves room for that), then the pair replaces the store (an earlier store stays whole
+    until then).
 
     Parameters
     ----------
@@ -76,8 +94,7 @@ def featurize_to_file(paths, root, embedder, path, batch_size=64, n_workers=2, s
     dim = embedder.dim
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
     keys = []
-    sidecar_path(path).unlink(missing_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with _publishing(path) as (tmp, sidecar), open(tmp, "wb") as handle:
         np.lib.format.write_array_header_1_0(handle, {**header, "shape": (len(paths), dim)})
         offset = handle.tell()
         for batch_keys, rows in embedder.iter_files(paths, root, batch_size, n_workers, skipped):
@@ -88,8 +105,8 @@ def featurize_to_file(paths, root, embedder, path, batch_size=64, n_workers=2, s
         if handle.tell() != offset:
             raise RuntimeError(f"{path}: the .npy header changed size when rewritten")
         handle.truncate(offset + len(keys) * dim * 4)
-    meta = {"model_id": embedder.model_id, "backbone": embedder.backbone, **(meta or {})}
-    save_json(sidecar_path(path), _sidecar(keys, dim, meta))
+        meta = {"model_id": embedder.model_id, "backbone": embedder.backbone, **(meta or {})}
+        sidecar.update(_sidecar(keys, dim, meta))
     return load_features(path)
 
 
@@ -104,7 +121,8 @@ def update_features(paths, root, path, model, batch_size=64, n_workers=2, skippe
 
     Every file's size and modification time are kept in the sidecar (``stamps``); a file whose stamp is unchanged
     keeps its stored row. A store made by another network is recomputed; the network is only loaded when some image
-    must be embedded.
+    must be embedded. A store whose sidecar is missing or does not match its matrix (a run killed between the two
+    renames) is rebuilt, with a warning naming it.
 
     Parameters
     ----------
@@ -130,7 +148,7 @@ def update_features(paths, root, path, model, batch_size=64, n_workers=2, skippe
     Raises
     ------
     ValueError
-        When ``path`` exists but is not a features store (it is left alone).
+        When ``path`` exists but is not a features store, nor a float32 matrix left by one (it is left alone).
     """
     from ..models.backbones import model_id as identify
     from ..models.embedder import load_embedder
@@ -140,10 +158,8 @@ def update_features(paths, root, path, model, batch_size=64, n_workers=2, skippe
     stamps, wanted = {k: _stamp(p) for k, p in zip(keys, paths)}, identify(model)
     rows, stored, recomputed = {}, None, False
     if path.exists():
-        try:
-            stored = load_features(path, mmap=False)
-        except (FileNotFoundError, ValueError, KeyError) as err:
-            raise ValueError(f"{path}: not a features store ({err}); delete it or pick another path") from None
+        stored = _stored_or_none(path)
+    if stored is not None:
         recomputed = stored.meta["model_id"] != wanted
         if not recomputed:
             old_stamps = stored.meta.get("stamps", {})
@@ -165,6 +181,24 @@ def update_features(paths, root, path, model, batch_size=64, n_workers=2, skippe
     counts = {"embedded": len(new_keys), "reused": len(kept) - len(new_keys), "dropped": dropped,
               "recomputed": recomputed}
     return load_features(path), counts
+
+
+def _stored_or_none(path):
+    """The store at ``path``; None (with a warning) when only its matrix is usable: a missing or stale sidecar."""
+    try:
+        return load_features(path, mmap=False)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        reason = err
+    try:
+        matrix = np.load(path, mmap_mode="r", allow_pickle=False)
+        is_matrix = matrix.ndim == 2 and matrix.dtype == np.float32
+    except (OSError, ValueError):
+        is_matrix = False
+    if not is_matrix:
+        raise ValueError(f"{path}: not a features store ({reason}); delete it or pick another path")
+    logger.warning("%s: its sidecar %s is missing or stale (an interrupted save?): rebuilding the store",
+                   path, sidecar_path(path))
+    return None
 
 
 @dataclass

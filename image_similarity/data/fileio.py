@@ -23,23 +23,36 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 __all__ = ["atomic_path", "remove_stale_temporaries", "atomic_write_bytes", "atomic_write_text", "save_pickle",
-           "load_pickle", "save_json", "load_json", "save_csv", "read_tsv", "save_npy"]
+           "load_pickle", "json_text", "save_json", "load_json", "save_csv", "read_tsv", "save_npy"]
+
+
+class _WriteError(OSError):
+    """A failed write whose message names the output."""
 
 
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed.
 
+    Several processes may write the same destination at once: each has its own temporary file (named with its
+    process id), and the last to finish wins with a complete file.
+
     Parameters
     ----------
     path : str or Path
         The destination. Its folder is created if needed. Temporary files left beside it by a killed earlier
-        write of the same destination are removed first.
+        write of the same destination are removed first (never those of a writer still running).
+
+    Raises
+    ------
+    OSError
+        When writing fails (disk full, quota, I/O error): the message names ``path``, and the earlier ``path``, if
+        any, is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -48,14 +61,43 @@ def atomic_path(path):
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except OSError as err:
+        if isinstance(err, _WriteError) or str(path) in str(err):
+            raise  # already names its file (an atomic_path nested in this one)
+        # ENOSPC and numpy's "N requested and M written" name no file: say which output failed.
+        named = _WriteError(f"{path}: cannot write: {err.strerror or err}")
+        named.errno = err.errno
+        raise named from err
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _writer_pid(temporary, path):
+    """The process id in the name of an :func:`atomic_path` temporary file of ``path``, or None."""
+    pid = temporary.name[len(path.name) + 2:].split(".", 1)[0]
+    return int(pid) if pid.isdecimal() else None
+
+
+def _is_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def remove_stale_temporaries(path):
-    """Delete the temporary files that a process killed while writing ``path`` left beside it."""
+    """Delete the temporary files that a process killed while writing ``path`` left beside it.
+
+    A temporary file whose writer (the process id in its name) is still running is left alone.
+    """
     path = Path(path)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = _writer_pid(stale, path)
+        if pid is not None and _is_running(pid):
+            continue  # a live writer, or this process's own (threads share the pid)
         logger.info("removing %s, left by an interrupted write", stale)
         stale.unlink(missing_ok=True)
 
@@ -79,8 +121,13 @@ def load_pickle(path):
         return pickle.load(handle)
 
 
+def json_text(obj):
+    """``obj`` as the indented JSON text every ``.json`` artefact holds."""
+    return json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
+
+
 def save_json(path, obj):
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    return atomic_write_text(path, json_text(obj))
 
 
 def load_json(path):

@@ -5,6 +5,7 @@ so a CMYK, 16-bit, palette or rotated file looks the same everywhere, and a bad 
 """
 import logging
 import os
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,15 +16,43 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .fileio import atomic_write_text
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "ImageReadError", "read_image", "load_image", "shorter_side",
-           "list_images", "image_key", "SkippedImages"]
+__all__ = ["IMAGE_EXTENSIONS", "ACCEPTED_FORMATS", "MAX_IMAGE_PIXELS", "MAX_DECODE_BYTES", "ImageReadError",
+           "decode_bytes", "read_image", "load_image", "shorter_side", "list_images", "image_key", "SkippedImages"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# The formats Pillow may decode, named by Pillow's plugin IDs and checked before any decoding: EPS (which runs
+# Ghostscript), PDF, PSD, ICO, and the rest of Pillow's plugins are refused. (Cameras' multi-picture JPEGs open
+# through the JPEG plugin, as format MPO.)
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 # Pillow's own bomb limit warns at 89 MP and errors at twice that; we refuse at the warning level.
 MAX_IMAGE_PIXELS = 89_478_485
+# Most memory one decode may take, estimated from the header (decode_bytes: at most 16 bytes a pixel), so every mode
+# passes at MAX_IMAGE_PIXELS; callers facing strangers (uploads, downloads) pass lower limits.
+# bench/decode_memory.py measures the real peaks against the estimate.
+MAX_DECODE_BYTES = 1_500_000_000
 HIDDEN_NAMES = frozenset({"thumbs.db", "desktop.ini"})
+# Bytes per pixel Pillow holds for a decoded mode (1-bit and 8-bit modes use a byte, 16-bit two, the rest four).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+_RGB_BYTES = 4  # Pillow stores RGB as 4 bytes per pixel
+_CHUNK = 1 << 20  # pixels scaled at a time when wide modes are brought to 8 bits
+
+
+def decode_bytes(mode, width, height):
+    """Upper estimate of the memory :func:`read_image` needs for an image, in bytes.
+
+    The decoded image, one more copy of it while orientation or a mode conversion runs, and two RGB images
+    (the conversion's result and the composited or rotated output).
+
+    Parameters
+    ----------
+    mode : str
+        The Pillow mode the file decodes to (``img.mode`` after ``Image.open``).
+    width, height : int
+        In pixels.
+    """
+    return width * height * (2 * _MODE_BYTES.get(mode, 4) + 2 * _RGB_BYTES)
 
 
 class ImageReadError(ValueError):
@@ -35,17 +64,37 @@ class ImageReadError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
+def _wide_to_l(img):
+    """An 8-bit ``L`` image from a 16-bit, 32-bit integer or float grey one, scaled rather than clipped.
+
+    Works in chunks of :data:`_CHUNK` pixels, so the only full-size copies are Pillow's array export and the
+    8-bit result (no float64 image: a 9,400 x 9,400 16-bit PNG once took 2.4 GB here).
+    """
+    arr = np.asarray(img).reshape(-1)
+    if img.mode.startswith("I;16"):
+        # Always 16-bit (a dark one must stay dark): the high byte.
+        shift, top, scale = 8, 65535, None
+    elif img.mode == "I":
+        # Plain 32-bit integers: guessed from the values (16-bit data, or already 0..255).
+        shift, top, scale = (8, 65535, None) if arr.max(initial=0) > 255 else (0, 255, None)
+    else:  # "F": 0..1 floats are scaled, larger values taken as 0..255
+        shift, top, scale = 0, 255, 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0
+    out = np.empty(arr.size, np.uint8)
+    for start in range(0, arr.size, _CHUNK):
+        chunk = arr[start:start + _CHUNK]
+        if scale is not None:
+            chunk = np.nan_to_num(chunk * np.float32(scale), nan=0.0)
+            out[start:start + _CHUNK] = np.clip(chunk + 0.5, 0, top)
+        else:
+            out[start:start + _CHUNK] = np.clip(chunk, 0, top) >> shift
+    del arr
+    return Image.fromarray(out.reshape(img.height, img.width), "L")
+
+
 def _to_rgb(img):
     """Convert any Pillow mode to 8-bit RGB, compositing transparency onto white."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grey: scale to 8 bits instead of clipping everything above 255 to white.
-        arr = np.asarray(img, dtype=np.float64)
-        # I;16 is always 16-bit (a dark one must stay dark); only plain "I" has to be guessed from its values.
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(arr * 255.0 if arr.max() <= 1.0 else arr, 0, 255).astype(np.uint8), "L")
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _wide_to_l(img)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("LA", "PA", "La"):
@@ -59,8 +108,10 @@ def _to_rgb(img):
     return img
 
 
-def read_image(source, max_pixels=MAX_IMAGE_PIXELS):
+def read_image(source, max_pixels=MAX_IMAGE_PIXELS, max_bytes=MAX_DECODE_BYTES):
     """Decode an image to upright 8-bit RGB.
+
+    The format and the size are checked from the header before anything is decoded.
 
     Parameters
     ----------
@@ -68,6 +119,8 @@ def read_image(source, max_pixels=MAX_IMAGE_PIXELS):
         What to read. Paths are decoded by content, not by extension.
     max_pixels : int
         Larger images are refused as decompression bombs.
+    max_bytes : int
+        Images whose decoding would need more memory than this (bytes, :func:`decode_bytes`) are refused.
 
     Returns
     -------
@@ -77,7 +130,8 @@ def read_image(source, max_pixels=MAX_IMAGE_PIXELS):
     Raises
     ------
     ImageReadError
-        With the path and the reason: missing, empty, not an image, truncated, or too large.
+        With the path and the reason: missing, empty, not an image, a format not in :data:`ACCEPTED_FORMATS`,
+        truncated, or too large.
     """
     if isinstance(source, np.ndarray):
         try:
@@ -98,17 +152,19 @@ def read_image(source, max_pixels=MAX_IMAGE_PIXELS):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
-                n_pixels = img.width * img.height
-                if n_pixels > max_pixels:
-                    raise ImageReadError(name, f"{img.width}x{img.height} is over the {max_pixels:,}-pixel limit "
-                                               "(possible decompression bomb)")
+            with Image.open(source, formats=ACCEPTED_FORMATS) as img:
+                _check_header(img, name, max_pixels, max_bytes)
                 img.seek(0)  # first frame of animations
                 img.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(img))
+                ImageOps.exif_transpose(img, in_place=True)
+                rgb = _to_rgb(img)
     except ImageReadError:
         raise
     except UnidentifiedImageError:
+        refused = _refused_format(source)
+        if refused:
+            raise ImageReadError(name, f"format {refused} is not accepted (accepted: {', '.join(ACCEPTED_FORMATS)})") \
+                from None
         raise ImageReadError(name, "not an image Pillow can decode") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageReadError(name, f"possible decompression bomb: {err}") from None
@@ -116,6 +172,41 @@ def read_image(source, max_pixels=MAX_IMAGE_PIXELS):
         # Truncated data surfaces as OSError ("image file is truncated"), broken headers as SyntaxError.
         raise ImageReadError(name, f"corrupt or truncated image: {err}") from None
     return _with_pixels(rgb, name)
+
+
+def _refused_format(source):
+    """The name of the Pillow format whose signature the first bytes of ``source`` carry, or None.
+
+    Only the signature checks run (nothing is parsed), so a refused format's plugin never sees the data.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as handle:
+            prefix = handle.read(16)
+    else:
+        source.seek(0)
+        prefix = source.read(16)
+    Image.init()
+    for format_id in Image.ID:
+        accept = Image.OPEN[format_id][1]
+        if format_id in ACCEPTED_FORMATS or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return format_id
+        except (struct.error, IndexError, ValueError):  # a few checks assume 4 or more bytes
+            continue
+    return None
+
+
+def _check_header(img, name, max_pixels, max_bytes):
+    """Raise ImageReadError when an opened, not yet decoded image is too large."""
+    if img.width * img.height > max_pixels:
+        raise ImageReadError(name, f"{img.width}x{img.height} is over the {max_pixels:,}-pixel limit "
+                                   "(possible decompression bomb)")
+    needed = decode_bytes(img.mode, img.width, img.height)
+    if needed > max_bytes:
+        raise ImageReadError(name, f"{img.width}x{img.height} {img.mode} needs about {needed:,} bytes to decode, over "
+                                   f"the {max_bytes:,}-byte limit")
 
 
 def _with_pixels(rgb, name):
@@ -140,7 +231,7 @@ def shorter_side(path) -> Optional[int]:
     """The shorter side of the image at ``path`` in pixels, from its header alone (nothing is decoded); None when
     Pillow cannot open it (:func:`read_image` names the reason when the image is used)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=ACCEPTED_FORMATS) as img:
             return min(img.size)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
@@ -199,7 +290,7 @@ class SkippedImages:
     def __iter__(self):
         return iter(self.items.items())
 
-    def summary(self, limit=10):
+    def summary(self, limit=20):
         """One line naming the skipped files, or '' when none were."""
         if not self.items:
             return ""

@@ -259,6 +259,22 @@ def group_by_label(keys, labels=None):
     return grouped
 
 
+def _warn_of_labels_without_queries(splits, sets):
+    """Log a warning naming the labels that give a split no ranking set (fewer than 2 of their images in it).
+
+    A later step that ranks that split (choosing settings on validation, evaluating on test) would otherwise find
+    too few, or no, ranking sets without saying why.
+    """
+    labels = sorted({label for split in SPLITS for label, keys in splits[split].items() if keys})
+    for split in SPLITS:
+        short = [label for label in labels if len(splits[split].get(label, ())) < 2]
+        if not short or not any(splits[split].values()):
+            continue  # every label gives queries, or the split was left empty on purpose (a ratio of 0)
+        what = "no ranking sets at all" if not sets[split] else "ranking sets without them"
+        logger.warning("%s holds fewer than 2 images of label(s) %s: they give no %s query (%s); more images or a "
+                       "larger %s share would", split, ", ".join(short), split, what, split)
+
+
 def splits_and_ranking_sets(keys_by_label, ratio_train, ratio_val, max_queries, max_negatives, split_by="filename",
                             split_file_rows=None, seed=0, excluded_keys=(), group_file_rows=None):
     """The splits (:func:`split_images`) and the ranking sets of each (:func:`make_ranking_sets`), from one seed.
@@ -289,6 +305,7 @@ def splits_and_ranking_sets(keys_by_label, ratio_train, ratio_val, max_queries, 
                           excluded_keys=excluded_keys, group_file_rows=group_file_rows)
     rng = np.random.default_rng(seed)
     sets = {split: make_ranking_sets(splits[split], max_queries[split], max_negatives[split], rng) for split in SPLITS}
+    _warn_of_labels_without_queries(splits, sets)
     used = {split: {k for keys in splits[split].values() for k in keys}
             | {k for s in sets[split] for k in (s.query, *s.references)} for split in SPLITS}
     for a, b in itertools.combinations(SPLITS, 2):
