@@ -14,6 +14,7 @@ from conftest import SAMPLE_DIR, make_image
 from image_similarity.models import backbones
 from image_similarity.models.checkpoints import save_checkpoint
 from image_similarity.models.heads import ImageClassifier
+from image_similarity.models.inference import InferenceConfig
 from image_similarity.data.images import ImageReadError
 from image_similarity.search.index import NearestNeighborIndex
 
@@ -43,15 +44,20 @@ def folder(tmp_path_factory):
     return root
 
 
+# The API is under test here and the engines in test_engines.py: the module's long-lived models run PyTorch (with an
+# OpenVINO engine in each, the whole suite's pytest process crashed with SIGSEGV in test_engines.py).
+ON_TORCH = InferenceConfig(backend="torch")
+
+
 @pytest.fixture(scope="module")
 def model(folder):
-    return image_similarity.create(folder, label="folder", n_workers=0)
+    return image_similarity.create(folder, label="folder", n_workers=0, inference=ON_TORCH)
 
 
 @pytest.fixture
 def copy_of(model, tmp_path):
     """An independent model equal to ``model`` (through save/load), for tests that change it."""
-    return image_similarity.load(model.save(tmp_path / "copy"))
+    return image_similarity.load(model.save(tmp_path / "copy"), inference=ON_TORCH)
 
 
 def test_import_is_light_and_names_are_public():
