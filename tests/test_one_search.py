@@ -62,7 +62,8 @@ def run(tmp_path_factory):
         service = SimilarityService.from_run(helpers.load_run(P), P.imgDir)
         model = image_similarity.open_run(features_path=P.featuresPath, backbone=P.rf_backbone,
                                           checkpoint=P.modelPath, svm_path=P.svmPath,
-                                          classifier_path=P.classifierPath, image_dir=P.imgDir,
+                                          classifier_path=P.classifierPath,
+                                          evaluation_csv=P.evaluationCsvPath, image_dir=P.imgDir,
                                           backend=P.run_backend, precision=P.run_precision)
         yield work, args, P, TestClient(create_app(service)), model
 

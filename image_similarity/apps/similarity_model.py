@@ -8,12 +8,11 @@ Example::
     model.save("my_model")
     same = image_similarity.load("my_model")
 
-The embeddings come from an :class:`.embedder.Embedder` (a registry backbone or a refined checkpoint), the search
-from :class:`.index.NearestNeighborIndex` (exact below its ANN threshold, approximate above). Plain colour and
-brightness count too: each image's colour histogram (:mod:`.colour`) is joined to its embedding with
-``colour_weight``, so that a noisy white image is never a noisy black one's nearest neighbour. Distances are cosine
-distances of the joined vectors, ``(1 - colour_weight) * (1 - cos of the embeddings) + colour_weight * (1 - cos of
-the histograms)``, in ``[0, 2]``, lower is more similar.
+The embeddings come from an :class:`.embedder.Embedder`, the answers from :func:`.core.search`, as at every door.
+By default plain colour counts too (the "cosine+colour" ranker, :class:`.colour.ColourCosineRanker`): distances are
+``(1 - colour_weight) * (1 - cos of the embeddings) + colour_weight * (1 - cos of the colour histograms)``, in
+``[0, 2]``, lower is more similar, so a noisy white image is never a noisy black one's nearest neighbour.
+:func:`open_run` opens a finished pipeline run instead, with its network, features and learned rankers.
 """
 import logging
 import os
@@ -138,34 +137,15 @@ class SimilarityModel:
         similarity.rankers, similarity.default_ranker = dict(run.rankers), run.default_ranker
         return similarity
 
-    # ------------------------------------------------------------------ the references, in the gallery
-    @property
-    def keys(self):
-        """list of str: one key per reference."""
-        return [] if self.gallery is None else self.gallery.keys
-
-    @property
-    def features(self):
-        """ndarray of shape (n_references, n_dims), float32: the embeddings."""
-        return None if self.gallery is None else self.gallery.matrix
-
-    @property
-    def colours(self):
-        """ndarray of shape (n_references, colour.COLOUR_DIM), float32: the colour histograms."""
-        return None if self.gallery is None else self.gallery.colour_histograms()
-
-    @property
-    def labels(self):
-        """list or None: one label per reference."""
-        return None if self.gallery is None else self.gallery.labels
-
-    def _build_index(self, vectors):
-        return NearestNeighborIndex(self.index_kind).build(vectors)
+    keys = property(lambda self: [] if self.gallery is None else self.gallery.keys)
+    features = property(lambda self: None if self.gallery is None else self.gallery.matrix)
+    colours = property(lambda self: None if self.gallery is None else self.gallery.colour_histograms())
+    labels = property(lambda self: None if self.gallery is None else self.gallery.labels)
 
     @property
     def index(self):
         """The :class:`.index.NearestNeighborIndex` of the references under the embedding-and-colour cosine."""
-        return self.gallery.index(self.ranker, self._build_index)
+        return self.gallery.index(self.ranker, NearestNeighborIndex(self.index_kind).build)
 
     # ------------------------------------------------------------------ embedding
     @property
@@ -268,11 +248,7 @@ class SimilarityModel:
         Returns
         -------
         self
-
-        Notes
-        -----
-        Unreadable images are skipped with one ``UserWarning`` naming them; a key already in the model is a
-        ValueError.
+            Unreadable images are skipped with one ``UserWarning`` naming them; a key already in use is a ValueError.
         """
         if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
             root = Path(images)
@@ -301,7 +277,6 @@ class SimilarityModel:
         labels = None if labels is None else [lab for lab, good in zip(labels, ok) if good]
         if self.gallery is None:
             self.gallery = core.Gallery(new_keys, matrix, self.info["model_id"], labels, histograms)
-            self.gallery.index(self.ranker, self._build_index)
         else:
             self.gallery.append(new_keys, matrix, labels, histograms)
         logger.info("added %d references (%d skipped); %d in all", len(new_keys), len(skipped), len(self.keys))
@@ -454,32 +429,11 @@ class SimilarityModel:
 
 def create(images, label=None, model="efficientnet_lite0", batch_size=64, keys=None, n_workers=2, index_kind="auto",
            device=None, backend="torch", colour_weight=DEFAULT_COLOUR_WEIGHT):
-    """Embed reference images and index them.
+    """Embed reference images and index them: ``SimilarityModel(model, ...).add(images, label, keys)``.
 
-    Parameters
-    ----------
-    images : folder, str, Path, PIL.Image.Image, ndarray, or a list of them
-        A folder (walked recursively, keys relative to it), image files (keys as given), or PIL images / uint8
-        arrays of shape (H, W, 3) (keys ``"0"``, ``"1"`` ... unless ``keys`` are given). Unreadable files are
-        skipped with one ``UserWarning`` naming them.
-    label : None, 'folder', sequence or mapping, optional
-        Labels kept for :meth:`SimilarityModel.summary` and for attribute models (see :meth:`SimilarityModel.add`).
-    model : str or Path
-        A backbone name (``backbones.list_backbones()``) or a refined checkpoint such as ``proc/<dataset>/model.pt``.
-    batch_size : int
-        Images per forward pass.
-    keys : list of str, optional
-        One key per image instead of the defaults.
-    n_workers : int
-        DataLoader processes decoding files (0 = in this process).
-    index_kind : {'auto', 'exact', 'ivf', 'hnsw'}
-        ``'auto'``: exact search below ``index.ANN_THRESHOLD`` references, approximate (IVF) above.
-    device : str or torch.device, optional
-    backend : {'auto', 'torch', 'openvino', 'onnxruntime'}
-        The inference engine, PyTorch by default; ``'auto'``: the fastest installed one on CPU, PyTorch on CUDA.
-    colour_weight : float
-        In [0, 1): how much plain colour and brightness count in every distance (see the module's docstring);
-        0 = the embedding alone.
+    The parameters are those of :class:`SimilarityModel` and :meth:`SimilarityModel.add`: a folder (keys relative
+    to it), image files (keys as given), or PIL images / uint8 arrays (keys ``"0"``, ``"1"`` ... unless ``keys``
+    are given); unreadable files are skipped with one ``UserWarning`` naming them.
 
     Returns
     -------
@@ -527,28 +481,13 @@ def load(folder, device=None, backend="torch"):
     return similarity
 
 
-def open_run(features_path, backbone, checkpoint, svm_path, classifier_path, evaluation_csv=None, image_dir=None,
+def open_run(features_path, backbone, checkpoint, svm_path, classifier_path, evaluation_csv, image_dir=None,
              backend="torch", precision="f32", random_state=None):
     """A :class:`SimilarityModel` on a finished pipeline run: it ranks like A1 and the web service.
 
-    Parameters
-    ----------
-    features_path : str or Path
-        Step 3's ``features.npy``.
-    backbone, checkpoint : str, Path
-        The pretrained backbone and the refined checkpoint (``proc/<dataset>/model.pt``): whichever made the
-        features is loaded.
-    svm_path, classifier_path : Path
-        Step 4's payloads (missing: only the fixed rankers).
-    evaluation_csv : Path, optional
-        Step 5's ``evaluation.csv``, for the recommended ranker (default: none; hybrid when step 4 made it, else
-        cosine).
-    image_dir : Path, optional
-        The folder the features' keys are relative to: for the "cosine+colour" ranker's gallery colours.
-    backend, precision : str
-        The inference engine of the network (``embedder.load_embedder``).
-    random_state : int, optional
-        Seeds the random baseline.
+    The parameters are those of :func:`.runs.load_run` (step 3's features, the backbone and refined checkpoint,
+    step 4's payloads, step 5's ``evaluation.csv``, which may be missing), plus ``image_dir``: the folder the
+    features' keys are relative to, for the "cosine+colour" ranker's colours.
 
     Returns
     -------
@@ -556,7 +495,6 @@ def open_run(features_path, backbone, checkpoint, svm_path, classifier_path, eva
     """
     from ..pipeline.runs import load_run  # here: the pipeline only for a model opened on a run
 
-    run = load_run(features_path, backbone, checkpoint, svm_path, classifier_path,
-                   evaluation_csv or Path(features_path).with_name("no evaluation.csv"), random_state=random_state,
-                   backend=backend, precision=precision)
+    run = load_run(features_path, backbone, checkpoint, svm_path, classifier_path, evaluation_csv,
+                   random_state=random_state, backend=backend, precision=precision)
     return SimilarityModel.from_run(run, image_dir)
