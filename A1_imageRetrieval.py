@@ -7,8 +7,8 @@ a label) when step 4 made a classifier, else cosine; or, with --attributes a,b, 
 match probabilities (this run's svm.pickle is the attribute named after the dataset; attributeModels adds others).
 With eval_reRankK1 > 0 the ranking is k-reciprocally re-ranked (Zhong et al. 2017) among all the references.
 Prints the top K with labels and distances and the time spent loading, in the network and searching, and saves
-results/<datasetName>/retrieval_<image stem>.png and .csv (rank, key, label, distance). Every ranker of 5_evaluate.py's
-table can be named, "cosine+colour" too (colour histograms of the images are cached beside the features).
+results/<datasetName>/retrieval_<image stem>.png and .csv (rank, key, label, distance). Any ranker of 5_evaluate.py's
+table can be named, cosine+colour too (the images' colour histograms are then cached beside the features).
 """
 import time
 from pathlib import Path

@@ -263,7 +263,7 @@ class SimilarityModel:
         keys = list(default_keys if keys is None else keys)
         if len(keys) != len(items) or not items:
             raise ValueError(f"got {len(items)} images and {len(keys)} keys: need as many keys as images, at least one")
-        clashes = sorted(set(keys) & set(self.gallery.row_of if self.gallery else ())) or sorted(k for k, n in Counter(keys).items() if n > 1)
+        clashes = sorted(set(keys) & set(self.keys)) or sorted(k for k, n in Counter(keys).items() if n > 1)
         if clashes:
             raise ValueError(f"{len(clashes)} key(s) already in use, e.g. {clashes[0]!r}: pass other keys=")
         labels = self._new_labels(keys, label)

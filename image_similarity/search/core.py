@@ -58,7 +58,7 @@ class Gallery:
     _indexes: dict = field(default_factory=dict, repr=False)
     _inputs: dict = field(default_factory=dict, repr=False)
     _rows: Optional[dict] = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def __post_init__(self):
         self.keys = list(self.keys)
@@ -107,15 +107,16 @@ class Gallery:
         (``ClassProbRanker.reference_proba``).
         """
         joined = bool(getattr(scorer, "uses_colour", False))
-        if rows is None and joined in self._inputs:
-            return self._inputs[joined]
-        matrix = np.asarray(self.matrix if rows is None else self.matrix[rows])  # its own dtype: scores are float64
-        if joined:
-            colours = self.colour_histograms()
-            matrix = np.hstack([matrix, colours if rows is None else colours[rows]])
-        if rows is None:
-            self._inputs[joined] = matrix
-        return matrix
+        with self._lock:
+            if rows is None and joined in self._inputs:
+                return self._inputs[joined]
+            matrix = np.asarray(self.matrix if rows is None else self.matrix[rows])  # its dtype: scores are float64
+            if joined:
+                colours = self.colour_histograms()
+                matrix = np.hstack([matrix, colours if rows is None else colours[rows]])
+            if rows is None:
+                self._inputs[joined] = matrix
+            return matrix
 
     def features_for(self, scorer):
         """The rows ``scorer`` ranks (:meth:`inputs`) as a ``features.Features`` store, for the evaluation."""
@@ -124,10 +125,10 @@ class Gallery:
     def subset(self, keys):
         """A gallery of these keys only, in this order (colours included when computed or computable)."""
         rows = self.rows(keys)
-        colours = None if self.colours is None and self.colour_source is None else self.colour_histograms()[rows]
+        source = None if self.colours is None and self.colour_source is None else \
+            lambda: self.colour_histograms()[rows]
         return Gallery(list(keys), np.asarray(self.matrix[rows]), self.model_id,
-                       None if self.labels is None else [self.labels[i] for i in rows],
-                       None if colours is None else colours)
+                       None if self.labels is None else [self.labels[i] for i in rows], colour_source=source)
 
     def append(self, keys, matrix, labels=None, colours=None):
         """Add rows (the indexes built so far grow with them)."""
@@ -137,8 +138,9 @@ class Gallery:
             self.labels = (self.labels or []) + list(labels)
         if colours is not None:
             self.colours = np.concatenate([self.colours, colours]) if self.colours is not None else colours
-        for kind, (scorer, index) in self._indexes.items():
-            index.add(scorer.index_vectors(np.hstack([matrix, colours]) if kind[1] else matrix))
+        for scorer, index in self._indexes.values():
+            joined = getattr(scorer, "uses_colour", False)
+            index.add(scorer.index_vectors(np.hstack([matrix, colours]) if joined else matrix))
         self._rows = None
         self._inputs.clear()
 
@@ -148,21 +150,22 @@ class Gallery:
         ``build``: a callable taking the vectors and returning a built ``NearestNeighborIndex`` (default: exact
         below its ANN threshold, approximate above).
         """
-        kind = (type(scorer).__name__, bool(getattr(scorer, "uses_colour", False)), getattr(scorer, "colour_weight",
-                                                                                          None))
-        if kind not in self._indexes:
-            from .index import NearestNeighborIndex  # here: FAISS only for the searches that use it
+        with self._lock:
+            if _kind(scorer) not in self._indexes:
+                from .index import NearestNeighborIndex  # here: FAISS only for the searches that use it
 
-            vectors = scorer.index_vectors(self.inputs(scorer))
-            index = build(vectors) if build is not None else NearestNeighborIndex().build(vectors)
-            self._indexes[kind] = (scorer, index)
-        return self._indexes[kind][1]
+                vectors = scorer.index_vectors(self.inputs(scorer))
+                self.set_index(scorer, (build or NearestNeighborIndex().build)(vectors))
+            return self._indexes[_kind(scorer)][1]
 
     def set_index(self, scorer, index):
         """Use an already built index (e.g. one read from disk) for ``scorer``'s kind."""
-        kind = (type(scorer).__name__, bool(getattr(scorer, "uses_colour", False)), getattr(scorer, "colour_weight",
-                                                                                          None))
-        self._indexes[kind] = (scorer, index)
+        self._indexes[_kind(scorer)] = (scorer, index)
+
+
+def _kind(scorer):
+    """Scorers of one kind share an index: the same class and settings give the same index vectors."""
+    return type(scorer), repr(sorted(vars(scorer).items()))
 
 
 @dataclass
@@ -240,11 +243,10 @@ def search(gallery, scorer, queries, k, colours=None, exclude=None, radius=None,
         raise ValueError(f"k must be a positive integer, got {k!r}")
     inputs = _inputs(scorer, queries, colours)
     exclude = np.full(len(inputs), -1, np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
-    n = len(gallery)
-    k = min(int(k), n - int((exclude >= 0).any()))
+    extra = int((exclude >= 0).any())  # one more found, as the excluded row may be among them
+    k = min(int(k), len(gallery) - extra)
     if k < 1 or not len(inputs):
         return Results(np.empty((len(inputs), 0), np.int64), np.empty((len(inputs), 0)), gallery.keys)
-    extra = int((exclude >= 0).any())
     if hasattr(scorer, "index_vectors"):
         found, indices = gallery.index(scorer).search(scorer.index_vectors(inputs), k + extra)
         distances = found.astype(np.float64)
