@@ -188,3 +188,25 @@ def test_colour_histograms_are_cached_beside_the_features(run):
     gallery = core.Gallery.from_features(Features(stored.keys, stored.matrix, stored.meta))
     with pytest.raises(ValueError, match="needs the colour histograms of the gallery"):
         core.search_keys(gallery, rankers.ColourCosineRanker(), stored.keys[:1], 3)
+
+
+def test_search_gives_what_each_ranker_gave_before(run):
+    """Every ranker of the run: the core's top 10 (index or blocks) is the stable sort of the ranker's own distances."""
+    _, _, P, _, _ = run
+    loaded = helpers.load_run(P, network=False, attributes=False)
+    gallery = core.run_gallery(loaded.features, P.featuresPath, P.imgDir, loaded.load_network)
+    rows = gallery.rows(gallery.keys[::5])
+    for name, ranker in loaded.rankers.items():
+        if name == "random":
+            continue  # new numbers on every call
+        inputs = gallery.inputs(ranker)
+        for block_bytes in (core.BLOCK_BYTES, 8):  # the whole gallery at once, and one row at a time
+            found = core.search(gallery, ranker, np.asarray(gallery.matrix[rows]), K,
+                                gallery.colour_histograms()[rows], exclude=rows, block_bytes=block_bytes)
+            everything = ranker.distances(inputs[rows], inputs)
+            for i, row in enumerate(rows):
+                everything[i, row] = np.inf
+                order = np.argsort(everything[i], kind="stable")[:K]
+                assert [key for key, _ in found.matches(i)] == [gallery.keys[j] for j in order], name
+                np.testing.assert_allclose([d for _, d in found.matches(i)], everything[i, order], atol=1e-6,
+                                           rtol=0, err_msg=name)
