@@ -16,6 +16,8 @@ import helpers
 def add_arguments(parser):
     from image_similarity.data.splits import SPLITS
     parser.add_argument("--on", choices=SPLITS, default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--ranker", help="ranker of the per-query figures and ranking_results.csv (default: the "
+                                         "recommended one, as A1's and the service's)")
 
 
 def visualize(ranker, features, ranking_sets, P, folder, skipped):
@@ -36,6 +38,7 @@ def main(args, P):
     from image_similarity.pipeline import evaluation, plots
     from image_similarity.data import fileio, images
     from image_similarity.pipeline.runs import recommended_ranker
+    from image_similarity.search import core
     from image_similarity.data.splits import label_of
     helpers.require(P.featuresPath, "3_featurizeImages.py")
     for split in {args.on, "val", "test"}:
@@ -46,6 +49,12 @@ def main(args, P):
     groups = helpers.image_groups(P)
     run = helpers.load_run(P, network=False, attributes=False)
     features, model_id, all_rankers = run.features, run.model_id, run.rankers
+    if args.ranker:
+        try:
+            core.resolve_ranker(args.ranker, all_rankers)
+        except ValueError as err:
+            raise helpers.UsageError(f"--ranker: {err}") from None
+    gallery = core.run_gallery(features, P.featuresPath, P.imgDir, run.load_network)
     re_ranker = helpers.re_ranked(P, all_rankers[run.default_ranker])
     if re_ranker is not None:  # eval_reRankK1 > 0: the recommended ranker, k-reciprocally re-ranked, as one more
         all_rankers[f"{run.default_ranker}+kreciprocal"] = re_ranker
@@ -59,18 +68,20 @@ def main(args, P):
 
     print(f"Ranking {len(sets[args.on])} {args.on} ranking sets ({len(sets[args.on][0].references)} references "
           f"each) with {len(all_rankers)} rankers on {model_id} features ...")
-    ranks = {name: evaluation.rank_ranking_sets(r, features, sets[args.on]) for name, r in all_rankers.items()}
+    ranks = {name: evaluation.rank_ranking_sets(r, gallery.features_for(r), sets[args.on])
+             for name, r in all_rankers.items()}
     results = {name: evaluation.evaluate(r, P.eval_topNs) for name, r in ranks.items()}
     val = results if args.on == "val" else {
-        name: evaluation.evaluate(evaluation.rank_ranking_sets(r, features, sets["val"]), [1])
+        name: evaluation.evaluate(evaluation.rank_ranking_sets(r, gallery.features_for(r), sets["val"]), [1])
         for name, r in all_rankers.items()}
     best = min((n for n in val if n != "random"), key=lambda n: (-val[n]["top1"], val[n]["mean_rank"]))
     labels = {key: label_of(key) for key in split_keys}
     n_instance = 0
     for name, ranker in all_rankers.items():
-        results[name]["map"] = evaluation.retrieval_metrics(ranker, features, split_keys, labels, ks=())["map"]
+        inputs = gallery.features_for(ranker)
+        results[name]["map"] = evaluation.retrieval_metrics(ranker, inputs, split_keys, labels, ks=())["map"]
         if groups:
-            instance = evaluation.retrieval_metrics(ranker, features, split_keys, groups, ks=(1, 5))
+            instance = evaluation.retrieval_metrics(ranker, inputs, split_keys, groups, ks=(1, 5))
             n_instance = instance.pop("n_queries", 0)
             results[name].update({f"instance_{m}": v for m, v in instance.items()})
 
@@ -98,16 +109,17 @@ def main(args, P):
     print(f"Wrote {P.evaluationJsonPath}, {P.evaluationCsvPath}, {P.topNPlotPath}, {P.rankHistogramPath}")
 
     skipped = images.SkippedImages()
-    shown = recommended_ranker(P.evaluationCsvPath, all_rankers)
+    shown = args.ranker or recommended_ranker(P.evaluationCsvPath, all_rankers)
     if P.eval_boVisualizeResults and P.eval_nrVisualizations > 0:
         folder = P.resultsDir / f"visualizations_{shown}"
-        visualize(all_rankers[shown], features, sets[args.on][:P.eval_nrVisualizations], P, folder, skipped)
+        visualize(all_rankers[shown], gallery.features_for(all_rankers[shown]),
+                  sets[args.on][:P.eval_nrVisualizations], P, folder, skipped)
         print(f"Wrote {min(P.eval_nrVisualizations, len(sets[args.on]))} per-query figures of {shown} to {folder}")
     queries = sorted({s.query for s in sets["test"]})
-    found = evaluation.top_k_candidates(all_rankers[shown], features, queries, features.keys, P.TOP_K_CANDIDATES)
+    found = core.search_keys(gallery, all_rankers[shown], queries, P.TOP_K_CANDIDATES)
     fileio.save_csv(P.rankingResultsPath, ["query", "rank", "candidate", "distance", "same_label"], [
-        (q, n, key, f"{dist:.6g}", int(label_of(key) == label_of(q)))
-        for q, matches in zip(queries, found) for n, (key, dist) in enumerate(matches, 1)])
+        (queries[q], n, key, repr(dist), int(label_of(key) == label_of(queries[q])))
+        for q, n, _, key, dist in found.rows()])
     print(f"Wrote the top {P.TOP_K_CANDIDATES} of {len(features) - 1} candidates for {len(queries)} test queries "
           f"({shown}) to {P.rankingResultsPath}")
     if skipped:

@@ -7,7 +7,8 @@ a label) when step 4 made a classifier, else cosine; or, with --attributes a,b, 
 match probabilities (this run's svm.pickle is the attribute named after the dataset; attributeModels adds others).
 With eval_reRankK1 > 0 the ranking is k-reciprocally re-ranked (Zhong et al. 2017) among all the references.
 Prints the top K with labels and distances and the time spent loading, in the network and searching, and saves
-results/<datasetName>/retrieval_<image stem>.png.
+results/<datasetName>/retrieval_<image stem>.png and .csv (rank, key, label, distance). Any ranker of 5_evaluate.py's
+table can be named, cosine+colour too (the images' colour histograms are then cached beside the features).
 """
 import time
 from pathlib import Path
@@ -30,19 +31,15 @@ def main(args, P):
     from image_similarity.apps import attributes
     from image_similarity.data import fileio, images
     from image_similarity.pipeline import plots
-    from image_similarity.search import rankers
-    from image_similarity.search.distances import top_k
+    from image_similarity.search import core
     from image_similarity.data.splits import label_of
     start = time.perf_counter()
     if args.top < 1:
         raise helpers.UsageError(f"--top must be at least 1, got {args.top}")
-    if args.ranker and args.ranker not in rankers.RANKER_NAMES:
-        raise helpers.UsageError(f"--ranker {args.ranker}: not a ranker; choose from {', '.join(rankers.RANKER_NAMES)}")
     query = images.read_image(args.image)
     helpers.require(P.featuresPath, "3_featurizeImages.py")
     run = helpers.load_run(P, network=False)  # the network is loaded once the arguments are known to be good
-    features, model_id, available = run.features, run.model_id, dict(run.rankers)
-    name = args.ranker or run.default_ranker
+    available, name = dict(run.rankers), args.ranker or run.default_ranker
     if args.attributes:
         chosen = [a for a in args.attributes.split(",") if a]
         unknown = [a for a in chosen if a not in run.attributes]
@@ -51,40 +48,45 @@ def main(args, P):
                                      f"{sorted(run.attributes) or 'none (run 4_trainSvm.py)'}")
         name = "attributes:" + "+".join(chosen)
         available[name] = attributes.combine([run.attributes[a] for a in chosen])
-    if name not in available:
-        raise helpers.UsageError(f"ranker {name} needs {P.svmPath.name} and {P.classifierPath.name}: "
-                                 "run 4_trainSvm.py first")
-    ranker, re_ranker = available[name], helpers.re_ranked(P, available[name])  # None unless eval_reRankK1 > 0
+    try:
+        ranker = core.resolve_ranker(name, available)
+    except ValueError as err:
+        raise helpers.UsageError(f"--ranker: {err}") from None
+    re_ranker = helpers.re_ranked(P, ranker)  # None unless eval_reRankK1 > 0
     if re_ranker is not None:
         ranker, name = re_ranker, f"{name}+kreciprocal"
+    gallery = core.run_gallery(run.features, P.featuresPath, P.imgDir, run.load_network)
     if args.references == "test":
         test = fileio.load_pickle(helpers.require(P.imgFilenamesPath["test"], "1_prepareData.py"))
         keys = sorted(k for ks in test.values() for k in ks)
-        helpers.require_features(features, keys, P.featuresPath)
-    else:
-        keys = list(features.keys)
+        helpers.require_features(run.features, keys, P.featuresPath)
+        gallery = gallery.subset(keys)
+    keys, model_id = gallery.keys, run.model_id
     embedder = run.embedder
     loaded = time.perf_counter()
 
-    _, vector = embedder.embed_files([args.image.resolve()], args.image.resolve().parent, 1, n_workers=0)
+    vector, colours = core.embed_query(embedder, query)
     embedded = time.perf_counter()
-    distances = ranker.distances(vector, features.rows(keys))[0]
-    order = top_k(distances, args.top)
+    found = core.search(gallery, ranker, vector, args.top, colours)
+    order, distances = found.indices[0], found.distances[0]
     searched = time.perf_counter()
 
     print(f"Top {len(order)} of {len(keys)} {args.references} references for {args.image} ({name} on {model_id}):")
     for rank, i in enumerate(order, 1):
-        print(f"{rank:4}. {distances[i]:10.4g}  {label_of(keys[i]):20} {P.imgDir / keys[i]}")
+        print(f"{rank:4}. {distances[rank - 1]:10.4g}  {label_of(keys[i]):20} {P.imgDir / keys[i]}")
     print(f"Time: loading {loaded - start:.2f} s, network {embedded - loaded:.3f} s, "
           f"search {searched - embedded:.4f} s")
     skipped = images.SkippedImages()
-    matches = [(images.load_image(P.imgDir / keys[i], skipped), label_of(keys[i]), distances[i]) for i in order]
+    matches = [(images.load_image(P.imgDir / keys[i], skipped), label_of(keys[i]), d) for i, d in zip(order, distances)]
     out = plots.plot_retrieval_grid(query, matches, P.resultsDir / f"retrieval_{args.image.stem}.png",
                                     title=f"query: {args.image.name}\n({name})")
-    print(f"Wrote {out}")
+    table = fileio.save_csv(P.resultsDir / f"retrieval_{args.image.stem}.csv", ["rank", "key", "label", "distance"],
+                            [(rank, keys[i], label_of(keys[i]), repr(float(d)))
+                             for rank, (i, d) in enumerate(zip(order, distances), 1)])
+    print(f"Wrote {out} and {table}")
     if skipped:
         print(skipped.summary())
-    print(f"Done: best match {keys[order[0]]} ({label_of(keys[order[0]])}, distance {distances[order[0]]:.4g}) "
+    print(f"Done: best match {keys[order[0]]} ({label_of(keys[order[0]])}, distance {distances[0]:.4g}) "
           f"among {len(keys)} references in {searched - start:.1f} s.")
 
 

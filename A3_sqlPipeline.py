@@ -20,6 +20,8 @@ def add_arguments(parser):
     parser.add_argument("--db", help="SQLAlchemy database URL (default: sqlite:///<procDir>/image_similarity.sqlite)")
     parser.add_argument("--steps", type=int, nargs="+", choices=range(1, 7), default=list(range(1, 7)), metavar="N",
                         help="steps to run, in this order (default: 1 2 3 4 5 6)")
+    parser.add_argument("--rankers", nargs="+", metavar="NAME",
+                        help="step 6 ranks with these rankers of 5_evaluate.py's table instead (e.g. cosine hybrid)")
 
 
 def featurize(P, engine):
@@ -87,7 +89,7 @@ def main(args, P):
                   + table[[f"top{n}" for n in P.eval_topNs] + ["mean_rank", "median_rank", "mrr", "n_queries"]]
                   .to_string(float_format=lambda v: f"{v:.3f}"))
         else:
-            found = store.rank_candidates(engine, P.TOP_K_CANDIDATES)
+            found = store.rank_candidates(engine, P.TOP_K_CANDIDATES, args.rankers)
             print(f"Step 6: top {P.TOP_K_CANDIDATES} candidates of {len(next(iter(found.values())))} test query "
                   f"images for {', '.join(found)} -> ranking_results")
     counts = store.count_rows(engine)

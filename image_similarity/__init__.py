@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 # Public names, imported on first use so that ``import image_similarity`` stays light (no torch, no FAISS).
 _LAZY = {"create": "apps.similarity_model", "load": "apps.similarity_model", "SimilarityModel": "apps.similarity_model",
+         "open_run": "apps.similarity_model",
          "combine": "apps.attributes", "AttributeModel": "apps.attributes", "CombinedSimilarity": "apps.attributes"}
 
 __all__ = ["__version__", *_LAZY]

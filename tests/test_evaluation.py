@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 
 from image_similarity.pipeline.evaluation import (average_precision, evaluate, mean_rank, mean_reciprocal_rank, median_rank,
-                                         positive_rank, rank_ranking_sets, retrieval_metrics, top_k_accuracy,
-                                         top_k_candidates)
+                                         positive_rank, rank_ranking_sets, retrieval_metrics, top_k_accuracy)
 from image_similarity.data.features import load_features, save_features
 from image_similarity.data.splits import RankingSet
 
@@ -89,16 +88,6 @@ def test_rank_ranking_sets_on_stored_features(stored):
             RankingSet("y/d.jpg", "y/c.jpg", ["x/a.jpg"], ["x/a.jpg", "y/c.jpg"])]
     ranks = rank_ranking_sets(Euclidean(), stored, sets)
     assert ranks.tolist() == [2, 1] and ranks.dtype == np.int64
-
-
-def test_top_k_candidates_excludes_the_query(stored):
-    found = top_k_candidates(Euclidean(), stored, ["x/b.jpg", "y/d.jpg"], stored.keys, k=2, batch_size=1)
-    assert found == [[("x/a.jpg", 1.0), ("y/c.jpg", 2.0)], [("y/c.jpg", 7.0), ("x/b.jpg", 9.0)]]
-    # A query that is not a candidate keeps every candidate; k larger than the candidates gives them all.
-    assert [key for key, _ in top_k_candidates(Euclidean(), stored, ["x/a.jpg"], ["y/c.jpg", "y/d.jpg"], 5)[0]] == \
-        ["y/c.jpg", "y/d.jpg"]
-    with pytest.raises(ValueError):
-        top_k_candidates(Euclidean(), stored, ["x/a.jpg"], stored.keys, 0)
 
 
 def test_average_precision_by_hand():

@@ -7,9 +7,9 @@ from sklearn.preprocessing import normalize
 
 from image_similarity.pipeline.evaluation import mean_rank, positive_rank
 from image_similarity.data.fileio import load_pickle, save_pickle
-from image_similarity.search.rankers import (RANKER_NAMES, CalibratedRanker, ClassProbRanker, CosineRanker, HybridRanker,
+from image_similarity.search.rankers import (CalibratedRanker, ClassProbRanker, CosineRanker, HybridRanker,
                                       KReciprocalRanker, L1Ranker, L2Ranker, RandomRanker, WeightedL2Ranker,
-                                      build_rankers, negative_sample_weights)
+                                      build_rankers, negative_sample_weights, ranker_names)
 from image_similarity.pipeline.training import pair_differences
 
 
@@ -211,15 +211,15 @@ def test_classprob_same_label_ranks_same_class_references_first():
 
 def test_build_rankers_in_report_order(trained):
     _, _, ranker, val_diffs, val_same = trained
-    assert list(build_rankers(random_state=0)) == ["random", "L1", "L2", "cosine"]
+    assert list(build_rankers(random_state=0)) == ["random", "L1", "L2", "cosine", "cosine+colour"]
     x, labels = make_clusters(n_noise=4)
     svm = {"ranker": ranker, "calibrated": CalibratedRanker(ranker).fit(val_diffs, val_same)}
     classprob = {"ranker": ClassProbRanker().fit(x, labels), "hybrid_band": 0.1}
     rankers = build_rankers(svm, classprob, random_state=0)
-    assert tuple(rankers) == RANKER_NAMES
+    assert tuple(rankers) == ranker_names()
     assert rankers["hybrid"].band == 0.1 and rankers["hybrid"].classifier is classprob["ranker"]
     assert "hybrid" not in build_rankers(svm, {"ranker": classprob["ranker"], "hybrid_band": None})
-    assert {name: rankers[name].metric for name in RANKER_NAMES if name.startswith("classprob")} == {
+    assert {name: rankers[name].metric for name in ranker_names() if name.startswith("classprob")} == {
         "classprob_L2": "l2", "classprob_cosine": "cosine", "classprob_same": "same_label"}
     assert classprob["ranker"].metric == "l2"  # the payload itself is not changed
 

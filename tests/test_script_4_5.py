@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import make_labelled_images, run_script
 from image_similarity.data.features import load_features, save_features
-from image_similarity.search.rankers import RANKER_NAMES
+from image_similarity.search.rankers import ranker_names
 
 TOP_NS = [1, 2, 4, 5, 8, 10, 15, 20, 28, 32]
 N_NEGATIVES = 20
@@ -97,7 +97,7 @@ def test_train_svm_reports_and_saves_payloads(pipeline):
 def test_evaluation_json_has_every_ranker_and_valid_values(pipeline):
     work, _, _, step5 = pipeline
     results = json.loads((work / "results" / "tiny" / "evaluation.json").read_text())
-    assert tuple(results) == RANKER_NAMES
+    assert tuple(results) == ranker_names()
     with open(work / "proc" / "tiny" / "imgInfosTest.pickle", "rb") as handle:
         n_test = len(pickle.load(handle))
     for name, metrics in results.items():
@@ -119,7 +119,7 @@ def test_evaluation_csv_and_figures(pipeline):
     results = work / "results" / "tiny"
     with open(results / "evaluation.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["ranker"] for row in rows] == list(RANKER_NAMES)
+    assert [row["ranker"] for row in rows] == list(ranker_names())
     best = [row["ranker"] for row in rows if row["best_on_val"] == "1"]
     assert len(best) == 1 and best[0] != "random"
     assert_figure(results / "topN_accuracy.png", (900, 600))

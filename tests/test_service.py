@@ -97,8 +97,8 @@ def test_health(server):
     assert health["status"] == "ok"
     assert health["n_references"] == 36
     assert health["model_id"] == "pretrained:efficientnet_lite0"
-    assert health["rankers"] == ["random", "L1", "L2", "cosine", "weightedl2", "weightedl2prob", "classprob_L2",
-                                 "classprob_cosine", "classprob_same", "hybrid"]
+    assert health["rankers"] == ["random", "L1", "L2", "cosine", "cosine+colour", "weightedl2", "weightedl2prob",
+                                 "classprob_L2", "classprob_cosine", "classprob_same", "hybrid"]
     assert health["default_ranker"] == "hybrid"  # step 4 made a classifier: labels first, looks within
     assert health["attributes"] == ["tiny", "again"]
     assert health["max_upload_bytes"] == LIMIT and health["notes"] == []
@@ -288,7 +288,7 @@ def test_missing_payloads_leave_the_fixed_rankers(pipeline):
     P = parameters(work)
     P.svmPath, P.classifierPath = work / "none" / "svm.pickle", work / "none" / "classprob.pickle"
     service = helpers.load_service(P)
-    assert list(service.rankers) == ["random", "L1", "L2", "cosine"]
+    assert list(service.rankers) == ["random", "L1", "L2", "cosine", "cosine+colour"]
     assert service.attributes == {} and len(service.notes) == 2 and "4_trainSvm.py" in service.notes[0]
 
 

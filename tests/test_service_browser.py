@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, make_image
-from image_similarity.search.rankers import RANKER_NAMES
+from image_similarity.search.rankers import ranker_names
 from test_service import pipeline, server  # noqa: F401  (module-scoped fixtures: the pipeline and the live server)
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -48,7 +48,7 @@ def test_page_shows_k_matches(browser, server, tmp_path):  # noqa: F811
     client, _ = server
     browser.get(str(client.base_url))
     wait = WebDriverWait(browser, 60)
-    wait.until(lambda d: len(Select(d.find_element(By.ID, "ranker")).options) == len(RANKER_NAMES))  # from /health
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "ranker")).options) == len(ranker_names()))  # from /health
     assert Select(browser.find_element(By.ID, "ranker")).first_selected_option.text == "hybrid"  # it has a classifier
     Select(browser.find_element(By.ID, "k")).select_by_value("10")
     query = make_image(tmp_path / "query.png", (205, 25, 35), size=(120, 90), pattern="stripes")

@@ -22,24 +22,23 @@ import pandas as pd
 
 from ..search import rankers
 from ..pipeline import training
-from ..search.distances import from_probability, top_k
+from ..search.core import search
+from ..search.distances import from_probability
 from ..data.features import Features, sidecar_path
 from ..data.fileio import load_json
-from .similarity_model import SimilarityModel
 from ..data.splits import SPLITS, group_by_label, splits_and_ranking_sets
 
 __all__ = ["AttributeModel", "CombinedSimilarity", "combine", "configured_attributes"]
 
 logger = logging.getLogger(__name__)
 
-_BLOCK_BYTES = 256 * 2**20  # probabilities of a query batch against all references are computed in about this much
-
 
 def _training_data(features, labels):
     """``(keys, matrix, model_id, labels)`` from a SimilarityModel or a feature matrix, labels aligned with rows."""
-    if isinstance(features, SimilarityModel):
-        keys, matrix, model_id = features.keys, features.features, features.info["model_id"]
-        labels = features.labels if labels is None else labels
+    gallery = getattr(features, "gallery", None)  # a SimilarityModel's references
+    if gallery is not None:
+        keys, matrix, model_id = gallery.keys, gallery.matrix, gallery.model_id
+        labels = gallery.labels if labels is None else labels
         if labels is None:
             raise ValueError("the similarity model has no labels: pass labels=")
     else:
@@ -239,7 +238,7 @@ class CombinedSimilarity:
         self.model = model
         ids = {a.name: a.model_id for a in self.attributes if a.model_id is not None}
         if model is not None:
-            ids["model"] = model.info["model_id"]
+            ids["model"] = model.gallery.model_id
         if len(set(ids.values())) > 1:
             raise ValueError(f"the attributes and the model come from different networks: {ids}")
 
@@ -288,33 +287,28 @@ class CombinedSimilarity:
         """
         if self.model is None:
             raise ValueError("query needs the references: combine(..., model=<SimilarityModel>)")
-        if int(k) != k or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
         names, queries = self.model.embed(images)
-        keys, k = np.asarray(self.model.keys, dtype=object), min(int(k), len(self.model))
-        step = max(1, _BLOCK_BYTES // (8 * (len(self.attributes) + 1) * len(keys)))
-        frames = []
-        for start in range(0, len(names), step):
-            per = self.attribute_probabilities(queries[start:start + step])
-            combined = np.tensordot(self.weights, per, axes=1)
-            top = top_k(-combined, k)
-            q = np.repeat(np.arange(len(top)), k)
-            r = top.ravel()
-            columns = {"query": np.asarray(names[start:start + step], dtype=object)[q], "reference": keys[r],
-                       "probability": combined[q, r], "rank": np.tile(np.arange(1, k + 1), len(top))}
-            columns.update((f"probability_{a.name}", p[q, r]) for a, p in zip(self.attributes, per))
-            frames.append(pd.DataFrame(columns))
-        if not frames:
-            return pd.DataFrame(columns=["query", "reference", "probability", "rank",
-                                         *(f"probability_{a.name}" for a in self.attributes)])
-        return pd.concat(frames, ignore_index=True)
+        found = search(self.model.gallery, self, queries, k)
+        references = self.model.gallery.matrix
+        columns = {"query": [], "reference": [], "probability": [], "rank": [],
+                   **{f"probability_{a.name}": [] for a in self.attributes}}
+        for i, name in enumerate(names):
+            matches = found.matches(i)
+            rows = found.indices[i][found.indices[i] >= 0]
+            columns["query"] += [name] * len(matches)
+            columns["reference"] += [key for key, _ in matches]
+            columns["probability"] += [1.0 - distance for _, distance in matches]
+            columns["rank"] += list(range(1, len(matches) + 1))
+            for a in self.attributes:
+                columns[f"probability_{a.name}"] += list(a.probabilities(queries[[i]], references[rows])[0])
+        return pd.DataFrame(columns)
 
     def _references(self, references):
         if references is not None:
             return references
         if self.model is None:
             raise ValueError("no references: pass them, or combine(..., model=<SimilarityModel>)")
-        return self.model.features
+        return self.model.gallery.matrix
 
     def __repr__(self):
         parts = ", ".join(f"{a.name}: {w:.2f}" for a, w in zip(self.attributes, self.weights))

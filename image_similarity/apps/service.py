@@ -38,7 +38,6 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 from anyio import CapacityLimiter, to_thread
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
@@ -46,7 +45,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from . import attributes as attribute_models
-from ..search.distances import top_k
+from ..search import core
 from ..data.images import ImageReadError, read_image
 from .label_issues import load_label_issues as label_issue_rows
 from ..data.splits import label_of
@@ -82,8 +81,8 @@ class SimilarityService:
     ----------
     embedder : embedder.Embedder
         The network; its ``model_id`` must be the features'.
-    features : features.Features
-        The references: ``keys`` and a float32 (N, D) matrix.
+    gallery : core.Gallery
+        The references (with a ``colour_source`` for the "cosine+colour" ranker).
     ranker_map : dict of str to ranker
         ``rankers.build_rankers(...)``.
     image_dir : str or Path
@@ -104,18 +103,16 @@ class SimilarityService:
         A label_issues.csv of A6_findLabelIssues.py, read by :meth:`label_issues` when it exists.
     """
 
-    def __init__(self, embedder, features, ranker_map, image_dir, default_ranker="cosine", attribute_map=None,
+    def __init__(self, embedder, gallery, ranker_map, image_dir, default_ranker="cosine", attribute_map=None,
                  max_upload_bytes=10_000_000, thumb_px=160, notes=(), label_issues_path=None,
                  max_image_pixels=40_000_000):
         self.embedder = embedder
-        if embedder.model_id != features.meta["model_id"]:
-            raise ValueError(f"the network is {embedder.model_id} but the features come from "
-                             f"{features.meta['model_id']}")
-        if default_ranker not in ranker_map:
-            raise ValueError(f"default ranker {default_ranker!r} is not one of {list(ranker_map)}")
-        self.keys = list(features.keys)
-        self.matrix = np.ascontiguousarray(features.matrix, dtype=np.float32)
-        self.model_id = features.meta["model_id"]
+        if embedder.model_id != gallery.model_id:
+            raise ValueError(f"the network is {embedder.model_id} but the features come from {gallery.model_id}")
+        core.resolve_ranker(default_ranker, ranker_map)
+        self.gallery = gallery
+        self.keys = gallery.keys
+        self.model_id = gallery.model_id
         self.rankers = dict(ranker_map)
         self.default_ranker = default_ranker
         self.attributes = dict(attribute_map or {})
@@ -139,7 +136,8 @@ class SimilarityService:
         """The service of a run loaded by :func:`.runs.load_run` (with its network)."""
         for note in run.notes:
             logger.warning(note)
-        return cls(run.embedder, run.features, run.rankers, image_dir, run.default_ranker, run.attributes,
+        gallery = core.run_gallery(run.features, run.candidates[2], image_dir, run.load_network)
+        return cls(run.embedder, gallery, run.rankers, image_dir, run.default_ranker, run.attributes,
                    max_upload_bytes, thumb_px, run.notes, label_issues_path, max_image_pixels)
 
     def health(self):
@@ -189,23 +187,18 @@ class SimilarityService:
             name = "attributes:" + "+".join(attribute_names)
         else:
             name = ranker or self.default_ranker
-            if name not in self.rankers:
-                raise ValueError(f"unknown ranker {name!r}: available are {list(self.rankers)}")
-            scorer = self.rankers[name]
+            scorer = core.resolve_ranker(name, self.rankers)
         start = time.perf_counter()
         image = read_image(io.BytesIO(data), max_pixels=self.max_image_pixels)
-        batch = self.embedder.transform(image).unsqueeze(0)
         decoded = time.perf_counter()
         with self._net_slots:
             locked = time.perf_counter()
-            vector = self.embedder.forward_batch(batch)
+            vector, colours = core.embed_query(self.embedder, image)
             embedded = time.perf_counter()
-        distances = scorer.distances(vector, self.matrix)[0]
-        top = top_k(distances, k)
         with_probability = hasattr(scorer, "probabilities")
-        results = [{"id": int(i), "key": self.keys[i], "label": label_of(self.keys[i]),
-                    "distance": float(distances[i]),
-                    **({"probability": float(1.0 - distances[i])} if with_probability else {})} for i in top]
+        results = [{"id": row, "key": key, "label": label_of(key), "distance": distance,
+                    **({"probability": 1.0 - distance} if with_probability else {})}
+                   for _, _, row, key, distance in core.search(self.gallery, scorer, vector, k, colours).rows()]
         searched = time.perf_counter()
         timings = {"decode": decoded - start, "wait": locked - decoded, "network": embedded - locked,
                    "search": searched - embedded}

@@ -8,12 +8,11 @@ Example::
     model.save("my_model")
     same = image_similarity.load("my_model")
 
-The embeddings come from an :class:`.embedder.Embedder` (a registry backbone or a refined checkpoint), the search
-from :class:`.index.NearestNeighborIndex` (exact below its ANN threshold, approximate above). Plain colour and
-brightness count too: each image's colour histogram (:mod:`.colour`) is joined to its embedding with
-``colour_weight``, so that a noisy white image is never a noisy black one's nearest neighbour. Distances are cosine
-distances of the joined vectors, ``(1 - colour_weight) * (1 - cos of the embeddings) + colour_weight * (1 - cos of
-the histograms)``, in ``[0, 2]``, lower is more similar.
+The embeddings come from an :class:`.embedder.Embedder`, the answers from :func:`.core.search`, as at every door.
+By default plain colour counts too (the "cosine+colour" ranker, :class:`.colour.ColourCosineRanker`): distances are
+``(1 - colour_weight) * (1 - cos of the embeddings) + colour_weight * (1 - cos of the colour histograms)``, in
+``[0, 2]``, lower is more similar, so a noisy white image is never a noisy black one's nearest neighbour.
+:func:`open_run` opens a finished pipeline run instead, with its network, features and learned rankers.
 """
 import logging
 import os
@@ -29,17 +28,17 @@ from PIL import Image
 from ..models import backbones
 from ..models.embedder import load_embedder
 from ..data.images import ImageReadError, SkippedImages, list_images
-from ..search.colour import COLOUR_DIM, colour_histograms, with_colour
+from ..search import core
+from ..search.colour import COLOUR_DIM, ColourCosineRanker, colour_histograms
 from ..search.index import NearestNeighborIndex
-from .model_folder import MODEL_FORMAT, read_model_folder, write_model_folder
+from ..search.rankers import DEFAULT_COLOUR_WEIGHT, build_rankers
 from ..data.splits import label_of
+from .model_folder import MODEL_FORMAT, read_model_folder, write_model_folder
 
-__all__ = ["SimilarityModel", "create", "load", "MODEL_FORMAT"]
+__all__ = ["SimilarityModel", "create", "load", "open_run", "MODEL_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
-# The least weight that keeps plain white and black apart (tests/test_colour.py); its cost: bench/colour_weight.py.
-DEFAULT_COLOUR_WEIGHT = 0.3
 QUERY_COLUMNS = ["query", "reference", "distance", "rank"]
 GRAPH_COLUMNS = ["from", "to", "distance", "rank"]
 INFO_KEYS = ("model_id", "backbone", "dim", "input_resolution")
@@ -58,17 +57,12 @@ def _as_list(images):
     return list(images), False
 
 
-def _frame(names, ref_keys, distances, indices, columns, max_per_row=None):
-    """One row per found neighbour (index >= 0), ranks 1.. per query, at most ``max_per_row`` per query."""
-    found = indices >= 0
-    rank = np.cumsum(found, axis=1)
-    if max_per_row is not None:
-        found &= rank <= max_per_row
-    rows, cols = np.nonzero(found)
-    keys = np.asarray(ref_keys, dtype=object)
-    return pd.DataFrame({columns[0]: np.asarray(names, dtype=object)[rows], columns[1]: keys[indices[rows, cols]],
-                         columns[2]: distances[rows, cols].astype(np.float64), columns[3]: rank[rows, cols]},
-                        columns=columns)
+def _frame(names, results, columns):
+    """One row per match of :func:`.core.search`'s results (query name, reference key, distance, rank from 1)."""
+    found = list(results.rows())
+    return pd.DataFrame({columns[0]: [names[q] for q, *_ in found], columns[1]: [key for *_, key, _ in found],
+                         columns[2]: np.array([d for *_, d in found], dtype=np.float64),
+                         columns[3]: np.array([rank for _, rank, *_ in found], dtype=np.int64)}, columns=columns)
 
 
 class SimilarityModel:
@@ -116,9 +110,35 @@ class SimilarityModel:
         self.index_kind = index_kind
         self.inference = inference
         self.colour_weight = colour_weight
-        self.keys, self.labels, self.info = [], None, None
-        self.features, self.colours = None, None
-        self._index, self._embedder, self._rows = None, None, {}
+        self.info, self.gallery, self._embedder = None, None, None
+        self.ranker = ColourCosineRanker(colour_weight)
+        self.rankers, self.default_ranker = {}, None
+
+    @classmethod
+    def from_run(cls, run, image_dir=None, batch_size=64, n_workers=2):
+        """The model of a finished pipeline run (:func:`.runs.load_run`): its network, features and rankers.
+
+        Queries are then ranked exactly as A1 and the web service rank them: by ``run.default_ranker`` unless
+        :meth:`query` names another of ``run.rankers`` (learned ones included), "cosine+colour" too when
+        ``image_dir`` (the folder the features' keys are relative to) lets the gallery's colours be computed.
+        """
+        embedder = run.embedder
+        model = embedder.checkpoint or embedder.backbone
+        similarity = cls(model, batch_size, n_workers, inference=run.engine)
+        similarity._embedder, similarity.info = embedder, embedder.info
+        similarity.gallery = core.run_gallery(run.features, run.candidates[2], image_dir, run.load_network)
+        similarity.rankers, similarity.default_ranker = dict(run.rankers), run.default_ranker
+        return similarity
+
+    keys = property(lambda self: [] if self.gallery is None else self.gallery.keys)
+    features = property(lambda self: None if self.gallery is None else self.gallery.matrix)
+    colours = property(lambda self: None if self.gallery is None else self.gallery.colour_histograms())
+    labels = property(lambda self: None if self.gallery is None else self.gallery.labels)
+
+    @property
+    def index(self):
+        """The :class:`.index.NearestNeighborIndex` of the references under the embedding-and-colour cosine."""
+        return self.gallery.index(self.ranker, NearestNeighborIndex(self.index_kind).build)
 
     # ------------------------------------------------------------------ embedding
     @property
@@ -144,7 +164,8 @@ class SimilarityModel:
     def _embed(self, items, names, use_keys):
         """Embeddings and colour histograms in input order (NaN rows for unreadable images), and the skipped files."""
         skipped = SkippedImages()
-        known = [use_keys and isinstance(x, str) and x in self._rows for x in items]
+        known = [use_keys and isinstance(x, str) and self.gallery is not None and x in self.gallery.row_of
+                 for x in items]
         files = [i for i, x in enumerate(items) if not known[i] and _is_file_source(x)]
         memory = [i for i, x in enumerate(items) if not known[i] and not _is_file_source(x)]
         dim = self.info["dim"] if self.info else self.embedder.dim
@@ -152,7 +173,8 @@ class SimilarityModel:
         colours = np.full((len(items), COLOUR_DIM), np.nan, np.float32)
         for i, x in enumerate(items):
             if known[i]:
-                out[i], colours[i] = self.features[self._rows[x]], self.colours[self._rows[x]]
+                row = self.gallery.row_of[x]
+                out[i], colours[i] = self.gallery.matrix[row], self.gallery.colour_histograms()[row]
         if files:
             n_workers = self.n_workers if len(files) > self.batch_size else 0
             out[files], colours[files] = self._embed_sources([Path(items[i]).absolute() for i in files], None,
@@ -161,10 +183,6 @@ class SimilarityModel:
             out[memory], colours[memory] = self._embed_sources([items[i] for i in memory],
                                                                [names[i] for i in memory], 0, skipped)
         return out, colours, skipped
-
-    def _searched(self, embeddings, colours):
-        """The vectors the index holds: embeddings joined with their colours (:func:`.colour.with_colour`)."""
-        return with_colour(embeddings, colours, self.colour_weight)
 
     def embed(self, images, colours=False):
         """Embed query images.
@@ -223,11 +241,7 @@ class SimilarityModel:
         Returns
         -------
         self
-
-        Notes
-        -----
-        Unreadable images are skipped with one ``UserWarning`` naming them; a key already in the model is a
-        ValueError.
+            Unreadable images are skipped with one ``UserWarning`` naming them; a key already in use is a ValueError.
         """
         if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
             root = Path(images)
@@ -242,7 +256,7 @@ class SimilarityModel:
         keys = list(default_keys if keys is None else keys)
         if len(keys) != len(items) or not items:
             raise ValueError(f"got {len(items)} images and {len(keys)} keys: need as many keys as images, at least one")
-        clashes = sorted(set(keys) & set(self._rows)) or sorted(k for k, n in Counter(keys).items() if n > 1)
+        clashes = sorted(set(keys) & set(self.keys)) or sorted(k for k, n in Counter(keys).items() if n > 1)
         if clashes:
             raise ValueError(f"{len(clashes)} key(s) already in use, e.g. {clashes[0]!r}: pass other keys=")
         labels = self._new_labels(keys, label)
@@ -253,17 +267,11 @@ class SimilarityModel:
         if not ok.any():
             raise ValueError(f"none of the {len(items)} images could be read: {skipped.summary()}")
         new_keys, matrix, histograms = [k for k, good in zip(keys, ok) if good], matrix[ok], histograms[ok]
-        if self._index is None:
-            self._index = NearestNeighborIndex(self.index_kind).build(self._searched(matrix, histograms))
-            self.features, self.colours = matrix, histograms
+        labels = None if labels is None else [lab for lab, good in zip(labels, ok) if good]
+        if self.gallery is None:
+            self.gallery = core.Gallery(new_keys, matrix, self.info["model_id"], labels, histograms)
         else:
-            self._index.add(self._searched(matrix, histograms))
-            self.features = np.concatenate([self.features, matrix])
-            self.colours = np.concatenate([self.colours, histograms])
-        if labels is not None:
-            self.labels = (self.labels or []) + [lab for lab, good in zip(labels, ok) if good]
-        self._rows.update((k, len(self.keys) + i) for i, k in enumerate(new_keys))
-        self.keys.extend(new_keys)
+            self.gallery.append(new_keys, matrix, labels, histograms)
         logger.info("added %d references (%d skipped); %d in all", len(new_keys), len(skipped), len(self.keys))
         return self
 
@@ -292,7 +300,7 @@ class SimilarityModel:
         return len(self.keys)
 
     # ------------------------------------------------------------------ searching
-    def query(self, images, k=5, radius=None):
+    def query(self, images, k=5, radius=None, ranker=None):
         """The ``k`` nearest references of each query image.
 
         Parameters
@@ -303,20 +311,29 @@ class SimilarityModel:
         k : int
             Neighbours per query (at most ``len(self)``).
         radius : float, optional
-            Largest cosine distance kept, in [0, 2]; None keeps all ``k``.
+            Largest distance kept (cosine: in [0, 2]); None keeps all ``k``.
+        ranker : str, optional
+            A ranker by name (``rankers.ranker_names()``; a run's learned ones after :func:`open_run`). Default: the
+            run's recommended ranker for a model opened on a run, else the cosine of embedding and colour.
 
         Returns
         -------
         pandas.DataFrame
-            Columns ``query`` (str, see :meth:`embed`), ``reference`` (key), ``distance`` (cosine distance of
-            embedding and colour, see the module's docstring; float64, ascending per query), ``rank`` (1-based); one
-            row per (query, neighbour).
+            Columns ``query`` (str, see :meth:`embed`), ``reference`` (key), ``distance`` (by default the cosine
+            distance of embedding and colour, see the module's docstring; float64, ascending per query), ``rank``
+            (1-based); one row per (query, neighbour).
         """
+        scorer = self._scorer(ranker)
         names, matrix, histograms = self.embed(images, colours=True)
         if not names:
             return pd.DataFrame(columns=QUERY_COLUMNS)
-        distances, indices = self._index.search(self._searched(matrix, histograms), k, radius)
-        return _frame(names, self.keys, distances, indices, QUERY_COLUMNS)
+        return _frame(names, core.search(self.gallery, scorer, matrix, k, histograms, radius=radius), QUERY_COLUMNS)
+
+    def _scorer(self, name):
+        """The ranker called ``name`` (:func:`.core.resolve_ranker`), or the default one."""
+        if name is None:
+            return self.ranker if self.default_ranker is None else self.rankers[self.default_ranker]
+        return core.resolve_ranker(name, {**build_rankers(), **self.rankers})
 
     def similarity_graph(self, k=5, radius=None, include_self_edges=False):
         """The k-nearest-neighbour graph of the references, as an edge list.
@@ -338,11 +355,11 @@ class SimilarityModel:
         """
         if int(k) != k or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        extra = 0 if include_self_edges else 1
-        distances, indices = self._index.search(self._searched(self.features, self.colours), int(k) + extra, radius)
-        if not include_self_edges:
-            indices[indices == np.arange(len(indices))[:, None]] = -1
-        return _frame(self.keys, self.keys, distances, indices, GRAPH_COLUMNS, max_per_row=int(k))
+        if include_self_edges:
+            found = core.search(self.gallery, self.ranker, self.features, k, self.colours, radius=radius)
+        else:
+            found = core.search_keys(self.gallery, self.ranker, self.keys, k, radius=radius)
+        return _frame(self.keys, found, GRAPH_COLUMNS)
 
     # ------------------------------------------------------------------ describing and saving
     def summary(self):
@@ -357,10 +374,10 @@ class SimilarityModel:
         labels = None if self.labels is None else dict(sorted(Counter(map(str, self.labels)).items()))
         return {"n_references": len(self), "dim": self.info["dim"], "model": str(self.model),
                 "model_id": self.info["model_id"], "backbone": self.info["backbone"],
-                "index_kind": self._index.built_kind, "labels": labels}
+                "index_kind": self.index.built_kind, "labels": labels}
 
     def __repr__(self):
-        if self._index is None:
+        if self.gallery is None:
             return f"SimilarityModel({self.model}, empty)"
         s = self.summary()
         labels = f", {len(s['labels'])} labels" if s["labels"] else ""
@@ -386,38 +403,18 @@ class SimilarityModel:
         manifest = {"model": str(self.model), **{k: self.info[k] for k in INFO_KEYS}, "labels": self.labels,
                     "batch_size": self.batch_size, "n_workers": self.n_workers, "index_kind": self.index_kind,
                     "colour_weight": self.colour_weight}
-        folder = write_model_folder(folder, manifest, self.keys, self.features, self.colours, self._index, checkpoint)
+        folder = write_model_folder(folder, manifest, self.keys, self.features, self.colours, self.index, checkpoint)
         logger.info("saved %s to %s", self, folder)
         return folder
 
+
 def create(images, label=None, model="efficientnet_lite0", batch_size=64, keys=None, n_workers=2, index_kind="auto",
            inference=None, colour_weight=DEFAULT_COLOUR_WEIGHT):
-    """Embed reference images and index them.
+    """Embed reference images and index them: ``SimilarityModel(model, ...).add(images, label, keys)``.
 
-    Parameters
-    ----------
-    images : folder, str, Path, PIL.Image.Image, ndarray, or a list of them
-        A folder (walked recursively, keys relative to it), image files (keys as given), or PIL images / uint8
-        arrays of shape (H, W, 3) (keys ``"0"``, ``"1"`` ... unless ``keys`` are given). Unreadable files are
-        skipped with one ``UserWarning`` naming them.
-    label : None, 'folder', sequence or mapping, optional
-        Labels kept for :meth:`SimilarityModel.summary` and for attribute models (see :meth:`SimilarityModel.add`).
-    model : str or Path
-        A backbone name (``backbones.list_backbones()``) or a refined checkpoint such as ``proc/<dataset>/model.pt``.
-    batch_size : int
-        Images per forward pass.
-    keys : list of str, optional
-        One key per image instead of the defaults.
-    n_workers : int
-        DataLoader processes decoding files (0 = in this process).
-    index_kind : {'auto', 'exact', 'ivf', 'hnsw'}
-        ``'auto'``: exact search below ``index.ANN_THRESHOLD`` references, approximate (IVF) above.
-    inference : models.inference.InferenceConfig, optional
-        Where and how the network runs; default ``InferenceConfig()`` (the fastest installed engine on CPU, PyTorch
-        on CUDA).
-    colour_weight : float
-        In [0, 1): how much plain colour and brightness count in every distance (see the module's docstring);
-        0 = the embedding alone.
+    The parameters are those of :class:`SimilarityModel` and :meth:`SimilarityModel.add`: a folder (keys relative
+    to it), image files (keys as given), or PIL images / uint8 arrays (keys ``"0"``, ``"1"`` ... unless ``keys``
+    are given); unreadable files are skipped with one ``UserWarning`` naming them.
 
     Returns
     -------
@@ -443,8 +440,27 @@ def load(folder, inference=None):
     manifest, model, stored, colours, index = read_model_folder(folder)
     similarity = SimilarityModel(model, manifest["batch_size"], manifest["n_workers"], manifest["index_kind"],
                                  inference, manifest["colour_weight"])
-    similarity.keys, similarity.features, similarity.labels = list(stored.keys), stored.matrix, manifest["labels"]
-    similarity.colours = colours.matrix
     similarity.info = {k: manifest[k] for k in INFO_KEYS}
-    similarity._index, similarity._rows = index, {k: i for i, k in enumerate(similarity.keys)}
+    similarity.gallery = core.Gallery(stored.keys, stored.matrix, manifest["model_id"], manifest["labels"],
+                                      colours.matrix)
+    similarity.gallery.set_index(similarity.ranker, index)
     return similarity
+
+
+def open_run(features_path, backbone, checkpoint, svm_path, classifier_path, evaluation_csv, image_dir=None,
+             inference=None, random_state=None):
+    """A :class:`SimilarityModel` on a finished pipeline run: it ranks like A1 and the web service.
+
+    The parameters are those of :func:`.runs.load_run` (step 3's features, the backbone and refined checkpoint,
+    step 4's payloads, step 5's ``evaluation.csv``, which may be missing), plus ``image_dir``: the folder the
+    features' keys are relative to, for the "cosine+colour" ranker's colours.
+
+    Returns
+    -------
+    SimilarityModel
+    """
+    from ..pipeline.runs import load_run  # here: the pipeline only for a model opened on a run
+
+    run = load_run(features_path, backbone, checkpoint, svm_path, classifier_path, evaluation_csv,
+                   random_state=random_state, engine=inference)
+    return SimilarityModel.from_run(run, image_dir)

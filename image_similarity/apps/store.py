@@ -20,7 +20,9 @@ reaches (SQLite by default, PostgreSQL with ``postgresql://...``). Tables, by th
    band) and L2, cosine and 1 - P(same label) between score vectors (``classprob_L2``, ``classprob_cosine``,
    ``classprob_same``).
 6. ``ranking_results`` (``ranker``, ``query_id``, ``rank``, ``candidate_id``, ``distance``, ``same_label``): the
-   ``k`` closest scored images to every test query image, for each of those rankers (``hybrid`` the recommended one).
+   ``k`` closest scored images to every test query image, for each of those rankers (``hybrid`` the recommended one),
+   or for rankers named from the registry (``rankers.ranker_names``; those that need no colour histograms or SVM),
+   found by ``core.search`` as every other door finds them.
 
 Each step writes in one transaction: it deletes its own tables' rows and those of the steps that depend on it
 (they are stale), then inserts, so a re-run replaces its output and never duplicates rows.
@@ -37,6 +39,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from ..pipeline import evaluation, training
 from ..search import rankers
 from ..search.distances import ProbabilityDistance
+from ..search.core import Gallery, resolve_ranker, search_keys
 from ..search.rankers import HybridRanker
 from ..data.features import Features
 from ..data.splits import SPLITS, RankingSet, group_by_label, label_of, splits_and_ranking_sets
@@ -411,8 +414,16 @@ def evaluate_scores(engine, top_ns, splits=("val", "test")):
     return results
 
 
-def rank_candidates(engine, k):
+def rank_candidates(engine, k, ranker_names=None):
     """Step 6: the ``k`` images closest to every test query image (itself excluded), for each ranker.
+
+    Parameters
+    ----------
+    k : int
+    ranker_names : list of str, optional
+        Registered rankers (``rankers.ranker_names``) ranking the stored features, built with the ``model``
+        table's classifier (``core.resolve_ranker``); default the hybrid and the distances of ``SCORE_RANKERS``
+        on the scores.
 
     Returns
     -------
@@ -421,14 +432,20 @@ def rank_candidates(engine, k):
         also written to ``ranking_results``.
     """
     with engine.connect() as conn:
-        by_name = _rankers(conn)
+        if ranker_names:
+            available, vectors = rankers.build_rankers(classprob_payload=read_model(conn)), read_features(conn)
+            by_name = {name: (resolve_ranker(name, available), vectors) for name in ranker_names}
+        else:
+            by_name = _rankers(conn)
         queries = sorted({s.query for s in read_ranking_sets(conn, "test")})
         ids = {key: i for i, key in _paths(conn).items()}
     if not queries:
         raise ValueError("table query_images holds no test ranking sets: run step 2 (a label needs two test images "
                          "to give queries)")
-    found = {name: dict(zip(queries, evaluation.top_k_candidates(ranker, vectors, queries, vectors.keys, k)))
-             for name, (ranker, vectors) in by_name.items()}
+    found = {}
+    for name, (ranker, vectors) in by_name.items():
+        results = search_keys(Gallery.from_features(vectors), ranker, queries, k)
+        found[name] = {query: results.matches(i) for i, query in enumerate(queries)}
     with engine.begin() as conn:
         _replace(conn, 6, {ranking_results: [
             {"ranker": name, "query_id": ids[query], "rank": n, "candidate_id": ids[key], "distance": distance,

@@ -8,10 +8,8 @@ image of a split queries all the others, and its positives are the others of its
 """
 import numpy as np
 
-from ..search.distances import top_k
-
 __all__ = ["positive_rank", "top_k_accuracy", "mean_rank", "median_rank", "mean_reciprocal_rank", "evaluate",
-           "rank_ranking_sets", "top_k_candidates", "average_precision", "retrieval_metrics"]
+           "rank_ranking_sets", "average_precision", "retrieval_metrics"]
 
 
 def _ranks(ranks):
@@ -121,41 +119,6 @@ def rank_ranking_sets(ranker, features, ranking_sets):
         distances = ranker.distances(features.rows([ranking_set.query]), features.rows(ranking_set.references))
         ranks[i] = positive_rank(distances[0], ranking_set.is_positive)
     return ranks
-
-
-def top_k_candidates(ranker, features, query_keys, candidate_keys, k, batch_size=256):
-    """The k candidates closest to each query, the query itself excluded.
-
-    Parameters
-    ----------
-    ranker : object with ``distances(queries, references)``
-    features : image_similarity.features.Features
-    query_keys, candidate_keys : list of str
-    k : int
-        Candidates kept per query (fewer when there are fewer candidates).
-    batch_size : int
-        Queries per ``distances`` call; bounds memory to ``batch_size * len(candidate_keys)`` float64.
-
-    Returns
-    -------
-    list of list of (str, float)
-        Per query, ``(candidate_key, distance)`` sorted by increasing distance (ties by candidate order).
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    candidate_keys = list(candidate_keys)
-    references = features.rows(candidate_keys)
-    position = {key: i for i, key in enumerate(candidate_keys)}
-    results = []
-    for start in range(0, len(query_keys), batch_size):
-        batch = list(query_keys[start:start + batch_size])
-        distances = ranker.distances(features.rows(batch), references)
-        for row, query in zip(distances, batch):
-            if query in position:
-                row[position[query]] = np.inf
-        for row, order in zip(distances, top_k(distances, k)):
-            results.append([(candidate_keys[j], float(row[j])) for j in order if np.isfinite(row[j])])
-    return results
 
 
 def average_precision(distances, is_positive):

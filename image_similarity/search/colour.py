@@ -7,10 +7,19 @@ appends it, weighted, to the L2-normalised embedding, so that the cosine distanc
 ``(1 - weight) * cosine distance of the embeddings + weight * colour distance`` (one minus the histograms' inner
 product): any cosine index searches it unchanged.
 """
+import logging
+from pathlib import Path
+
 import numpy as np
 from sklearn.preprocessing import normalize
 
-__all__ = ["BINS_PER_CHANNEL", "COLOUR_DIM", "colour_histograms", "with_colour"]
+from ..data.features import load_features, save_features
+from ..data.images import SkippedImages, load_image
+
+__all__ = ["BINS_PER_CHANNEL", "COLOUR_DIM", "colour_histograms", "with_colour", "ColourCosineRanker",
+           "file_histograms", "gallery_histograms"]
+
+logger = logging.getLogger(__name__)
 
 BINS_PER_CHANNEL = 4  # anchor colours per RGB channel: 4 x 4 x 4 cells
 COLOUR_DIM = BINS_PER_CHANNEL ** 3
@@ -75,3 +84,109 @@ def with_colour(embeddings, histograms, weight):
         raise ValueError(f"need one {COLOUR_DIM}-bin histogram per embedding, got {histograms.shape} for "
                          f"{len(embeddings)} embeddings")
     return np.hstack([np.sqrt(1 - weight) * embeddings, np.sqrt(weight) * histograms]).astype(np.float32)
+
+
+class ColourCosineRanker:
+    """The cosine distance of embeddings joined with colour histograms (:func:`with_colour`): the "cosine+colour"
+    ranker, the similarity model's default.
+
+    Its inputs are the rows ``[embedding (D) | colour histogram (COLOUR_DIM)]`` (``core.Gallery`` builds them for
+    a ranker whose ``uses_colour`` is true), and the distance is ``(1 - colour_weight) * (1 - cos of the
+    embeddings) + colour_weight * (1 - inner product of the histograms)``, in [0, 2], lower is more similar.
+
+    Parameters
+    ----------
+    colour_weight : float
+        In [0, 1): the share of the colour distance.
+    """
+
+    uses_colour = True
+
+    def __init__(self, colour_weight=0.3):
+        self.colour_weight = colour_weight
+
+    def fit(self, X=None, y=None):
+        """Nothing to learn; returns self."""
+        return self
+
+    def index_vectors(self, rows):
+        """The unit vectors whose cosine distance is this distance, (n, D + COLOUR_DIM) float32."""
+        rows = np.asarray(rows, dtype=np.float32)
+        return with_colour(rows[:, :-COLOUR_DIM], rows[:, -COLOUR_DIM:], self.colour_weight)
+
+    def distances(self, queries, references):
+        """(n_q, n_r) float64 distances between joined rows (n_q, D + COLOUR_DIM) and (n_r, D + COLOUR_DIM)."""
+        q, r = self.index_vectors(queries).astype(np.float64), self.index_vectors(references).astype(np.float64)
+        return np.clip(1.0 - q @ r.T, 0.0, 2.0)
+
+    def __repr__(self):
+        return f"ColourCosineRanker(colour_weight={self.colour_weight})"
+
+
+def file_histograms(paths, to_uint8, skipped=None, batch_size=64):
+    """Colour histograms of image files, computed on the pixels the network sees.
+
+    Parameters
+    ----------
+    paths : list of Path
+    to_uint8 : callable
+        PIL RGB image -> uint8 tensor (3, r, r): the embedder's ``transform.to_uint8``, so that a stored image and
+        the same image as a query get the same histogram.
+    skipped : images.SkippedImages, optional
+        Receives the unreadable files.
+    batch_size : int
+
+    Returns
+    -------
+    ndarray of shape (len(paths), COLOUR_DIM), float32
+        NaN rows for unreadable files.
+    """
+    out = np.full((len(paths), COLOUR_DIM), np.nan, np.float32)
+    for start in range(0, len(paths), batch_size):
+        block = [(i, load_image(paths[i], skipped)) for i in range(start, min(start + batch_size, len(paths)))]
+        good = [(i, np.asarray(to_uint8(image))) for i, image in block if image is not None]
+        if good:
+            out[[i for i, _ in good]] = colour_histograms(np.stack([pixels for _, pixels in good]))
+    return out
+
+
+def gallery_histograms(cache_path, keys, image_dir, to_uint8, model_id):
+    """The colour histograms of stored images, read from ``cache_path`` or computed and cached there (atomically).
+
+    The cache is a features store (``features.save_features``) keyed by the images' keys; it is used only when it
+    holds exactly ``keys`` and was made for ``model_id`` (whose input size decides the pixels).
+
+    Parameters
+    ----------
+    cache_path : Path
+        E.g. ``features.colours.npy`` beside the features.
+    keys : list of str
+        Image paths relative to ``image_dir``.
+    image_dir : Path
+    to_uint8 : callable
+        See :func:`file_histograms`.
+    model_id : str
+
+    Returns
+    -------
+    ndarray of shape (len(keys), COLOUR_DIM), float32
+
+    Raises
+    ------
+    ValueError
+        When an image cannot be read (naming it and the reason).
+    """
+    keys = list(keys)
+    try:
+        cached = load_features(cache_path, mmap=False)
+        if cached.keys == keys and cached.meta.get("model_id") == model_id:
+            return cached.matrix
+    except (FileNotFoundError, ValueError):
+        pass
+    skipped = SkippedImages()
+    histograms = file_histograms([Path(image_dir) / key for key in keys], to_uint8, skipped)
+    if skipped:
+        raise ValueError(f"colour histograms under {image_dir}: {skipped.summary()}")
+    save_features(cache_path, keys, histograms, {"model_id": model_id, "backbone": "colour histograms"})
+    logger.info("computed the colour histograms of %d images into %s", len(keys), cache_path)
+    return histograms

@@ -26,16 +26,19 @@ from sklearn.svm import LinearSVC
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
+from .colour import ColourCosineRanker
 from .distances import (check_pair, embedding_distances, from_probability, k_reciprocal, label_then_appearance,
                         probability_distances)
 from ..data.fileio import load_pickle, save_pickle
 
 __all__ = ["RandomRanker", "L1Ranker", "L2Ranker", "CosineRanker", "WeightedL2Ranker", "CalibratedRanker",
            "ClassProbRanker", "HybridRanker", "KReciprocalRanker", "CLASSPROB_METRICS", "negative_sample_weights",
-           "save_payload", "load_payload", "build_rankers", "RANKER_NAMES"]
+           "save_payload", "load_payload", "register_ranker", "ranker_names", "build_rankers",
+           "DEFAULT_COLOUR_WEIGHT"]
 
-RANKER_NAMES = ("random", "L1", "L2", "cosine", "weightedl2", "weightedl2prob", "classprob_L2", "classprob_cosine",
-                "classprob_same", "hybrid")
+# The colour share of the "cosine+colour" ranker: the least that keeps plain white and black apart
+# (tests/test_colour.py); its cost: bench/colour_weight.py.
+DEFAULT_COLOUR_WEIGHT = 0.3
 # ClassProbRanker's metric for each class-probability ranker name.
 CLASSPROB_METRICS = {"classprob_L2": "l2", "classprob_cosine": "cosine", "classprob_same": "same_label"}
 
@@ -79,9 +82,13 @@ class L2Ranker(_FixedRanker):
 
 
 class CosineRanker(_FixedRanker):
-    """One minus the cosine similarity, in [0, 2]."""
+    """One minus the cosine similarity, in [0, 2]; searched by a cosine index (``core.search``)."""
 
     metric = "cosine"
+
+    def index_vectors(self, rows):
+        """The vectors a cosine index holds for these embeddings: the embeddings, (n, D) float32."""
+        return np.asarray(rows, dtype=np.float32)
 
 
 class RandomRanker(BaseEstimator):
@@ -359,6 +366,8 @@ class KReciprocalRanker(BaseEstimator):
         self.k2 = k2
         self.lambda_value = lambda_value
 
+    needs_whole_gallery = True  # one query's answer depends on every reference: never ranked block by block
+
     def fit(self, X=None, y=None):
         """Nothing to learn; returns self."""
         return self
@@ -395,8 +404,30 @@ def load_payload(path, model_id):
     return payload
 
 
+def register_ranker(name, build):
+    """Offer a ranker by name to every door (A1 ``--ranker``, the service's ``ranker``, the API, step 5): the one
+    registration point.
+
+    Parameters
+    ----------
+    name : str
+        Its name in reports and requests; a name already registered raises ValueError.
+    build : callable (svm_payload, classprob_payload, random_state) -> ranker or None
+        Makes the ranker of a run from step 4's payloads (each a dict, or None when missing); returns None when the
+        run lacks what the ranker needs. The ranker has ``distances(queries, references)`` (see the module).
+    """
+    if name in _REGISTRY:
+        raise ValueError(f"a ranker named {name!r} is already registered")
+    _REGISTRY[name] = build
+
+
+def ranker_names():
+    """Every registered ranker name, in report order."""
+    return tuple(_REGISTRY)
+
+
 def build_rankers(svm_payload=None, classprob_payload=None, random_state=None):
-    """Every available ranker, in report order (see ``RANKER_NAMES``), ready for ``distances``.
+    """Every ranker available to a run, in report order (:func:`ranker_names`), ready for ``distances``.
 
     Parameters
     ----------
@@ -413,14 +444,25 @@ def build_rankers(svm_payload=None, classprob_payload=None, random_state=None):
     -------
     dict of str to ranker
     """
-    rankers = {"random": RandomRanker(random_state).fit(), "L1": L1Ranker(), "L2": L2Ranker(),
-               "cosine": CosineRanker()}
-    if svm_payload is not None:
-        rankers["weightedl2"] = svm_payload["ranker"]
-        rankers["weightedl2prob"] = svm_payload["calibrated"]
-    if classprob_payload is not None:
-        for name, metric in CLASSPROB_METRICS.items():
-            rankers[name] = copy.deepcopy(classprob_payload["ranker"]).set_params(metric=metric)
-        if classprob_payload.get("hybrid_band") is not None:
-            rankers["hybrid"] = HybridRanker(classprob_payload["ranker"], classprob_payload["hybrid_band"]).fit()
-    return rankers
+    built = {name: build(svm_payload, classprob_payload, random_state) for name, build in _REGISTRY.items()}
+    return {name: ranker for name, ranker in built.items() if ranker is not None}
+
+
+def _classprob(metric):
+    def build(svm, classprob, random_state):
+        return None if classprob is None else copy.deepcopy(classprob["ranker"]).set_params(metric=metric)
+    return build
+
+
+_REGISTRY = {}
+register_ranker("random", lambda svm, classprob, random_state: RandomRanker(random_state).fit())
+register_ranker("L1", lambda svm, classprob, random_state: L1Ranker())
+register_ranker("L2", lambda svm, classprob, random_state: L2Ranker())
+register_ranker("cosine", lambda svm, classprob, random_state: CosineRanker())
+register_ranker("cosine+colour", lambda svm, classprob, random_state: ColourCosineRanker(DEFAULT_COLOUR_WEIGHT))
+register_ranker("weightedl2", lambda svm, classprob, random_state: None if svm is None else svm["ranker"])
+register_ranker("weightedl2prob", lambda svm, classprob, random_state: None if svm is None else svm["calibrated"])
+for _name, _metric in CLASSPROB_METRICS.items():
+    register_ranker(_name, _classprob(_metric))
+register_ranker("hybrid", lambda svm, classprob, random_state: None if classprob is None or classprob.get(
+    "hybrid_band") is None else HybridRanker(classprob["ranker"], classprob["hybrid_band"]).fit())
