@@ -64,7 +64,7 @@ def run(tmp_path_factory):
                                           checkpoint=P.modelPath, svm_path=P.svmPath,
                                           classifier_path=P.classifierPath,
                                           evaluation_csv=P.evaluationCsvPath, image_dir=P.imgDir,
-                                          backend=P.run_backend, precision=P.run_precision)
+                                          inference=helpers.inference_config(P))
         yield work, args, P, TestClient(create_app(service)), model
 
 
