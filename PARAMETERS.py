@@ -66,6 +66,7 @@ rf_l2RegWeight = 0.0005                 # L2 weight decay
 rf_boFreezeWeights = False              # True = train only the head; False = refine the whole network
 rf_boBalanceTrainingSet = False         # True = oversample small labels so every label has as many images as the largest
 rf_nrWorkers = 2                        # DataLoader worker processes; 0 = load in the main process
+rf_activationCheckpointing = True       # Recompute activations in the backward pass: the same weights in about half the memory (bench/refine_memory.py); False = off
 rf_cpuBf16 = False                      # True: train under bf16 autocast where the CPU has it natively (bench/refine_speed.py --bf16; validation accuracy unmeasured); False = off
 
 # Featurization and every forward pass (scripts: 3_featurizeImages.py, A1, A2, A4_webService.py, A5)

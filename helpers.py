@@ -20,7 +20,8 @@ REFINE_KNOBS = {"backbone": "rf_backbone", "input_resolution": "rf_inputResoluti
                 "freeze_backbone": "rf_boFreezeWeights", "balance": "rf_boBalanceTrainingSet", "max_train_images": "rf_maxTrainImages",
                 "n_workers": "rf_nrWorkers", "lr_schedule": "rf_lrSchedule", "backbone_lr_factor": "rf_backboneLrFactor",
                 "head": "rf_head", "temperature": "rf_normSoftmaxTemperature", "embedding_dim": "rf_embeddingDim",
-                "crop_scale": "rf_randomResizedCropScale", "cpu_bf16": "rf_cpuBf16", "seed": "randomSeed"}
+                "crop_scale": "rf_randomResizedCropScale", "cpu_bf16": "rf_cpuBf16",
+                "activation_checkpointing": "rf_activationCheckpointing", "seed": "randomSeed"}
 
 
 class UsageError(Exception):

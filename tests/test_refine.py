@@ -286,3 +286,37 @@ def test_refine_curves_png(tmp_path):
     with Image.open(path) as img:
         assert img.format == "PNG" and img.size == (1000, 400)
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def test_checkpointed_activations_train_the_same_weights_and_statistics():
+    """Recomputing activations in the backward pass changes memory, not results: two SGD steps with and without it
+    give the same weights and batch-norm running statistics (the recomputed batch norms update them once, not twice)."""
+    import copy
+
+    import torch
+
+    from image_similarity.models import backbones
+    from image_similarity.models.refine import checkpoint_activations
+
+    torch.manual_seed(0)
+    start = backbones.create_model("efficientnet_lite0", pretrained=False)
+
+    def two_steps(checkpointed):
+        net = copy.deepcopy(start).train()
+        if checkpointed:
+            checkpoint_activations(net)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            batch = torch.randn(4, 3, 96, 96, generator=generator)
+            optimizer.zero_grad()
+            net(batch).pow(2).mean().backward()
+            optimizer.step()
+        return net.state_dict()
+
+    plain, checkpointed = two_steps(False), two_steps(True)
+    assert plain.keys() == checkpointed.keys()
+    for name, value in plain.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(checkpointed[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert any("running_mean" in name for name in plain)

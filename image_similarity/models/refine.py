@@ -19,10 +19,12 @@ Speed: inputs and weights use the channels-last memory format (faster convolutio
 every available core (the caller applies ``inference.set_thread_count``), images are decoded in DataLoader worker processes, and on CUDA the forward pass runs under
 mixed precision (``torch.autocast`` + ``GradScaler``) from pinned memory.
 """
+import copy
 import logging
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,7 @@ from .refine_resume import (data_signature, load_resume_checkpoint, restore_rng_
                             save_resume_checkpoint)
 from ..data.fileio import remove_stale_temporaries
 
-__all__ = ["RefineResult", "LOG_COLUMNS", "LabelledImages", "lr_for_epoch", "epoch_indices", "make_loader",
+__all__ = ["checkpoint_activations", "RefineResult", "LOG_COLUMNS", "LabelledImages", "lr_for_epoch", "epoch_indices", "make_loader",
            "train_one_epoch", "evaluate", "fine_tune"]
 
 logger = logging.getLogger(__name__)
@@ -152,6 +154,30 @@ def make_loader(dataset, indices, batch_size, n_workers, device, seed=0, trainin
                       collate_fn=collate_good_bad, pin_memory=device.type == "cuda",
                       drop_last=training and len(indices) % batch_size == 1 and len(indices) > 1,
                       generator=torch.Generator().manual_seed(seed))
+
+
+def checkpoint_activations(backbone, probe_px=64):
+    """Make a timm ``backbone`` recompute its activations in the backward pass instead of holding them.
+
+    A training step then holds about half the memory for a little more time (bench/refine_memory.py). The batch norms
+    inside the recomputed blocks run twice per step, and each run would update their running statistics; their
+    momentum ``m`` becomes ``1 - sqrt(1 - m)``, so that the two updates with the same batch's statistics equal one
+    update with ``m`` and the trained weights and statistics stay those of a plain step. Which batch norms are
+    recomputed is found by one step of a copy on a ``probe_px`` square batch.
+    """
+    backbone.set_grad_checkpointing(True)
+    probe = copy.deepcopy(backbone).train()
+    calls = Counter()
+    for name, module in probe.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            # Before its forward: a recomputation may stop inside a module's forward (once it has what the backward
+            # needs), after the statistics were updated but before a forward hook would run.
+            module.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
+    probe(torch.zeros(2, 3, probe_px, probe_px)).sum().backward()
+    for name, module in backbone.named_modules():
+        if calls[name] == 2 and module.momentum is not None:
+            module.momentum = 1.0 - math.sqrt(1.0 - module.momentum)
+    return backbone
 
 
 def lr_for_epoch(lr_per_epoch, epoch, schedule="step", max_epochs=None):
@@ -314,6 +340,8 @@ def fine_tune(config, train_items, val_items, img_dir, classes, device=None, che
     model = ImageClassifier(backbone, n_classes, config.dropout, config.head, config.temperature, config.embedding_dim)
     if config.freeze_backbone:
         model.backbone.requires_grad_(False)
+    elif config.activation_checkpointing:
+        checkpoint_activations(model.backbone)
     model.to(device, memory_format=torch.channels_last)
     # One group per learning rate: the head's, and the backbone's at backbone_lr_factor of it.
     groups = [{"params": [p for p in part.parameters() if p.requires_grad], "lr_factor": factor}

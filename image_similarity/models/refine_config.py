@@ -66,6 +66,10 @@ class RefineConfig:
     cpu_bf16 : bool
         On CPU, train under bf16 autocast where the CPU computes bf16 natively (``engines.native_bf16()``, read at
         run time); elsewhere float32, with a warning.
+    activation_checkpointing : bool
+        Recompute the backbone's activations in the backward pass instead of holding them
+        (:func:`.refine.checkpoint_activations`): about half the memory of a training step, a little slower, the same
+        weights.
     seed : int
         Seed of the head's initialisation, the sample order, dropout and augmentation.
     """
@@ -89,6 +93,7 @@ class RefineConfig:
     max_train_images: Optional[int] = None
     n_workers: int = 2
     cpu_bf16: bool = False
+    activation_checkpointing: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -112,7 +117,8 @@ class RefineConfig:
                   ("weight_decay", self.weight_decay >= 0.0, ">= 0"),
                   ("max_train_images", self.max_train_images is None or self.max_train_images >= 1, "None or >= 1"),
                   ("n_workers", self.n_workers >= 0, ">= 0"),
-                  ("cpu_bf16", isinstance(self.cpu_bf16, bool), "True or False")]
+                  ("cpu_bf16", isinstance(self.cpu_bf16, bool), "True or False"),
+                  ("activation_checkpointing", isinstance(self.activation_checkpointing, bool), "True or False")]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name} = {getattr(self, name)!r}: must be {allowed}")

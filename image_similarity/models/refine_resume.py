@@ -17,7 +17,7 @@ __all__ = ["RESUME_FORMAT", "RESUMABLE_CHANGES", "rng_states", "restore_rng_stat
 
 RESUME_FORMAT = "image_similarity.refine_resume/1"
 # Settings that may differ between an interrupted run and its resumption: more epochs extend a finished run.
-RESUMABLE_CHANGES = ("max_epochs", "n_workers", "cpu_bf16")
+RESUMABLE_CHANGES = ("max_epochs", "n_workers", "cpu_bf16", "activation_checkpointing")
 
 
 def rng_states():
