@@ -18,6 +18,7 @@ def main(args, P):
     from image_similarity.apps import dedup
     from image_similarity.data import fileio, images
     from image_similarity.data.splits import SPLITS, label_of, splits_and_ranking_sets
+    from image_similarity.pipeline.steps import save_prepared
     skipped = images.SkippedImages()
     paths = helpers.dataset_images(P, skipped)
     print(f"Reading and hashing {len(paths)} images under {P.imgDir} ...")
@@ -54,13 +55,8 @@ def main(args, P):
                                                                   if P.groupsFilePath else "."))
 
     labels = sorted(keys_by_label)
-    fileio.save_pickle(P.lutLabel2IdPath, {label: i for i, label in enumerate(labels)})
-    fileio.save_pickle(P.lutId2LabelPath, dict(enumerate(labels)))
+    save_prepared(P.layout, labels, splits, infos)
     for split in SPLITS:
-        fileio.save_pickle(P.imgFilenamesPath[split], splits[split])
-        fileio.save_pickle(P.imgInfosPath[split], infos[split])
-        fileio.save_csv(P.pairsCsvPath[split], ["query", "reference", "is_positive"], [
-            (s.query, ref, int(pos)) for s in infos[split] for ref, pos in zip(s.references, s.is_positive)])
         print(f"{split:5}: {len(infos[split]):4} ranking sets -> "
               f"{P.imgFilenamesPath[split]}, {P.imgInfosPath[split]}, {P.pairsCsvPath[split]}")
     counts = pd.DataFrame({split: {label: len(splits[split][label]) for label in labels} for split in SPLITS})

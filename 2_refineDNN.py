@@ -28,21 +28,21 @@ def add_arguments(parser):
 def main(args, P):
     from image_similarity.models import backbones, refine
     from image_similarity.data import fileio
-    from image_similarity.apps import label_issues
+    from image_similarity.pipeline.steps import load_prepared
     from image_similarity.pipeline import plots
     from image_similarity.data.images import SkippedImages
+    from image_similarity.data.splits import load_split
     if P.rf_maxEpochs == 0:
         print("rf_maxEpochs = 0: no refinement, nothing written; step 3 will use the pretrained "
               f"{P.rf_backbone} features.")
         return
     for path in (P.imgFilenamesPath["train"], P.imgFilenamesPath["val"], P.imgInfosPath["val"], P.lutLabel2IdPath):
         helpers.require(path, "1_prepareData.py")
-    label2id = fileio.load_pickle(P.lutLabel2IdPath)
+    label2id = fileio.load_json(P.lutLabel2IdPath, "1_prepareData.py")
     classes = sorted(label2id, key=label2id.get)
-    items = {split: [(key, label2id[label]) for label, keys in sorted(fileio.load_pickle(
-        P.imgFilenamesPath[split]).items()) for key in keys] for split in ("train", "val")}
     excluded = helpers.training_exclusions(P)
-    items = {split: [item for item in split_items if item[0] not in excluded] for split, split_items in items.items()}
+    items = {split: [(key, label2id[label]) for label, keys in sorted(load_split(P.imgFilenamesPath[split]).items())
+                     for key in keys if key not in excluded] for split in ("train", "val")}
     chosen = {}
     if P.rf_inputResolution == "auto":
         chosen["input_resolution"], median = refine.auto_input_resolution_of(
@@ -72,9 +72,8 @@ def main(args, P):
     if result.resumed_after_epoch:
         print(f"Resumed after epoch {result.resumed_after_epoch} from {P.refineCheckpointPath}.")
 
-    val_sets = label_issues.without_keys(fileio.load_pickle(P.imgInfosPath["val"]), excluded)
     comparison = refine.compare_on_validation(result.model, config.backbone, config.input_resolution, P.imgDir,
-                                              val_sets, device, config.batch_size, config.n_workers, skipped)
+                                              load_prepared(P.layout, ["val"], excluded)[0]["val"], device, config.batch_size, config.n_workers, skipped)
     worse = refine.pretrained_ranks_better(comparison)
     print(f"Validation ranking by cosine distance ({comparison['refined']['n_sets']} ranking sets): " + ", ".join(
         f"{name} top-1 {100 * m['top1']:.1f}% mean rank {m['mean_rank']:.2f}" for name, m in comparison.items()))

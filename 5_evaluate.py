@@ -5,7 +5,7 @@ cosine and 1 - P(same label)) prints and saves top-N accuracies, mean and median
 (default test), and the mAP of retrieving, for every image of that split, the others of its label among all of
 them (in evaluation.json/.csv as ``map``; printed below the table). With a groupsFile, also the instance
 ``instance_recall@1``, ``@5`` and ``instance_map``: the positives are the other images of the query's group. The best ranker on the validation split (top-1, then mean rank; never on test, never the random baseline) is
-marked in evaluation.csv. The recommended ranker (hybrid when step 4 made it, as A1 and the service use; else that best
+marked in evaluation.csv and recorded in proc/<datasetName>/run.json. The recommended ranker (hybrid when step 4 made it, as A1 and the service use; else that best
 one) draws the per-query figures and ranks, for every test query image, its TOP_K_CANDIDATES closest featurized images
 (ranking_results.csv). With eval_reRankK1 > 0 the table gains that ranker k-reciprocally re-ranked (Zhong et al.
 2017), as "<name>+kreciprocal".
@@ -36,6 +36,7 @@ def main(args, P):
     from image_similarity.pipeline import evaluation, plots
     from image_similarity.data import fileio, images
     from image_similarity.pipeline.runs import recommended_ranker
+    from image_similarity.pipeline.steps import load_prepared
     from image_similarity.data.splits import label_of
     helpers.require(P.featuresPath, "3_featurizeImages.py")
     for split in {args.on, "val", "test"}:
@@ -49,8 +50,8 @@ def main(args, P):
     re_ranker = helpers.re_ranked(P, all_rankers[run.default_ranker])
     if re_ranker is not None:  # eval_reRankK1 > 0: the recommended ranker, k-reciprocally re-ranked, as one more
         all_rankers[f"{run.default_ranker}+kreciprocal"] = re_ranker
-    sets = {split: fileio.load_pickle(P.imgInfosPath[split]) for split in {args.on, "val", "test"}}
-    split_keys = sorted(k for ks in fileio.load_pickle(P.imgFilenamesPath[args.on]).values() for k in ks)
+    sets, keys = load_prepared(P.layout, sorted({args.on, "val", "test"}))
+    split_keys = keys[args.on]
     helpers.require_features(features, {k for ss in sets.values() for s in ss for k in (s.query, *s.references)}
                              | set(split_keys), P.featuresPath)
     if not sets[args.on] or not sets["val"]:
@@ -95,12 +96,14 @@ def main(args, P):
                      for name, m in results.items()])
     plots.plot_top_n_curves(results, P.eval_topNs, P.topNPlotPath, title=f"Top-N accuracy ({args.on} split)")
     plots.plot_rank_histogram(ranks, P.rankHistogramPath, title=f"Rank of the positive ({args.on} split)")
-    print(f"Wrote {P.evaluationJsonPath}, {P.evaluationCsvPath}, {P.topNPlotPath}, {P.rankHistogramPath}")
+    P.layout.save_record(model_id=model_id, best_on_val=best)  # A1 and the service recommend from it
+    print(f"Wrote {P.evaluationJsonPath}, {P.evaluationCsvPath}, {P.topNPlotPath}, {P.rankHistogramPath}, "
+          f"{P.layout.record}")
 
     skipped = images.SkippedImages()
-    shown = recommended_ranker(P.evaluationCsvPath, all_rankers)
+    shown = recommended_ranker(P.layout.load_record(), all_rankers)
     if P.eval_boVisualizeResults and P.eval_nrVisualizations > 0:
-        folder = P.resultsDir / f"visualizations_{shown}"
+        folder = P.layout.visualizations(shown)
         visualize(all_rankers[shown], features, sets[args.on][:P.eval_nrVisualizations], P, folder, skipped)
         print(f"Wrote {min(P.eval_nrVisualizations, len(sets[args.on]))} per-query figures of {shown} to {folder}")
     queries = sorted({s.query for s in sets["test"]})

@@ -4,7 +4,7 @@ The image is embedded with the same network as the stored features (the pretrain
 features came from it, else the refined proc/<datasetName>/model.pt; any other model is refused), then ranked
 against every featurized image (or only the test split) with one ranker: by default hybrid (labels first, looks within
 a label) when step 4 made a classifier, else cosine; or, with --attributes a,b, by the mean of those attributes' calibrated
-match probabilities (this run's svm.pickle is the attribute named after the dataset; attributeModels adds others).
+match probabilities (this run's svm.skops is the attribute named after the dataset; attributeModels adds others).
 With eval_reRankK1 > 0 the ranking is k-reciprocally re-ranked (Zhong et al. 2017) among all the references.
 Prints the top K with labels and distances and the time spent loading, in the network and searching, and saves
 results/<datasetName>/retrieval_<image stem>.png.
@@ -28,11 +28,11 @@ def add_arguments(parser):
 
 def main(args, P):
     from image_similarity.apps import attributes
-    from image_similarity.data import fileio, images
+    from image_similarity.data import images
     from image_similarity.pipeline import plots
     from image_similarity.search import rankers
     from image_similarity.search.distances import top_k
-    from image_similarity.data.splits import label_of
+    from image_similarity.data.splits import label_of, split_keys
     start = time.perf_counter()
     if args.top < 1:
         raise helpers.UsageError(f"--top must be at least 1, got {args.top}")
@@ -58,8 +58,7 @@ def main(args, P):
     if re_ranker is not None:
         ranker, name = re_ranker, f"{name}+kreciprocal"
     if args.references == "test":
-        test = fileio.load_pickle(helpers.require(P.imgFilenamesPath["test"], "1_prepareData.py"))
-        keys = sorted(k for ks in test.values() for k in ks)
+        keys = split_keys(helpers.require(P.imgFilenamesPath["test"], "1_prepareData.py"))
         helpers.require_features(features, keys, P.featuresPath)
     else:
         keys = list(features.keys)
@@ -79,7 +78,7 @@ def main(args, P):
           f"search {searched - embedded:.4f} s")
     skipped = images.SkippedImages()
     matches = [(images.load_image(P.imgDir / keys[i], skipped), label_of(keys[i]), distances[i]) for i in order]
-    out = plots.plot_retrieval_grid(query, matches, P.resultsDir / f"retrieval_{args.image.stem}.png",
+    out = plots.plot_retrieval_grid(query, matches, P.layout.retrieval_figure(args.image.stem),
                                     title=f"query: {args.image.name}\n({name})")
     print(f"Wrote {out}")
     if skipped:

@@ -4,7 +4,7 @@ Each step reads its inputs from tables and writes its outputs to tables in one t
   1  ImageStore, features: every image of data/<datasetName>/ and its float32 embedding as a blob, made by the
      refined proc/<datasetName>/model.pt when it exists (and rf_maxEpochs > 0), else by the pretrained rf_backbone
   2  training_images, evaluation_images (validation), testing_images, query_images (ranking sets), as 1_prepareData.py
-  3  model: the class-probability classifier of 4_trainSvm.py, pickled, with the hybrid ranker's band
+  3  model: the class-probability classifier of 4_trainSvm.py (its skops bytes), with the hybrid ranker's band
   4  scores: every image's class probabilities (one row per image and class)
   5  evaluation_results: top-N accuracies, mean/median rank, MRR under the hybrid ranker (labels first, looks
      within) and L2, cosine and 1 - P(same label) between score vectors

@@ -4,7 +4,7 @@ After step 3, it reads the splits and features.npy; with --folder DIR it embeds 
 per label) itself with the pretrained rf_backbone and scores every image. Out-of-sample class probabilities come
 from li_nrFolds-fold cross-validation of the class-probability classifier (logistic regression on the embeddings)
 over the train + validation images, averaged over li_nrRepeats fold assignments (C: the best validation
-svm_classProbCCriterion, or step 4's choice when classprob.pickle holds one by that rule); the test images are scored by a
+svm_classProbCCriterion, or step 4's choice when classprob.skops holds one by that rule); the test images are scored by a
 classifier fitted on train + validation only. cleanlab ranks them (li_rankedBy) and flags its estimate of the wrong
 ones; near-duplicates with different labels (step 1's near_duplicates.csv, or dhash with --folder) are named too.
 Writes label_issues.csv (every image, most suspect first) and label_issues.png (the top li_nrShown) to
@@ -38,10 +38,10 @@ def near_duplicate_groups(path):
 def main(args, P):
     from image_similarity.apps import dedup, label_issues
     from image_similarity.models import embedder
-    from image_similarity.data import features, fileio, images
+    from image_similarity.data import features, images
     from image_similarity.pipeline import plots
     from image_similarity.search import rankers
-    from image_similarity.data.splits import SPLITS, label_of
+    from image_similarity.data.splits import SPLITS, label_of, split_keys as keys_of_split
     from image_similarity.pipeline.training import C_CRITERIA
     helpers.require_choice(P, "svm_classProbCCriterion", C_CRITERIA)  # before any embedding
     helpers.require_choice(P, "li_rankedBy", label_issues.RANKING_METHODS)
@@ -61,8 +61,8 @@ def main(args, P):
     else:
         img_dir, results_dir = P.imgDir, P.resultsDir
         helpers.require(P.featuresPath, "3_featurizeImages.py")
-        split_keys = {split: sorted(k for ks in fileio.load_pickle(helpers.require(
-            P.imgFilenamesPath[split], "1_prepareData.py")).values() for k in ks) for split in SPLITS}
+        split_keys = {split: keys_of_split(helpers.require(P.imgFilenamesPath[split], "1_prepareData.py"))
+                      for split in SPLITS}
         keys = [k for split in SPLITS for k in split_keys[split]]
         splits = [split for split in SPLITS for _ in split_keys[split]]
         stored = features.load_features(P.featuresPath)
