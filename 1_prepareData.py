@@ -17,7 +17,8 @@ def main(args, P):
     import pandas as pd
     from image_similarity.apps import dedup
     from image_similarity.data import fileio, images
-    from image_similarity.data.splits import SPLITS, label_of, splits_and_ranking_sets
+    from image_similarity.data.splits import SPLITS, splits_and_ranking_sets
+    from image_similarity.pipeline.steps import save_prepared, usable_keys_by_label
     skipped = images.SkippedImages()
     paths = helpers.dataset_images(P, skipped)
     print(f"Reading and hashing {len(paths)} images under {P.imgDir} ...")
@@ -31,21 +32,10 @@ def main(args, P):
     print(f"{len(groups)} group(s) of near-duplicates ({P.nearDuplicatesPath}); "
           + (f"removed {len(removed)} image(s), keeping one per group" if P.dedup_enabled else "report only"))
 
-    keys_by_label = {}
-    for key in encodings.keys:
-        if "/" not in key:
-            skipped.add(P.imgDir / key, "not inside a label folder")
-        elif key not in removed:
-            keys_by_label.setdefault(label_of(key), []).append(key)
+    keys_by_label = usable_keys_by_label(encodings.keys, removed, P.imgDir, P.includeLabels, skipped)
     if not keys_by_label:
         skipped.save(P.skippedImagesPath)
         raise helpers.UsageError(f"no readable image in a label folder under {P.imgDir} ({P.skippedImagesPath})")
-    folders = {d.name for d in P.imgDir.iterdir() if d.is_dir() and not d.name.startswith(".")}
-    for label in sorted(folders - set(keys_by_label)):
-        if P.includeLabels is None or label in P.includeLabels:
-            logger.warning("label folder %s has no usable image: left out", P.imgDir / label)
-    for label in sorted(label for label, keys in keys_by_label.items() if len(keys) < 2):
-        logger.warning("label %r has only %d image: it gives no query images", label, len(keys_by_label[label]))
 
     excluded = removed | {images.image_key(path, P.imgDir) for path, _ in skipped}
     splits, infos = splits_and_ranking_sets(keys_by_label, **helpers.split_settings(P), excluded_keys=excluded,
@@ -54,13 +44,8 @@ def main(args, P):
                                                                   if P.groupsFilePath else "."))
 
     labels = sorted(keys_by_label)
-    fileio.save_pickle(P.lutLabel2IdPath, {label: i for i, label in enumerate(labels)})
-    fileio.save_pickle(P.lutId2LabelPath, dict(enumerate(labels)))
+    save_prepared(P.layout, labels, splits, infos)
     for split in SPLITS:
-        fileio.save_pickle(P.imgFilenamesPath[split], splits[split])
-        fileio.save_pickle(P.imgInfosPath[split], infos[split])
-        fileio.save_csv(P.pairsCsvPath[split], ["query", "reference", "is_positive"], [
-            (s.query, ref, int(pos)) for s in infos[split] for ref, pos in zip(s.references, s.is_positive)])
         print(f"{split:5}: {len(infos[split]):4} ranking sets -> "
               f"{P.imgFilenamesPath[split]}, {P.imgInfosPath[split]}, {P.pairsCsvPath[split]}")
     counts = pd.DataFrame({split: {label: len(splits[split][label]) for label in labels} for split in SPLITS})

@@ -26,24 +26,17 @@ def add_arguments(parser):
 
 
 def main(args, P):
-    from image_similarity.models import checkpoints, refine, refine_compare, refine_config
+    from image_similarity.models import refine, refine_compare, refine_config
     from image_similarity.models.inference import default_device, set_thread_count
-    from image_similarity.data import fileio
-    from image_similarity.apps import label_issues
-    from image_similarity.pipeline import plots
-    from image_similarity.data.images import SkippedImages
+    from image_similarity.pipeline import steps
     if P.rf_maxEpochs == 0:
         print("rf_maxEpochs = 0: no refinement, nothing written; step 3 will use the pretrained "
               f"{P.rf_backbone} features.")
         return
     for path in (P.imgFilenamesPath["train"], P.imgFilenamesPath["val"], P.imgInfosPath["val"], P.lutLabel2IdPath):
         helpers.require(path, "1_prepareData.py")
-    label2id = fileio.load_pickle(P.lutLabel2IdPath)
-    classes = sorted(label2id, key=label2id.get)
-    items = {split: [(key, label2id[label]) for label, keys in sorted(fileio.load_pickle(
-        P.imgFilenamesPath[split]).items()) for key in keys] for split in ("train", "val")}
     excluded = helpers.training_exclusions(P)
-    items = {split: [item for item in split_items if item[0] not in excluded] for split, split_items in items.items()}
+    classes, items = steps.refine_items(P.layout, excluded)
     chosen = {}
     if P.rf_inputResolution == "auto":
         chosen["input_resolution"], median = refine_config.auto_input_resolution_of(
@@ -63,17 +56,14 @@ def main(args, P):
     elif args.resume and not P.refineCheckpointPath.exists():
         print(f"--resume: no checkpoint at {P.refineCheckpointPath}, starting from epoch 1.")
 
-    skipped = SkippedImages()
-    if P.skippedImagesPath.exists():  # keep what earlier steps recorded
-        for path, reason in fileio.read_tsv(P.skippedImagesPath)[1:]:
-            skipped.add(path, reason)
+    skipped = steps.earlier_skipped(P.skippedImagesPath)  # keep what earlier steps recorded
     n_skipped_before = len(skipped)
     result = refine.fine_tune(config, items["train"], items["val"], P.imgDir, classes, device,
                               checkpoint_path=P.refineCheckpointPath, resume=args.resume, skipped=skipped)
     if result.resumed_after_epoch:
         print(f"Resumed after epoch {result.resumed_after_epoch} from {P.refineCheckpointPath}.")
 
-    val_sets = label_issues.without_keys(fileio.load_pickle(P.imgInfosPath["val"]), excluded)
+    val_sets = steps.load_prepared(P.layout, ["val"], excluded)[0]["val"]
     comparison = refine_compare.compare_on_validation(result.model, config.backbone, config.data_config, P.imgDir,
                                                       val_sets, device, config.batch_size, config.n_workers, skipped)
     worse = refine_compare.pretrained_ranks_better(comparison)
@@ -84,13 +74,7 @@ def main(args, P):
               + (f"steps 3+ will use the pretrained {config.backbone} (rf_fallbackToPretrained=False to use the "
                  "refined one)." if P.rf_fallbackToPretrained else
                  "rf_fallbackToPretrained = False, so steps 3+ use the refined one anyway."))
-    meta = {"epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy, "val_loss": result.best_val_loss,
-            "n_train": result.n_train, "n_val": result.n_val, "train_params": config.as_dict(),
-            "val_ranking": comparison, "pretrained_ranks_better": worse}
-    checkpoints.save_checkpoint(P.modelPath, result.model, config.backbone, classes, config.data_config, meta)
-    fileio.save_csv(P.refineLogPath, refine.LOG_COLUMNS, [[row[c] for c in refine.LOG_COLUMNS]
-                                                         for row in result.log_rows])
-    plots.plot_refine_curves(result.log_rows, P.refineCurvesPath)
+    steps.save_refined(P.layout, result, config, classes, comparison, worse)
     print(f"Wrote {P.modelPath}, {P.refineCheckpointPath}, {P.refineLogPath}, {P.refineCurvesPath}")
     if len(skipped) > n_skipped_before:
         skipped.save(P.skippedImagesPath)

@@ -5,7 +5,7 @@ cosine and 1 - P(same label)) prints and saves top-N accuracies, mean and median
 (default test), and the mAP of retrieving, for every image of that split, the others of its label among all of
 them (in evaluation.json/.csv as ``map``; printed below the table). With a groupsFile, also the instance
 ``instance_recall@1``, ``@5`` and ``instance_map``: the positives are the other images of the query's group. The best ranker on the validation split (top-1, then mean rank; never on test, never the random baseline) is
-marked in evaluation.csv. The recommended ranker (hybrid when step 4 made it, as A1 and the service use; else that best
+marked in evaluation.csv and recorded in proc/<datasetName>/run.json. The recommended ranker (hybrid when step 4 made it, as A1 and the service use; else that best
 one) draws the per-query figures and ranks, for every test query image, its TOP_K_CANDIDATES closest featurized images
 (ranking_results.csv). With eval_reRankK1 > 0 the table gains that ranker k-reciprocally re-ranked (Zhong et al.
 2017), as "<name>+kreciprocal".
@@ -35,7 +35,7 @@ def visualize(ranker, features, ranking_sets, P, folder, skipped):
 
 
 def main(args, P):
-    from image_similarity.pipeline import evaluation, plots
+    from image_similarity.pipeline import evaluation, steps
     from image_similarity.data import fileio, images
     from image_similarity.pipeline.runs import recommended_ranker
     from image_similarity.search import core
@@ -58,8 +58,8 @@ def main(args, P):
     re_ranker = helpers.re_ranked(P, all_rankers[run.default_ranker])
     if re_ranker is not None:  # eval_reRankK1 > 0: the recommended ranker, k-reciprocally re-ranked, as one more
         all_rankers[f"{run.default_ranker}+kreciprocal"] = re_ranker
-    sets = {split: fileio.load_pickle(P.imgInfosPath[split]) for split in {args.on, "val", "test"}}
-    split_keys = sorted(k for ks in fileio.load_pickle(P.imgFilenamesPath[args.on]).values() for k in ks)
+    sets, keys = steps.load_prepared(P.layout, sorted({args.on, "val", "test"}))
+    split_keys = keys[args.on]
     helpers.require_features(features, {k for ss in sets.values() for s in ss for k in (s.query, *s.references)}
                              | set(split_keys), P.featuresPath)
     if not sets[args.on] or not sets["val"]:
@@ -74,7 +74,7 @@ def main(args, P):
     val = results if args.on == "val" else {
         name: evaluation.evaluate(evaluation.rank_ranking_sets(r, gallery.features_for(r), sets["val"]), [1])
         for name, r in all_rankers.items()}
-    best = min((n for n in val if n != "random"), key=lambda n: (-val[n]["top1"], val[n]["mean_rank"]))
+    best = steps.best_on_validation(val)
     labels = {key: label_of(key) for key in split_keys}
     n_instance = 0
     for name, ranker in all_rankers.items():
@@ -85,11 +85,7 @@ def main(args, P):
             n_instance = instance.pop("n_queries", 0)
             results[name].update({f"instance_{m}": v for m, v in instance.items()})
 
-    columns = [f"top{n}" for n in P.eval_topNs] + ["mean_rank", "median_rank", "mrr"]
-    print(f"{'ranker':17}" + "".join(f"{c.replace('_rank', ''):>8}" for c in columns))
-    for name, m in results.items():
-        print(f"{name:17}" + "".join(f"{100 * m[c]:7.1f}%" for c in columns[:-3])
-              + f"{m['mean_rank']:8.2f}{m['median_rank']:8.1f}{m['mrr']:8.3f}" + ("  <- best on val" * (name == best)))
+    print("\n".join(steps.evaluation_table(results, P.eval_topNs, best)))
     print(f"mAP over {len(split_keys)} {args.on} images (positives: the query's label): "
           + ", ".join(f"{name} {m['map']:.3f}" for name, m in results.items()))
     if groups and not n_instance:
@@ -99,19 +95,14 @@ def main(args, P):
               f"{P.groupsFilePath} (recall@1, recall@5, mAP): " + "; ".join(
                   f"{name} {m['instance_recall@1']:.3f} {m['instance_recall@5']:.3f} {m['instance_map']:.3f}"
                   for name, m in results.items()))
-    extra = [c for c in next(iter(results.values())) if c not in (*columns, "n_queries")]
-    fileio.save_json(P.evaluationJsonPath, results)
-    fileio.save_csv(P.evaluationCsvPath, ["ranker", *columns, *extra, "n_queries", "best_on_val"],
-                    [[name, *(m[c] for c in columns), *(m.get(c) for c in extra), m["n_queries"], int(name == best)]
-                     for name, m in results.items()])
-    plots.plot_top_n_curves(results, P.eval_topNs, P.topNPlotPath, title=f"Top-N accuracy ({args.on} split)")
-    plots.plot_rank_histogram(ranks, P.rankHistogramPath, title=f"Rank of the positive ({args.on} split)")
-    print(f"Wrote {P.evaluationJsonPath}, {P.evaluationCsvPath}, {P.topNPlotPath}, {P.rankHistogramPath}")
+    steps.save_evaluation(P.layout, results, ranks, P.eval_topNs, best, model_id, args.on)
+    print(f"Wrote {P.evaluationJsonPath}, {P.evaluationCsvPath}, {P.topNPlotPath}, {P.rankHistogramPath}, "
+          f"{P.layout.record}")
 
     skipped = images.SkippedImages()
-    shown = args.ranker or recommended_ranker(P.evaluationCsvPath, all_rankers)
+    shown = args.ranker or recommended_ranker(P.layout.load_record(), all_rankers)
     if P.eval_boVisualizeResults and P.eval_nrVisualizations > 0:
-        folder = P.resultsDir / f"visualizations_{shown}"
+        folder = P.layout.visualizations(shown)
         visualize(all_rankers[shown], gallery.features_for(all_rankers[shown]),
                   sets[args.on][:P.eval_nrVisualizations], P, folder, skipped)
         print(f"Wrote {min(P.eval_nrVisualizations, len(sets[args.on]))} per-query figures of {shown} to {folder}")

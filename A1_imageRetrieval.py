@@ -4,7 +4,7 @@ The image is embedded with the same network as the stored features (the pretrain
 features came from it, else the refined proc/<datasetName>/model.pt; any other model is refused), then ranked
 against every featurized image (or only the test split) with one ranker: by default hybrid (labels first, looks within
 a label) when step 4 made a classifier, else cosine; or, with --attributes a,b, by the mean of those attributes' calibrated
-match probabilities (this run's svm.pickle is the attribute named after the dataset; attributeModels adds others).
+match probabilities (this run's svm.skops is the attribute named after the dataset; attributeModels adds others).
 With eval_reRankK1 > 0 the ranking is k-reciprocally re-ranked (Zhong et al. 2017) among all the references.
 Prints the top K with labels and distances and the time spent loading, in the network and searching, and saves
 results/<datasetName>/retrieval_<image stem>.png and .csv (rank, key, label, distance). Any ranker of 5_evaluate.py's
@@ -32,7 +32,7 @@ def main(args, P):
     from image_similarity.data import fileio, images
     from image_similarity.pipeline import plots
     from image_similarity.search import core
-    from image_similarity.data.splits import label_of
+    from image_similarity.data.splits import label_of, split_keys
     start = time.perf_counter()
     if args.top < 1:
         raise helpers.UsageError(f"--top must be at least 1, got {args.top}")
@@ -57,8 +57,7 @@ def main(args, P):
         ranker, name = re_ranker, f"{name}+kreciprocal"
     gallery = core.run_gallery(run.features, P.featuresPath, P.imgDir, run.load_network)
     if args.references == "test":
-        test = fileio.load_pickle(helpers.require(P.imgFilenamesPath["test"], "1_prepareData.py"))
-        keys = sorted(k for ks in test.values() for k in ks)
+        keys = split_keys(helpers.require(P.imgFilenamesPath["test"], "1_prepareData.py"))
         helpers.require_features(run.features, keys, P.featuresPath)
         gallery = gallery.subset(keys)
     keys, model_id = gallery.keys, run.model_id
@@ -78,9 +77,9 @@ def main(args, P):
           f"search {searched - embedded:.4f} s")
     skipped = images.SkippedImages()
     matches = [(images.load_image(P.imgDir / keys[i], skipped), label_of(keys[i]), d) for i, d in zip(order, distances)]
-    out = plots.plot_retrieval_grid(query, matches, P.resultsDir / f"retrieval_{args.image.stem}.png",
-                                    title=f"query: {args.image.name}\n({name})")
-    table = fileio.save_csv(P.resultsDir / f"retrieval_{args.image.stem}.csv", ["rank", "key", "label", "distance"],
+    figure = P.layout.retrieval_figure(args.image.stem, name)  # one per query and ranker: none overwrites another's
+    out = plots.plot_retrieval_grid(query, matches, figure, title=f"query: {args.image.name}\n({name})")
+    table = fileio.save_csv(figure.with_suffix(".csv"), ["rank", "key", "label", "distance"],
                             [(rank, keys[i], label_of(keys[i]), repr(float(d)))
                              for rank, (i, d) in enumerate(zip(order, distances), 1)])
     print(f"Wrote {out} and {table}")

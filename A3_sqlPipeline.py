@@ -4,7 +4,7 @@ Each step reads its inputs from tables and writes its outputs to tables in one t
   1  ImageStore, features: every image of data/<datasetName>/ and its float32 embedding as a blob, made by the
      refined proc/<datasetName>/model.pt when it exists (and rf_maxEpochs > 0), else by the pretrained rf_backbone
   2  training_images, evaluation_images (validation), testing_images, query_images (ranking sets), as 1_prepareData.py
-  3  model: the class-probability classifier of 4_trainSvm.py, pickled, with the hybrid ranker's band
+  3  model: the class-probability classifier of 4_trainSvm.py (its skops bytes), with the hybrid ranker's band
   4  scores: every image's class probabilities (one row per image and class)
   5  evaluation_results: top-N accuracies, mean/median rank, MRR under the hybrid ranker (labels first, looks
      within) and L2, cosine and 1 - P(same label) between score vectors
@@ -27,12 +27,10 @@ def add_arguments(parser):
 def featurize(P, engine):
     from image_similarity.data import images
     from image_similarity.apps import store
+    from image_similarity.pipeline.steps import labelled_images
     model = helpers.featurizing_model(P, fallback=True)
     skipped = images.SkippedImages()
-    paths = images.list_images(P.imgDir, skipped=skipped) if P.imgDir.is_dir() else []
-    labelled = [path for path in paths if len(path.relative_to(P.imgDir).parts) > 1]
-    for path in sorted(set(paths) - set(labelled)):
-        skipped.add(path, "not inside a label folder")
+    labelled = labelled_images(P.imgDir, skipped)
     if not labelled:
         raise helpers.UsageError(f"no images in {P.imgDir}/<label>/: put them there or run 0_downloadImages.py")
     embedder = helpers.load_network(P, model)
@@ -49,9 +47,8 @@ def featurize(P, engine):
 
 
 def main(args, P):
-    import pandas as pd
     from image_similarity.apps import store
-    from image_similarity.pipeline import training
+    from image_similarity.pipeline import steps, training
     helpers.require_choice(P, "svm_classProbCCriterion", training.C_CRITERIA)
     P.procDir.mkdir(parents=True, exist_ok=True)
     try:
@@ -82,12 +79,8 @@ def main(args, P):
             print(f"Step 4: {len(scores)} images x {len(scores.meta['classes'])} class probabilities -> scores")
         elif step == 5:
             store.evaluate_scores(engine, P.eval_topNs)
-            with engine.connect() as conn:
-                table = pd.read_sql(store.evaluation_results.select(), conn)
-            table = table.pivot(index=["split", "ranker"], columns="metric", values="value")
-            print("Step 5: ranking evaluation -> evaluation_results\n"
-                  + table[[f"top{n}" for n in P.eval_topNs] + ["mean_rank", "median_rank", "mrr", "n_queries"]]
-                  .to_string(float_format=lambda v: f"{v:.3f}"))
+            print("Step 5: ranking evaluation -> evaluation_results\n" + steps.sql_evaluation_table(
+                engine, P.eval_topNs).to_string(float_format=lambda v: f"{v:.3f}"))
         else:
             found = store.rank_candidates(engine, P.TOP_K_CANDIDATES, args.rankers)
             print(f"Step 6: top {P.TOP_K_CANDIDATES} candidates of {len(next(iter(found.values())))} test query "

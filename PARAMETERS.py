@@ -96,7 +96,7 @@ TOP_K_CANDIDATES = 10                   # Candidates ranked for every query imag
 eval_reRankK1 = 0                       # k-reciprocal re-ranking (Zhong et al. 2017) of the recommended ranker, k1 reciprocal neighbours (paper: 20); 0 = off
 eval_reRankK2 = 6                       # Its query-expansion neighbours; 1 = no expansion
 eval_reRankLambda = 0.3                 # Its weight of the original distance, in [0, 1]; 1 = the original order
-attributeModels = {}                    # Extra attributes (A1 --attributes, the service): {name: svm/classprob.pickle of a run on this network}; {} = none
+attributeModels = {}                    # Extra attributes (A1 --attributes, the service): {name: svm/classprob.skops of a run on this network}; {} = none
 
 # Web service (script: A4_webService.py)
 svc_maxUploadBytes = 10_000_000         # Largest accepted image upload in bytes (larger: 413)
@@ -115,42 +115,30 @@ map_maxThumbnails = 300                 # Draw thumbnails instead of dots up to 
 ###################
 from pathlib import Path  # noqa: E402
 
+from image_similarity.pipeline.layout import RunLayout  # noqa: E402
+
 repoDir = Path(__file__).resolve().parent
 rootDir = Path(workDir).resolve() if workDir else repoDir
 imgDir = rootDir / "data" / datasetName
 resourcesDir = repoDir / "resources"
-procDir = rootDir / "proc" / datasetName
-resultsDir = rootDir / "results" / datasetName
+layout = RunLayout(rootDir / "proc" / datasetName, rootDir / "results" / datasetName)  # every artefact of the run
+procDir, resultsDir = layout.proc_dir, layout.results_dir
 
 imgUrlsPath = Path(dl_urlsFile) if dl_urlsFile else resourcesDir / f"{datasetName}Urls.tsv"
 splitFilePath = imgDir / splitFile if splitFile else None
 groupsFilePath = imgDir / groupsFile if groupsFile else None
-imgFilenamesPath = {split: procDir / f"imgFilenames{split.title()}.pickle" for split in ("train", "val", "test")}
-imgInfosPath = {split: procDir / f"imgInfos{split.title()}.pickle" for split in ("train", "val", "test")}
-pairsCsvPath = {split: procDir / f"pairs_{split}.csv" for split in ("train", "val", "test")}
-lutLabel2IdPath = procDir / "lutLabel2Id.pickle"
-lutId2LabelPath = procDir / "lutId2Label.pickle"
-splitCountsPath = resultsDir / "split_counts.csv"
-nearDuplicatesPath = resultsDir / "near_duplicates.csv"
-dedupEncodingsPath = procDir / "dedup_encodings.npy"   # hashes of every readable image (+ .json): for --against
-downloadFailuresPath = resultsDir / "download_failures.tsv"
-skippedImagesPath = resultsDir / "skipped_images.tsv"
-modelPath = procDir / "model.pt"
-refineCheckpointPath = procDir / "refine_checkpoint.pt"
-refineLogPath = resultsDir / "refine_log.csv"
-refineCurvesPath = resultsDir / "refine_curves.png"
-featuresPath = procDir / "features.npy"
-sqlDbPath = procDir / "image_similarity.sqlite"
-svmPath = procDir / "svm.pickle"
-classifierPath = procDir / "classprob.pickle"
-svmCurvePath = resultsDir / "svm_score_vs_probability.png"
-evaluationJsonPath = resultsDir / "evaluation.json"
-evaluationCsvPath = resultsDir / "evaluation.csv"
-topNPlotPath = resultsDir / "topN_accuracy.png"
-rankHistogramPath = resultsDir / "rank_histogram.png"
-rankingResultsPath = resultsDir / "ranking_results.csv"
-labelIssuesPath = resultsDir / "label_issues.csv"
-labelIssuesSheetPath = resultsDir / "label_issues.png"
-embeddingMapPath = procDir / "embedding_map.json"        # the map's points, for the web page
-embeddingMapPlotPath = resultsDir / "embedding_map.png"
 labelIssuesExcludePath = rootDir / labelIssuesExcludeFile if labelIssuesExcludeFile else None
+# The tutorial's names for the layout's paths
+imgFilenamesPath, imgInfosPath, pairsCsvPath = layout.split_keys, layout.ranking_sets, layout.pairs_csv
+lutLabel2IdPath, lutId2LabelPath = layout.label_to_id, layout.id_to_label
+splitCountsPath, nearDuplicatesPath = layout.split_counts, layout.near_duplicates
+dedupEncodingsPath = layout.dedup_encodings        # hashes of every readable image (+ .json): for --against
+downloadFailuresPath, skippedImagesPath = layout.download_failures, layout.skipped_images
+modelPath, refineCheckpointPath = layout.model, layout.refine_checkpoint
+refineLogPath, refineCurvesPath = layout.refine_log, layout.refine_curves
+featuresPath, sqlDbPath = layout.features, layout.sql_db
+svmPath, classifierPath, svmCurvePath = layout.svm, layout.classifier, layout.svm_curve
+evaluationJsonPath, evaluationCsvPath = layout.evaluation_json, layout.evaluation_csv
+topNPlotPath, rankHistogramPath, rankingResultsPath = layout.top_n_plot, layout.rank_histogram, layout.ranking_results
+labelIssuesPath, labelIssuesSheetPath = layout.label_issues, layout.label_issues_sheet
+embeddingMapPath, embeddingMapPlotPath = layout.embedding_map, layout.embedding_map_plot

@@ -128,9 +128,11 @@ def dataset_images(P, skipped):
 
 
 def require(path, step):
-    """Raise a one-line UsageError when an earlier step's output is missing."""
+    """Raise a one-line UsageError when an earlier step's output is missing (or only an older version's pickle)."""
+    from image_similarity.pipeline.layout import missing_message
+
     if not Path(path).exists():
-        raise UsageError(f"{path} not found: run {step} first")
+        raise UsageError(missing_message(path, step))
     return path
 
 
@@ -199,37 +201,23 @@ def refine_config(P, **fields):
 
 
 def featurizing_model(P, fallback=False):
-    """The network to embed with: the refined ``P.modelPath``, or the pretrained ``P.rf_backbone``.
-
-    The pretrained backbone when ``rf_maxEpochs`` is 0, when step 2 found that it ranks the validation sets better
-    and ``rf_fallbackToPretrained`` is on, or, with ``fallback``, when no refined network exists yet; else a missing
-    checkpoint is a UsageError naming step 2.
-    """
-    if P.rf_maxEpochs > 0 and (P.modelPath.exists() or not fallback):
-        require(P.modelPath, "2_refineDNN.py")
-        if P.rf_fallbackToPretrained and refined_is_worse(P.modelPath):
-            return P.rf_backbone
-        return P.modelPath
-    return P.rf_backbone
-
-
-def refined_is_worse(model_path):
-    """Whether step 2 recorded in ``model_path`` that the pretrained network ranks the validation sets better."""
-    from image_similarity.models.checkpoints import checkpoint_meta
+    """The network to embed with (:func:`image_similarity.pipeline.runs.featurizing_model` on ``P``'s knobs);
+    with ``fallback``, the pretrained ``P.rf_backbone`` while step 2 has not run; a missing checkpoint is a
+    UsageError naming step 2."""
+    from image_similarity.pipeline.runs import featurizing_model as choose
 
     try:
-        return bool(checkpoint_meta(model_path).get("pretrained_ranks_better", False))
-    except ValueError:  # not a checkpoint: loading it names the file and the reason
-        return False
+        return choose(P.layout, P.rf_backbone, P.rf_maxEpochs, P.rf_fallbackToPretrained, before_step2=fallback)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
 
 
 def load_run(P, network=True, attributes=True):
-    """The finished run of ``P``'s dataset: :func:`image_similarity.pipeline.runs.load_run` on its paths."""
+    """The finished run of ``P``'s dataset (:func:`image_similarity.pipeline.runs.load_run` on ``P.layout``)."""
     from image_similarity.pipeline.runs import load_run as load
 
-    return load(P.featuresPath, P.rf_backbone, P.modelPath, P.svmPath, P.classifierPath, P.evaluationCsvPath,
-                P.datasetName if attributes else None, P.attributeModels, P.randomSeed, network,
-                engine=inference_config(P))
+    return load(P.layout, P.rf_backbone, P.datasetName if attributes else None, P.attributeModels, P.randomSeed,
+                network, engine=inference_config(P))
 
 
 def re_ranked(P, ranker):
@@ -284,12 +272,12 @@ def training_exclusions(P):
     naming it).
     """
     from image_similarity.data import fileio
+    from image_similarity.data.splits import split_keys
     from image_similarity.apps import label_issues
 
     if P.labelIssuesExcludePath is None:
         return set()
-    keys_by_split = {split: [k for keys in fileio.load_pickle(require(path, "1_prepareData.py")).values()
-                             for k in keys] for split, path in P.imgFilenamesPath.items()}
+    keys_by_split = {split: split_keys(require(path, "1_prepareData.py")) for split, path in P.layout.split_keys.items()}
     if not P.labelIssuesExcludePath.is_file():
         raise UsageError(f"labelIssuesExcludeFile {P.labelIssuesExcludePath} not found (set labelIssuesExcludeFile='' "
                          "to train on every image)")

@@ -21,15 +21,15 @@ from image_similarity.pipeline import evaluation, training
 from image_similarity.data import fileio
 from image_similarity.search import rankers  # noqa: E402
 from image_similarity.data.features import load_features  # noqa: E402
-from image_similarity.data.splits import SPLITS, label_of  # noqa: E402
+from image_similarity.data.splits import SPLITS, label_of, load_ranking_sets, split_keys  # noqa: E402
 
 
 def measure(work, candidates):
     """``{'criteria': {rule: C}, 'by_C': {C: metrics}}`` for one kept workDir."""
     proc = next(p for p in (Path(work) / "proc").iterdir() if (p / "features.npy").exists())
     features = load_features(proc / "features.npy")
-    sets = {s: fileio.load_pickle(proc / f"imgInfos{s.title()}.pickle") for s in SPLITS}
-    keys = {s: sorted(k for ks in fileio.load_pickle(proc / f"imgFilenames{s.title()}.pickle").values() for k in ks)
+    sets = {s: load_ranking_sets(proc / f"imgInfos{s.title()}.json") for s in SPLITS}
+    keys = {s: split_keys(proc / f"imgFilenames{s.title()}.json")
             for s in SPLITS}
     xy = {s: (features.rows(keys[s]), [label_of(k) for k in keys[s]]) for s in SPLITS}
     by_C, criteria = {}, {}

@@ -106,7 +106,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", action="append", help="backbone name or refined model.pt; repeat for more arms "
                                                           "(default: efficientnet_lite0, the frozen embedding)")
-    parser.add_argument("--classprob", type=Path, help="a run's classprob.pickle (4_trainSvm.py): adds its hybrid "
+    parser.add_argument("--classprob", type=Path, help="a run's classprob.skops (4_trainSvm.py): adds its hybrid "
                                                        "ranker on the --model it was trained on")
     parser.add_argument("--out", type=Path, help="JSON (default bench/results/copy_detection_<dir name>.json)")
     args = parser.parse_args()
@@ -123,7 +123,7 @@ def main():
             print(f"{name}: {len(model)} originals embedded in {time.perf_counter() - start:.1f} s")
             ranks, seconds = query_ranks(model, copies)
             results["arms"][f"cosine ({model.info['model_id']})"] = summary(ranks, seconds)
-            payload = args.classprob and fileio.load_pickle(args.classprob)
+            payload = args.classprob and rankers.load_payload(args.classprob, None)
             if payload and payload.get("model_id") == model.info["model_id"] and payload.get("hybrid_band"):
                 hybrid = rankers.HybridRanker(payload["ranker"], payload["hybrid_band"]).fit()
                 start = time.perf_counter()

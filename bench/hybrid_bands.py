@@ -18,7 +18,7 @@ from image_similarity.pipeline import evaluation
 from image_similarity.data import fileio
 from image_similarity.search import rankers  # noqa: E402
 from image_similarity.data.features import load_features  # noqa: E402
-from image_similarity.data.splits import label_of, parse_groups_file  # noqa: E402
+from image_similarity.data.splits import label_of, load_ranking_sets, parse_groups_file, split_keys  # noqa: E402
 
 
 def main():
@@ -31,7 +31,7 @@ def main():
     args = parser.parse_args()
     proc = args.work / "proc" / args.dataset
     features = load_features(proc / "features.npy")
-    payload = fileio.load_pickle(proc / "classprob.pickle")
+    payload = rankers.load_payload(proc / "classprob.skops", None)
     classifier = payload["ranker"]
     groups = parse_groups_file(fileio.read_tsv(args.groups)) if args.groups else None
     arms = {"cosine": rankers.CosineRanker(),
@@ -39,8 +39,8 @@ def main():
             **{f"band {b:g}": rankers.HybridRanker(classifier, b).fit() for b in args.bands}}
     results = {"run": str(args.work), "dataset": args.dataset, "chosen_band": payload.get("hybrid_band"), "splits": {}}
     for split in ("val", "test"):
-        sets = fileio.load_pickle(proc / f"imgInfos{split.title()}.pickle")
-        keys = sorted(k for ks in fileio.load_pickle(proc / f"imgFilenames{split.title()}.pickle").values() for k in ks)
+        sets = load_ranking_sets(proc / f"imgInfos{split.title()}.json")
+        keys = split_keys(proc / f"imgFilenames{split.title()}.json")
         print(f"{split}: {len(sets)} ranking sets, {len(keys)} images (band chosen by step 4: "
               f"{payload.get('hybrid_band')})")
         results["splits"][split] = {}

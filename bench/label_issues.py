@@ -50,7 +50,8 @@ from image_similarity.data import features, fileio
 from image_similarity.apps import label_issues
 from image_similarity.search import rankers  # noqa: E402
 from image_similarity.data.features import load_features  # noqa: E402
-from image_similarity.data.splits import SPLITS, label_of  # noqa: E402
+from image_similarity.data.splits import SPLITS, label_of, load_ranking_sets  # noqa: E402
+from image_similarity.data.splits import split_keys as read_split_keys  # noqa: E402
 
 DATA = REPO.parent / "shared" / "datasets" / "fashionTexture11"
 NAME = "fashionTexture11"
@@ -85,8 +86,7 @@ def link_data(work, name, data_dir):
 def split_keys(work, name):
     """``{split: [keys]}`` written by step 1 in ``work``."""
     proc = Path(work) / "proc" / name
-    return {split: sorted(k for ks in fileio.load_pickle(proc / f"imgFilenames{split.title()}.pickle").values()
-                          for k in ks) for split in SPLITS}
+    return {split: read_split_keys(proc / f"imgFilenames{split.title()}.json") for split in SPLITS}
 
 
 def read_issues(work, name):
@@ -107,7 +107,7 @@ def plant_noise(work, fraction, seed):
     """A noisy copy of fashionTexture11 under ``work/noisy``; returns ({noisy key: true label}, n non-test)."""
     clean = Path(work) / "clean"
     link_data(clean, NAME, DATA)
-    if not (clean / "proc" / NAME / "imgFilenamesTest.pickle").exists():
+    if not (clean / "proc" / NAME / "imgFilenamesTest.json").exists():
         run_step("1_prepareData.py", clean, NAME, f"randomSeed={seed}")
     keys = split_keys(clean, NAME)
     non_test = keys["train"] + keys["val"]
@@ -165,7 +165,7 @@ def planted(args):
     link_data(arm, NAME, work / "noisy")
     common = [f"randomSeed={args.seed}", "splitFile='split.tsv'", *args.overrides]
     seconds = {}
-    if args.reuse and (arm / "proc" / NAME / "imgFilenamesTest.pickle").exists():
+    if args.reuse and (arm / "proc" / NAME / "imgFilenamesTest.json").exists():
         print(f"reusing step 1's outputs in {arm} (same seed, same splitFile)")
     else:
         seconds["step1"] = run_step("1_prepareData.py", arm, NAME, *common)[0]
@@ -323,7 +323,7 @@ def real(args):
             seconds = a6_seconds(stdout)
             C = float(re.search(r"classifier C = ([0-9.e+-]+)", stdout).group(1))  # A6's choice: step 4's rule
         issues = read_issues(work, name)
-        sets = {split: fileio.load_pickle(work / "proc" / name / f"imgInfos{split.title()}.pickle")
+        sets = {split: load_ranking_sets(work / "proc" / name / f"imgInfos{split.title()}.json")
                 for split in SPLITS}
         train_suspects = [row["key"] for row in issues if row["split"] == "train"]
         effect = {k: classprob_metrics(stored, keys, sets, set(train_suspects[:k]), C, seed) for k in EXCLUDE_KS}

@@ -24,7 +24,7 @@ from image_similarity.search import distances, rankers
 from image_similarity.pipeline import evaluation
 from image_similarity.data import fileio
 from image_similarity.data.features import load_features
-from image_similarity.data.splits import label_of
+from image_similarity.data.splits import label_of, load_ranking_sets
 
 REPO = Path(__file__).resolve().parents[1]
 CAUSES = ("query misclassified", "positive misclassified", "misclassified image among the negatives", "other")
@@ -114,14 +114,14 @@ def main():
     if args.name is not None and (not args.name or Path(args.name).name != args.name):
         parser.error(f"--name {args.name!r}: give a plain file-name part, without a folder")
     proc = args.work_dir / "proc" / args.dataset
-    for needed in ("features.npy", "classprob.pickle", "imgInfosTest.pickle"):
+    for needed in ("features.npy", "classprob.skops", "imgInfosTest.json"):
         if not (proc / needed).is_file():
             sys.exit(f"error: {proc / needed} is missing: run the pipeline (steps 1-4) in that workDir first")
     features = load_features(proc / "features.npy")
-    payload = rankers.load_payload(proc / "classprob.pickle", features.meta["model_id"])
+    payload = rankers.load_payload(proc / "classprob.skops", features.meta["model_id"])
     classifier, accuracy = payload["ranker"], payload["accuracy"]
     metric = rankers.CLASSPROB_METRICS[args.ranker]
-    ranking_sets = fileio.load_pickle(proc / "imgInfosTest.pickle")
+    ranking_sets = load_ranking_sets(proc / "imgInfosTest.json")
     classes = list(classifier.classes_)
     probabilities = class_probabilities(classifier, features, ranking_sets)
     misclassified, causes, ranks = failure_causes(probabilities, classes, ranking_sets, metric)

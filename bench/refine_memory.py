@@ -16,6 +16,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,13 +37,14 @@ PEAK = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); 
 
 
 def dataset(work):
-    """The images as work/data/bench/<label>/: links to the texture labels, or the bundled sample."""
+    """The images as work/data/bench/<label>/: copies of the texture labels, or of the bundled sample (the one reader
+    keeps to the image folder, so links out of it are not followed)."""
     target = work / "data" / "bench"
     target.mkdir(parents=True)
     source = TEXTURES if TEXTURES.is_dir() else REPO / "data" / "fridgeObjects"
     labels = LABELS if TEXTURES.is_dir() else sorted(p.name for p in source.iterdir() if p.is_dir())
     for label in labels:
-        (target / label).symlink_to(source / label)
+        shutil.copytree(source / label, target / label)
     return source, labels
 
 

@@ -202,7 +202,7 @@ def main(args, P):
         print(f"A1_imageRetrieval.py on {args.query} ...", flush=True)
         text = clean_console(run_logged("A1_imageRetrieval.py", query, "--top", 10, *set_args, env=env), work)
         written.append(fileio.atomic_write_text(console / "A1_imageRetrieval.txt", text))
-        grid = P.resultsDir / f"retrieval_{query.stem}.png"
+        grid = P.layout.retrieval_figure(query.stem, re.search(r"\((\S+) on ", text).group(1))
         written.append(fileio.atomic_write_bytes(figures / "retrieval_grid.png", grid.read_bytes()))
 
         print("A4_webService.py and a headless Chromium ...", flush=True)

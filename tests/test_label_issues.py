@@ -13,8 +13,9 @@ from image_similarity.models.checkpoints import load_checkpoint
 from image_similarity.data import fileio
 from image_similarity.apps import label_issues
 from image_similarity.pipeline import plots
+from image_similarity.search import rankers
 from image_similarity.search.rankers import ClassProbRanker
-from image_similarity.data.splits import RankingSet, label_of
+from image_similarity.data.splits import RankingSet, label_of, load_ranking_sets, load_split
 
 LABELS = ("blue", "green", "red")
 
@@ -181,12 +182,12 @@ def test_a6_reuses_step_4s_C_only_when_chosen_by_the_same_rule(pipeline, tmp_pat
     work = tmp_path / "work"
     shutil.copytree(pipeline, work, symlinks=True)
     run_ok("4_trainSvm.py", *settings(work))
-    step4_C = fileio.load_pickle(work / "proc" / "tiny" / "classprob.pickle")["ranker"].C
+    step4_C = rankers.load_payload(work / "proc" / "tiny" / "classprob.skops", None)["ranker"].C
     assert f"C = {step4_C:g} (step 4's)" in run_ok("A6_findLabelIssues.py", *settings(work)).stdout
     other_rule = run_ok("A6_findLabelIssues.py", *settings(work), "--set", "svm_classProbCCriterion=accuracy")
     assert "(best validation accuracy)" in other_rule.stdout and "step 4's" not in other_rule.stdout
-    payload = fileio.load_pickle(work / "proc" / "tiny" / "classprob.pickle")
-    fileio.save_pickle(work / "proc" / "tiny" / "classprob.pickle", {**payload, "model_id": "sha256:older"})
+    payload = rankers.load_payload(work / "proc" / "tiny" / "classprob.skops", None)
+    rankers.save_payload(work / "proc" / "tiny" / "classprob.skops", **{**payload, "model_id": "sha256:older"})
     stale = run_ok("A6_findLabelIssues.py", *settings(work))  # step 4's file is for other features: not a stop
     assert "(best validation log loss)" in stale.stdout and "choosing C here instead" in stale.stderr
 
@@ -214,7 +215,7 @@ def test_a6_on_any_labelled_folder(tmp_path):
 
 def test_steps_2_and_4_train_without_the_excluded_images(pipeline):
     proc = pipeline / "proc" / "tiny"
-    splits = {split: [k for ks in fileio.load_pickle(proc / f"imgFilenames{split.title()}.pickle").values()
+    splits = {split: [k for ks in load_split(proc / f"imgFilenames{split.title()}.json").values()
                       for k in ks] for split in ("train", "val", "test")}
     listed = [splits["train"][0], splits["train"][1], splits["val"][0], splits["test"][0]]
     fileio.save_csv(pipeline / "exclude.tsv", ["key"], [[key] for key in listed], delimiter="\t")
@@ -223,7 +224,7 @@ def test_steps_2_and_4_train_without_the_excluded_images(pipeline):
     done = run_ok("4_trainSvm.py", *settings(pipeline), *knob)
     assert "leaving 3 train/val image(s)" in done.stdout
     assert "1 test image(s) ignored" in done.stderr and splits["test"][0] in done.stderr
-    test_sets = fileio.load_pickle(proc / "imgInfosTest.pickle")
+    test_sets = load_ranking_sets(proc / "imgInfosTest.json")
     assert any(splits["test"][0] in (s.query, s.positive, *s.negatives) for s in test_sets)
     assert f"from {len(test_sets)} ranking sets" in next(line for line in done.stdout.splitlines()
                                                           if line.startswith("test "))  # every test set kept

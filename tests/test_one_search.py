@@ -84,7 +84,7 @@ def a1(run, query, ranker):
     work, args, P, _, _ = run
     run_in_process("A1_imageRetrieval.py", P.imgDir / query, "--top", K + 1, "--ranker", ranker, *args)
     stem = query.rsplit("/", 1)[1].rsplit(".", 1)[0]
-    with open(P.resultsDir / f"retrieval_{stem}.csv", encoding="utf-8", newline="") as handle:
+    with open(P.layout.retrieval_figure(stem, ranker).with_suffix(".csv"), encoding="utf-8", newline="") as handle:
         return [(row["key"], float(row["distance"])) for row in csv.DictReader(handle)]
 
 

@@ -6,10 +6,10 @@ from sklearn.metrics.pairwise import cosine_distances
 from sklearn.preprocessing import normalize
 
 from image_similarity.pipeline.evaluation import mean_rank, positive_rank
-from image_similarity.data.fileio import load_pickle, save_pickle
 from image_similarity.search.rankers import (CalibratedRanker, ClassProbRanker, CosineRanker, HybridRanker,
-                                      KReciprocalRanker, L1Ranker, L2Ranker, RandomRanker, WeightedL2Ranker,
-                                      build_rankers, negative_sample_weights, ranker_names)
+                                             KReciprocalRanker, L1Ranker, L2Ranker, RandomRanker, WeightedL2Ranker,
+                                             build_rankers, load_payload, negative_sample_weights, ranker_names,
+                                             save_payload)
 from image_similarity.pipeline.training import pair_differences
 
 
@@ -177,7 +177,7 @@ def test_classprob_ranker_compares_probability_vectors():
         ranker.set_params(metric="chi2").distances(x[:1], x[:1])
 
 
-def test_reference_probabilities_are_computed_once_per_matrix_and_never_pickled(tmp_path):
+def test_reference_probabilities_are_computed_once_per_matrix_and_never_saved(tmp_path):
     """A service scores every query against one matrix: its probabilities are remembered for that array only."""
     x, labels = make_clusters(n_noise=4)
     names = np.array(["a", "b", "c", "d", "e"])[labels]
@@ -193,8 +193,8 @@ def test_reference_probabilities_are_computed_once_per_matrix_and_never_pickled(
     assert not np.allclose(ranker.distances(x[:2], changed), first)  # another array is computed afresh
     assert calls == [2, 2, 40]
     del ranker.predict_proba
-    save_pickle(tmp_path / "r.pickle", ranker)
-    assert "_reference_memo" not in load_pickle(tmp_path / "r.pickle").__dict__
+    save_payload(tmp_path / "r.skops", "m", ranker=ranker)
+    assert "_reference_memo" not in load_payload(tmp_path / "r.skops", "m")["ranker"].__dict__
 
 
 def test_classprob_same_label_ranks_same_class_references_first():

@@ -81,9 +81,9 @@ def test_prepare_data_skips_bad_files_once_and_keeps_every_good_one(laced):
     assert any(path.endswith("link_outside.jpg") for path in skipped)
     for label in corpus.empty_labels:
         assert label in result.stderr, f"no warning about the unusable label {label}"
-    from image_similarity.data.fileio import load_pickle
+    from image_similarity.data.splits import load_split
     split_keys = {k for split in ("train", "val", "test")
-                  for keys in load_pickle(work / "proc" / "laced" / f"imgFilenames{split.title()}.pickle").values()
+                  for keys in load_split(work / "proc" / "laced" / f"imgFilenames{split.title()}.json").values()
                   for k in keys}
     assert split_keys == set(good)
 

@@ -8,7 +8,7 @@ from PIL import Image
 from conftest import make_image, run_script
 from image_similarity.apps import dedup
 from image_similarity.data import fileio
-from image_similarity.data.splits import RankingSet, SPLITS, label_of
+from image_similarity.data.splits import RankingSet, SPLITS, label_of, load_ranking_sets, load_split
 
 SCRIPT = "1_prepareData.py"
 
@@ -28,16 +28,16 @@ def test_tiny_dataset_outputs(tiny_dataset):
     result = _run(work, "tiny")
     assert result.returncode == 0, result.stderr
     proc, res = work / "proc" / "tiny", work / "results" / "tiny"
-    assert fileio.load_pickle(proc / "lutLabel2Id.pickle") == {"blue": 0, "green": 1, "red": 2}
-    assert fileio.load_pickle(proc / "lutId2Label.pickle") == {0: "blue", 1: "green", 2: "red"}
-    splits = {split: fileio.load_pickle(proc / f"imgFilenames{split.title()}.pickle") for split in SPLITS}
+    assert fileio.load_json(proc / "lutLabel2Id.json") == {"blue": 0, "green": 1, "red": 2}
+    assert fileio.load_json(proc / "lutId2Label.json") == {"0": "blue", "1": "green", "2": "red"}
+    splits = {split: load_split(proc / f"imgFilenames{split.title()}.json") for split in SPLITS}
     # 8 per label: int(.75*8)=6 train, int(.2*6)=1 of them to val, 2 test
     assert {split: {label: len(keys) for label, keys in s.items()} for split, s in splits.items()} == {
         "train": {"blue": 5, "green": 5, "red": 5}, "val": {"blue": 1, "green": 1, "red": 1},
         "test": {"blue": 2, "green": 2, "red": 2}}
     all_keys = [k for s in splits.values() for keys in s.values() for k in keys]
     assert sorted(all_keys) == sorted(p.relative_to(tiny_dataset).as_posix() for p in tiny_dataset.rglob("*.jpg"))
-    infos = {split: fileio.load_pickle(proc / f"imgInfos{split.title()}.pickle") for split in SPLITS}
+    infos = {split: load_ranking_sets(proc / f"imgInfos{split.title()}.json") for split in SPLITS}
     assert [len(infos[s]) for s in SPLITS] == [15, 0, 6]  # val has one image per label: no query
     # ... which step 1 says, naming the labels, instead of step 4 finding no validation sets later
     assert ("WARNING: val holds fewer than 2 images of label(s) blue, green, red: they give no val query (no ranking "
@@ -65,7 +65,7 @@ def test_tiny_dataset_outputs(tiny_dataset):
     assert str(proc / "pairs_test.csv") in result.stdout and "share no image" in result.stdout
     # seeded: a second run writes the same split
     assert _run(work, "tiny").returncode == 0
-    assert fileio.load_pickle(proc / "imgFilenamesTest.pickle") == splits["test"]
+    assert load_split(proc / "imgFilenamesTest.json") == splits["test"]
 
 
 def test_planted_duplicates_corrupt_files_and_odd_entries(tiny_dataset, tmp_path):
@@ -86,11 +86,11 @@ def test_planted_duplicates_corrupt_files_and_odd_entries(tiny_dataset, tmp_path
     assert _csv(res / "near_duplicates.csv") == [
         ["group", "key", "kept"], ["1", "blue/zz_green_3.png", "yes"], ["1", "green/green_3.jpg", "no"],
         ["2", "red/red_0.jpg", "yes"], ["2", "red/red_0_copy.jpg", "no"]]
-    kept = {k for split in SPLITS for v in fileio.load_pickle(proc / f"imgFilenames{split.title()}.pickle")
+    kept = {k for split in SPLITS for v in load_split(proc / f"imgFilenames{split.title()}.json")
             .values() for k in v}
     assert "red/red_0.jpg" in kept and "blue/zz_green_3.png" in kept
     assert not kept & {"red/red_0_copy.jpg", "green/green_3.jpg", "green/broken.jpg", "loose.jpg", "red/link.jpg"}
-    assert "lonely/only.jpg" in kept and fileio.load_pickle(proc / "lutLabel2Id.pickle")["lonely"] == 2
+    assert "lonely/only.jpg" in kept and fileio.load_json(proc / "lutLabel2Id.json")["lonely"] == 2
     skipped = dict(_csv(res / "skipped_images.tsv", "\t")[1:])
     assert set(skipped) == {str(tiny_dataset / n) for n in ("green/broken.jpg", "loose.jpg", "red/link.jpg")}
     assert "truncated" in skipped[str(tiny_dataset / "green" / "broken.jpg")]
@@ -118,7 +118,7 @@ def test_bundled_sample_through_a_symlinked_dataset_folder(tmp_path, sample_dir)
         n_train = int(0.75 * int(total))
         assert (int(val), int(train), int(test)) == (int(0.2 * n_train), n_train - int(0.2 * n_train),
                                                      int(total) - n_train)
-    test_sets = fileio.load_pickle(tmp_path / "proc" / "fridge" / "imgInfosTest.pickle")
+    test_sets = load_ranking_sets(tmp_path / "proc" / "fridge" / "imgInfosTest.json")
     assert len(test_sets) == sum(min(20, int(row[3])) for row in counts[1:])
     labels = np.array([label_of(s.query) for s in test_sets])
     assert (labels == "milk_bottle").sum() == 10
@@ -132,7 +132,7 @@ def test_split_file_and_its_errors(tiny_dataset):
     (tiny_dataset / "split.tsv").write_text("# my split\n" + "\n".join(rows) + "\n")
     result = _run(work, "tiny", "splitFile=split.tsv", "ratioValFromTrain=0.0")
     assert result.returncode == 0, result.stderr
-    test = fileio.load_pickle(work / "proc" / "tiny" / "imgFilenamesTest.pickle")
+    test = load_split(work / "proc" / "tiny" / "imgFilenamesTest.json")
     assert test["red"] == ["red/red_0.jpg", "red/red_1.jpg", "red/red_2.jpg"]
     assert "3 image(s) not in the splitFile are left out" in result.stderr
     (tiny_dataset / "split.tsv").write_text("red/red_0.jpg\ttrain\nred/red_1.jpg\tholdout\n")
@@ -151,7 +151,7 @@ def test_groups_file_keeps_groups_together_and_refuses_a_split_file_across_one(t
     assert result.returncode == 0, result.stderr
     assert "share no image and no group of" in result.stdout
     side = {key: split for split in ("train", "val", "test")
-            for keys_ in fileio.load_pickle(work / "proc" / "tiny" / f"imgFilenames{split.title()}.pickle").values()
+            for keys_ in load_split(work / "proc" / "tiny" / f"imgFilenames{split.title()}.json").values()
             for key in keys_}
     assert all(side[k] == side[j] for k in keys for j in keys if groups[k] == groups[j])
     (tiny_dataset / "split.tsv").write_text("".join(f"{k}\t{'test' if k.endswith('_1.jpg') else 'train'}\n"
@@ -190,7 +190,7 @@ def test_include_labels(tiny_dataset):
     work = tiny_dataset.parents[1]
     result = _run(work, "tiny", "includeLabels=['red', 'blue']")
     assert result.returncode == 0, result.stderr
-    assert fileio.load_pickle(work / "proc" / "tiny" / "lutLabel2Id.pickle") == {"blue": 0, "red": 1}
+    assert fileio.load_json(work / "proc" / "tiny" / "lutLabel2Id.json") == {"blue": 0, "red": 1}
     assert "Done: 16 images in 2 labels" in result.stdout
     unknown = _run(work, "tiny", "includeLabels=['red', 'purple']")
     assert unknown.returncode == 2

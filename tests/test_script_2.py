@@ -14,7 +14,7 @@ import helpers
 from conftest import REPO, run_script
 from image_similarity.models.checkpoints import checkpoint_meta, load_checkpoint
 from image_similarity.data import fileio
-from image_similarity.data.splits import make_ranking_sets
+from image_similarity.data.splits import make_ranking_sets, save_ranking_sets, save_split
 
 SCRIPT = "2_refineDNN.py"
 FAST = ["--set", "rf_inputResolution=64", "--set", "rf_mbSize=8", "--set", "rf_nrWorkers=0",
@@ -34,9 +34,9 @@ def write_step1_outputs(tmp_path, root, n_val=2, extra_train=(), dataset="tiny")
         splits["train"][key.split("/")[0]].append(key)
     proc = tmp_path / "proc" / dataset
     for split, content in splits.items():
-        fileio.save_pickle(proc / f"imgFilenames{split.title()}.pickle", content)
-    fileio.save_pickle(proc / "imgInfosVal.pickle", make_ranking_sets(splits["val"], 20, 100, 0))
-    fileio.save_pickle(proc / "lutLabel2Id.pickle", {label: i for i, label in enumerate(labels)})
+        save_split(proc / f"imgFilenames{split.title()}.json", content)
+    save_ranking_sets(proc / "imgInfosVal.json", make_ranking_sets(splits["val"], 20, 100, 0))
+    fileio.save_json(proc / "lutLabel2Id.json", {label: i for i, label in enumerate(labels)})
     return proc
 
 
@@ -54,7 +54,7 @@ def test_missing_step1_outputs_name_the_step(tmp_path):
     done = run_script(SCRIPT, *args_for(tmp_path), env=ENV)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'proc' / 'tiny' / 'imgFilenamesTrain.pickle'} not found: run 1_prepareData.py first"]
+        f"error: {tmp_path / 'proc' / 'tiny' / 'imgFilenamesTrain.json'} not found: run 1_prepareData.py first"]
 
 
 def test_zero_epochs_writes_nothing(tiny_dataset, tmp_path):

@@ -1,7 +1,6 @@
 """4_trainSvm.py and 5_evaluate.py as subprocesses on a small real pipeline (steps 1 and 3 run for real)."""
 import csv
 import json
-import pickle
 import shutil
 
 import numpy as np
@@ -10,6 +9,8 @@ from PIL import Image
 
 from conftest import make_labelled_images, run_script
 from image_similarity.data.features import load_features, save_features
+from image_similarity.data.splits import load_ranking_sets, load_split
+from image_similarity.search import rankers
 from image_similarity.search.rankers import ranker_names
 
 TOP_NS = [1, 2, 4, 5, 8, 10, 15, 20, 28, 32]
@@ -68,10 +69,8 @@ def test_train_svm_reports_and_saves_payloads(pipeline):
     assert "Hard-negative mining 1 of 1: added" in out
     assert "Hybrid ranker (label agreement in bands, cosine within a band)" in out
     features_meta = json.loads((work / "proc" / "tiny" / "features.json").read_text())
-    with open(work / "proc" / "tiny" / "svm.pickle", "rb") as handle:
-        svm = pickle.load(handle)
-    with open(work / "proc" / "tiny" / "classprob.pickle", "rb") as handle:
-        classprob = pickle.load(handle)
+    svm = rankers.load_payload(work / "proc" / "tiny" / "svm.skops", features_meta["model_id"])
+    classprob = rankers.load_payload(work / "proc" / "tiny" / "classprob.skops", features_meta["model_id"])
     assert svm["model_id"] == classprob["model_id"] == features_meta["model_id"]
     assert svm["ranker"].C in (0.1, 1.0) and set(svm["C_table"]) == {0.1, 1.0}
     assert svm["ranker"].coef_.shape == (features_meta["dim"],)
@@ -98,8 +97,7 @@ def test_evaluation_json_has_every_ranker_and_valid_values(pipeline):
     work, _, _, step5 = pipeline
     results = json.loads((work / "results" / "tiny" / "evaluation.json").read_text())
     assert tuple(results) == ranker_names()
-    with open(work / "proc" / "tiny" / "imgInfosTest.pickle", "rb") as handle:
-        n_test = len(pickle.load(handle))
+    n_test = len(load_ranking_sets(work / "proc" / "tiny" / "imgInfosTest.json"))
     for name, metrics in results.items():
         assert list(metrics) == [f"top{n}" for n in TOP_NS] + ["mean_rank", "median_rank", "mrr", "n_queries", "map"]
         assert 0 < metrics["map"] <= 1
@@ -133,8 +131,7 @@ def test_evaluation_csv_and_figures(pipeline):
 
 def test_ranking_results_csv(pipeline):
     work, _, _, _ = pipeline
-    with open(work / "proc" / "tiny" / "imgInfosTest.pickle", "rb") as handle:
-        queries = {s.query for s in pickle.load(handle)}
+    queries = {s.query for s in load_ranking_sets(work / "proc" / "tiny" / "imgInfosTest.json")}
     with open(work / "results" / "tiny" / "ranking_results.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert {row["query"] for row in rows} == queries and len(rows) == 4 * len(queries)
@@ -150,8 +147,7 @@ def test_ranking_results_csv(pipeline):
 def test_evaluate_on_validation(pipeline):
     work, args, _, _ = pipeline
     result = run_ok("5_evaluate.py", *args, "--on", "val", "--set", "eval_boVisualizeResults=False")
-    with open(work / "proc" / "tiny" / "imgInfosVal.pickle", "rb") as handle:
-        n_val = len(pickle.load(handle))
+    n_val = len(load_ranking_sets(work / "proc" / "tiny" / "imgInfosVal.json"))
     results = json.loads((work / "results" / "tiny" / "evaluation.json").read_text())
     assert all(m["n_queries"] == n_val for m in results.values())
     assert f"Ranking {n_val} val ranking sets" in result.stdout
@@ -181,8 +177,8 @@ def test_train_svm_refuses_features_of_another_model(pipeline):
 
 @pytest.mark.slow  # three more interpreter starts; test_reliability covers the first missing step of 4 and 5
 @pytest.mark.parametrize("script, missing, step", [("4_trainSvm.py", "features.npy", "3_featurizeImages.py"),
-                                                   ("4_trainSvm.py", "imgInfosVal.pickle", "1_prepareData.py"),
-                                                   ("5_evaluate.py", "classprob.pickle", "4_trainSvm.py")])
+                                                   ("4_trainSvm.py", "imgInfosVal.json", "1_prepareData.py"),
+                                                   ("5_evaluate.py", "classprob.skops", "4_trainSvm.py")])
 def test_missing_inputs_name_the_step(pipeline, tmp_path, script, missing, step):
     work, args, _, _ = pipeline
     shutil.copytree(work / "proc", tmp_path / "proc")
@@ -209,8 +205,7 @@ def test_features_older_than_the_splits_are_refused(pipeline, tmp_path):
 
 def test_evaluate_with_groups_reports_instance_metrics(pipeline):
     work, args, _, _ = pipeline
-    with open(work / "proc" / "tiny" / "imgFilenamesTest.pickle", "rb") as handle:
-        test_split = pickle.load(handle)
+    test_split = load_split(work / "proc" / "tiny" / "imgFilenamesTest.json")
     pairs = [sorted(keys)[i:i + 2] for keys in test_split.values() for i in range(0, len(keys) - 1, 2)]
     (work / "data" / "tiny" / "groups.tsv").write_text(
         "".join(f"{key}\tobject{n}\n" for n, pair in enumerate(pairs) for key in pair), encoding="utf-8")

@@ -1,5 +1,4 @@
 """A1_imageRetrieval.py as a subprocess: a query from outside the data folder, and clean refusals."""
-import pickle
 import re
 
 import numpy as np
@@ -7,6 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_image, make_labelled_images, run_script
+from image_similarity.data.splits import load_split
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +34,12 @@ def test_query_outside_the_data_folder(featurized, tmp_path):
     # The test split holds 2 images per label: both red ones come first (red stripes, like the query).
     labels = [label for _, _, label, _ in ranked]
     assert labels[:2] == ["red", "red"] and "red" not in labels[2:], result.stdout
-    with open(work / "proc" / "tiny" / "imgFilenamesTest.pickle", "rb") as handle:
-        test_keys = {k for keys in pickle.load(handle).values() for k in keys}
+    test_keys = {k for keys in load_split(work / "proc" / "tiny" / "imgFilenamesTest.json").values() for k in keys}
     shown = {path.split("/data/tiny/")[1] for *_, path in ranked}
     assert shown <= test_keys
     assert "(cosine on pretrained:" in result.stdout  # no 5_evaluate.py run yet: the one fallback, cosine
     assert re.search(r"Time: loading [\d.]+ s, network [\d.]+ s, search [\d.]+ s", result.stdout)
-    grid = work / "results" / "tiny" / "retrieval_my query.png"
+    grid = work / "results" / "tiny" / "retrieval_my query_cosine.png"  # the query's stem and the ranker
     with Image.open(grid) as img:
         assert img.format == "PNG" and img.size == (1000, 440)  # 5 columns x (query row + 1 row of matches)
         assert np.asarray(img.convert("L")).std() > 10

@@ -1,6 +1,5 @@
 """A3_sqlPipeline.py as a subprocess on generated images: SQLite by default, and a real PostgreSQL server."""
 import importlib.util
-import pickle
 
 import pytest
 from sqlalchemy import inspect, select
@@ -9,7 +8,7 @@ import helpers
 from conftest import LABEL_LOOKS, REPO, make_image, make_labelled_images, run_script
 from image_similarity.pipeline import evaluation
 from image_similarity.apps import store
-from image_similarity.data.splits import SPLITS
+from image_similarity.data.splits import SPLITS, load_ranking_sets, load_split
 from test_store import COLUMNS, create_database, running_postgres
 
 TOP_NS = [1, 2, 4, 5, 8, 10, 15, 20, 28, 32]
@@ -127,12 +126,10 @@ def test_splits_match_1_prepareData(sqlite_run):
     proc = work / "proc" / "tiny"
     with engine.connect() as conn:
         for split in SPLITS:
-            with open(proc / f"imgFilenames{split.title()}.pickle", "rb") as handle:
-                expected = pickle.load(handle)
+            expected = load_split(proc / f"imgFilenames{split.title()}.json")
             assert store.read_split(conn, split) == {k: v for k, v in expected.items() if v}, split
         for split in ("val", "test"):
-            with open(proc / f"imgInfos{split.title()}.pickle", "rb") as handle:
-                expected = pickle.load(handle)
+            expected = load_ranking_sets(proc / f"imgInfos{split.title()}.json")
             assert [(s.query, s.positive, s.references) for s in store.read_ranking_sets(conn, split)] == \
                 [(s.query, s.positive, s.references) for s in expected]
 

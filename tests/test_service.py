@@ -19,6 +19,7 @@ from PIL import Image
 import helpers
 from conftest import REPO, make_image, make_labelled_images, run_script
 from image_similarity.apps.service import create_app
+from image_similarity.pipeline.layout import RunLayout
 
 LIMIT = 200_000  # svc_maxUploadBytes in these tests
 
@@ -57,7 +58,7 @@ def parameters(work, *extra):
 def server(pipeline):
     """A real uvicorn in a thread serving create_app(P), with the classprob payload as a second attribute."""
     work, _ = pipeline
-    P = parameters(work, f"attributeModels={{'again': '{work / 'proc' / 'tiny' / 'classprob.pickle'}'}}")
+    P = parameters(work, f"attributeModels={{'again': '{work / 'proc' / 'tiny' / 'classprob.skops'}'}}")
     sock = free_socket()
     config = uvicorn.Config(create_app(helpers.load_service(P)), log_level="warning", timeout_graceful_shutdown=2)
     uv = uvicorn.Server(config)
@@ -283,10 +284,14 @@ def test_page_is_served(server):
     assert "http://" not in page.text and "https://" not in page.text  # nothing from outside
 
 
-def test_missing_payloads_leave_the_fixed_rankers(pipeline):
+def test_missing_payloads_leave_the_fixed_rankers(pipeline, tmp_path):
     work, _ = pipeline
     P = parameters(work)
-    P.svmPath, P.classifierPath = work / "none" / "svm.pickle", work / "none" / "classprob.pickle"
+    bare = RunLayout(tmp_path / "proc", tmp_path / "results")  # the run's features, without step 4's payloads
+    bare.proc_dir.mkdir(parents=True)
+    for name in ("features.npy", "features.json"):
+        shutil.copy(P.layout.proc_dir / name, bare.proc_dir / name)
+    P.layout = bare
     service = helpers.load_service(P)
     assert list(service.rankers) == ["random", "L1", "L2", "cosine", "cosine+colour"]
     assert service.attributes == {} and len(service.notes) == 2 and "4_trainSvm.py" in service.notes[0]

@@ -160,13 +160,13 @@ class AttributeModel:
 
     @classmethod
     def from_pipeline(cls, payload_path, features_path=None, name=None):
-        """The attribute learnt by a pipeline run: ``proc/<dataset>/svm.pickle`` or ``classprob.pickle``.
+        """The attribute learnt by a pipeline run: ``proc/<dataset>/svm.skops`` or ``classprob.skops``.
 
         Parameters
         ----------
         payload_path : str or Path
-            A ``rankers.save_payload`` pickle: ``svm.pickle`` gives its Platt-calibrated ranker
-            (``weightedl2prob``), ``classprob.pickle`` its class-probability ranker.
+            A ``rankers.save_payload`` file: ``svm.skops`` gives its Platt-calibrated ranker
+            (``weightedl2prob``), ``classprob.skops`` its class-probability ranker.
         features_path : str or Path, optional
             The features the ranker was trained on; default ``features.npy`` beside the payload. Only its sidecar
             is read, for the ``model_id`` the payload must match (``rankers.load_payload`` refuses another).
@@ -188,15 +188,15 @@ class AttributeModel:
 
 
 def configured_attributes(dataset_name, svm_path, features_path, extra=None):
-    """The attributes a pipeline run offers: its own ``svm.pickle`` (named after the dataset) plus ``extra``.
+    """The attributes a pipeline run offers: its own ``svm.skops`` (named after the dataset) plus ``extra``.
 
     Parameters
     ----------
     dataset_name : str
     svm_path, features_path : Path
-        The run's ``svm.pickle`` (skipped when absent) and ``features.npy``.
+        The run's ``svm.skops`` (skipped when absent) and ``features.npy``.
     extra : dict of str to path, optional
-        ``{name: svm.pickle or classprob.pickle}`` of other runs on the same network (``attributeModels``).
+        ``{name: svm.skops or classprob.skops}`` of other runs on the same network (``attributeModels``).
 
     Returns
     -------

@@ -41,6 +41,7 @@ import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -53,7 +54,7 @@ from ..pipeline.training import C_CRITERIA, select_classprob_C
 
 __all__ = ["LABEL_ISSUE_COLUMNS", "RANKING_METHODS", "LabelIssues", "out_of_fold_probabilities",
            "out_of_sample_probabilities", "find_label_issues", "different_label_duplicates", "save_label_issues",
-           "load_label_issues", "read_exclude_file", "without_keys"]
+           "load_label_issues", "read_near_duplicate_groups", "read_exclude_file", "without_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +270,17 @@ def load_label_issues(path, n=None):
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     return rows if n is None else rows[:n]
+
+
+def read_near_duplicate_groups(path):
+    """Groups of keys from step 1's near_duplicates.csv (``group,key,kept``); [] when the file is absent."""
+    if not Path(path).is_file():
+        return []
+    groups = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            groups.setdefault(row["group"], []).append(row["key"])
+    return list(groups.values())
 
 
 def read_exclude_file(rows, split_of, source="labelIssuesExcludeFile"):

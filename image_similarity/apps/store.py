@@ -10,9 +10,9 @@ reaches (SQLite by default, PostgreSQL with ``postgresql://...``). Tables, by th
    choose C) and test splits; ``query_images`` (``split``, ``set_id``, ``position``, ``query_id``,
    ``reference_id``, ``is_positive``): the ranking sets of the validation and test splits, one row per reference, in
    the set's (shuffled) reference order.
-3. ``model`` (``name``, ``model_id``, ``payload``): the pickled class-probability classifier payload
-   (``{'model_id', 'ranker': ClassProbRanker, 'C_table', 'accuracy', 'hybrid_band', 'hybrid_table'}``, as
-   ``4_trainSvm.py`` saves it).
+3. ``model`` (``name``, ``model_id``, ``payload``): the class-probability classifier payload
+   (``{'model_id', 'ranker': ClassProbRanker, 'C_table', 'accuracy', 'hybrid_band', 'hybrid_table'}``) in the bytes
+   ``4_trainSvm.py`` writes to its file (``rankers.payload_bytes``, skops: read back without running code).
 4. ``scores`` (``image_id``, ``class_index``, ``label``, ``score``): one row per (image, class): the classifier's
    probability of that class, so ``n_features x n_classes`` rows.
 5. ``evaluation_results`` (``split``, ``ranker``, ``metric``, ``value``): ``evaluation.evaluate`` of the positive
@@ -29,14 +29,13 @@ Each step writes in one transaction: it deletes its own tables' rows and those o
 """
 import importlib.util
 import logging
-import pickle
 
 import numpy as np
 from sqlalchemy import (Boolean, Column, Float, ForeignKey, Integer, LargeBinary, MetaData, String, Table,
                         create_engine, delete, func, insert, make_url, select)
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from ..pipeline import evaluation, training
+from ..pipeline import evaluation, steps
 from ..search import rankers
 from ..search.distances import ProbabilityDistance
 from ..search.core import Gallery, resolve_ranker, search_keys
@@ -50,6 +49,7 @@ __all__ = ["metadata", "STEP_TABLES", "connect", "describe_url", "SCORE_RANKERS"
            "count_rows"]
 
 logger = logging.getLogger(__name__)
+_STEP3 = "step 3 (A3_sqlPipeline.py --steps 3)"
 
 metadata = MetaData()
 _IMAGE_ID = "ImageStore.id"
@@ -294,7 +294,7 @@ def read_ranking_sets(conn, split):
 
 def train_classifier(engine, C_candidates, random_state=None, hybrid_bands=(), max_top1_drop=0.01,
                      max_mean_rank_rise=0.1, C_criterion="log_loss"):
-    """Step 3: the class-probability classifier of 4_trainSvm.py (``training.select_classprob_C``) into ``model``.
+    """Step 3: the class-probability classifier of 4_trainSvm.py (``steps.train_classprob``) into ``model``.
 
     Trained on ``training_images``, C chosen by ``C_criterion`` ('log_loss' or 'accuracy', as step 4) on
     ``evaluation_images`` (the validation split); the hybrid ranker's band chosen on the validation ranking sets
@@ -317,18 +317,11 @@ def train_classifier(engine, C_candidates, random_state=None, hybrid_bands=(), m
                          "(run step 2 with ratioValFromTrain > 0)")
     xy = {split: (feats.rows(keys[split]), [label_of(k) for k in keys[split]])
           for split in SPLITS if keys[split]}
-    classifier, table = training.select_classprob_C(*xy["train"], *xy["val"], C_candidates, random_state,
-                                                    C_criterion)
-    hybrid, hybrid_table = None, {}
-    if hybrid_bands and val_sets:
-        hybrid, hybrid_table = training.select_hybrid_band(classifier, feats, val_sets, hybrid_bands, max_top1_drop,
-                                                           max_mean_rank_rise)
-    payload = {"model_id": feats.meta["model_id"], "ranker": classifier, "C_table": table, "C_criterion": C_criterion,
-               "accuracy": {split: classifier.score(*data) for split, data in xy.items()},
-               "hybrid_band": None if hybrid is None else hybrid.band, "hybrid_table": hybrid_table}
+    payload = {"model_id": feats.meta["model_id"], **steps.train_classprob(
+        xy, feats, val_sets, C_candidates, random_state, C_criterion, hybrid_bands, max_top1_drop, max_mean_rank_rise)}
     with engine.begin() as conn:
         _replace(conn, 3, {model_table: [{"name": MODEL_NAME, "model_id": payload["model_id"],
-                                          "payload": pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)}]})
+                                          "payload": rankers.payload_bytes(**payload)}]})
     return payload
 
 
@@ -339,7 +332,7 @@ def read_model(conn, model_id=None):
     if model_id is not None and row.model_id != model_id:
         raise ValueError(f"table model holds a classifier trained on features of {row.model_id} but the features "
                          f"are from {model_id}: run step 3 again")
-    return pickle.loads(row.payload)
+    return rankers.read_payload(row.payload, f"table model, row name={MODEL_NAME!r}", written_by=_STEP3)
 
 
 def write_scores(engine):

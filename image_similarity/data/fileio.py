@@ -9,7 +9,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +21,11 @@ logger = logging.getLogger(__name__)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-__all__ = ["atomic_path", "remove_stale_temporaries", "atomic_write_bytes", "atomic_write_text", "save_pickle",
-           "load_pickle", "json_text", "save_json", "load_json", "save_csv", "read_tsv", "save_npy"]
+__all__ = ["atomic_path", "remove_stale_temporaries", "atomic_write_bytes", "atomic_write_text", "refuse_pickle",
+           "json_text", "save_json", "load_json", "save_csv", "read_tsv", "save_npy"]
+
+# Every pickle protocol from 2 on starts with the PROTO opcode: how a file of an older version of this project begins.
+PICKLE_MAGIC = b"\x80"
 
 
 class _WriteError(OSError):
@@ -112,13 +114,12 @@ def atomic_write_text(path, text):
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save_pickle(path, obj):
-    return atomic_write_bytes(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def load_pickle(path):
-    with open(path, "rb") as handle:
-        return pickle.load(handle)
+def refuse_pickle(data, source, written_by):
+    """Raise a ValueError naming ``source`` when ``data`` is a pickle: older versions wrote them, and unpickling a
+    file can run any code, so none is ever read; ``written_by`` (e.g. "1_prepareData.py") writes the new format."""
+    if data[:1] == PICKLE_MAGIC:
+        raise ValueError(f"{source} is a pickle, from an older version of this project (never read: unpickling can "
+                         f"run code): run {written_by} again")
 
 
 def json_text(obj):
@@ -130,8 +131,17 @@ def save_json(path, obj):
     return atomic_write_text(path, json_text(obj))
 
 
-def load_json(path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+def load_json(path, written_by=None):
+    """Parse a JSON file; with ``written_by``, a pickle or a file that is not JSON is a ValueError naming the file
+    and the script that writes it."""
+    data = Path(path).read_bytes()
+    if written_by is None:
+        return json.loads(data.decode("utf-8"))
+    refuse_pickle(data, path, written_by)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a JSON file written by {written_by} ({err}): run it again") from None
 
 
 def save_csv(path, header, rows, delimiter=","):

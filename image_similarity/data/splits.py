@@ -12,8 +12,10 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
+from .fileio import load_json, save_json
+
 __all__ = ["SPLITS", "label_of", "group_by_label", "parse_groups_file", "split_images", "RankingSet", "make_ranking_sets",
-           "splits_and_ranking_sets"]
+           "splits_and_ranking_sets", "save_split", "load_split", "split_keys", "save_ranking_sets", "load_ranking_sets"]
 
 logger = logging.getLogger(__name__)
 
@@ -312,3 +314,49 @@ def splits_and_ranking_sets(keys_by_label, ratio_train, ratio_val, max_queries, 
         if used[a] & used[b]:
             raise RuntimeError(f"{a} and {b} share {len(used[a] & used[b])} image(s), e.g. {min(used[a] & used[b])}")
     return splits, sets
+
+
+# Step 1 writes the splits and ranking sets as JSON: plain data, read back without running anything.
+_WRITER = "1_prepareData.py"
+
+
+def _is_str_list(value):
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def save_split(path, keys_by_label):
+    """Write one split, ``{label: [keys]}``, as a JSON object (atomically)."""
+    return save_json(path, {label: list(keys) for label, keys in keys_by_label.items()})
+
+
+def load_split(path):
+    """Read a :func:`save_split` file: ``{label: [keys]}``; anything else is a ValueError naming ``path``."""
+    split = load_json(path, _WRITER)
+    if not isinstance(split, dict) or not all(_is_str_list(keys) for keys in split.values()):
+        raise ValueError(f"{path}: not a split written by {_WRITER} ({{label: [keys]}}): run it again")
+    return split
+
+
+def split_keys(path):
+    """The keys of the split saved at ``path``, sorted."""
+    return sorted(key for keys in load_split(path).values() for key in keys)
+
+
+def save_ranking_sets(path, sets):
+    """Write ranking sets as a JSON list of ``{query, positive, negatives, references}`` (atomically)."""
+    return save_json(path, [{"query": s.query, "positive": s.positive, "negatives": list(s.negatives),
+                             "references": list(s.references)} for s in sets])
+
+
+def load_ranking_sets(path):
+    """Read a :func:`save_ranking_sets` file as a list of :class:`RankingSet`; ValueError naming ``path`` when it
+    is anything else."""
+    rows = load_json(path, _WRITER)
+    fields = {"query", "positive", "negatives", "references"}
+    if not isinstance(rows, list) or not all(
+            isinstance(row, dict) and set(row) == fields and isinstance(row["query"], str)
+            and isinstance(row["positive"], str) and _is_str_list(row["negatives"]) and _is_str_list(row["references"])
+            for row in rows):
+        raise ValueError(f"{path}: not ranking sets written by {_WRITER} ([{{query, positive, negatives, "
+                         "references}]): run it again")
+    return [RankingSet(**row) for row in rows]

@@ -1,11 +1,11 @@
-"""A finished pipeline run, loaded from plain paths: features, the network that made them, rankers, attributes.
+"""A finished pipeline run, loaded from its :class:`.layout.RunLayout`: features, the network, rankers, attributes.
 
 Step 5, A1 and the web service all start from :func:`load_run`, so they agree on which network made the stored
 features (:func:`.embedder.resolve_embedder`), which rankers exist (those of step 4 only when its payloads are
 there), and which ranker is recommended: :data:`PREFERRED_RANKER` (labels first, appearance within) whenever step 4
-made it; without it the one 5_evaluate.py marked best on validation, else :data:`FALLBACK_RANKER`.
+made it; without it the one step 5 recorded as best on validation (``run.json``), else :data:`FALLBACK_RANKER`.
+Steps 3, 4 and the variants ask :func:`featurizing_model` which network embeds.
 """
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +15,9 @@ from ..search import rankers
 from ..models.embedder import Embedder, resolve_embedder
 from ..models.inference import InferenceConfig
 from ..data.features import Features, load_features
+from .layout import missing_message
 
-__all__ = ["Run", "load_run", "recommended_ranker", "PREFERRED_RANKER", "FALLBACK_RANKER"]
+__all__ = ["Run", "load_run", "recommended_ranker", "featurizing_model", "PREFERRED_RANKER", "FALLBACK_RANKER"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +27,13 @@ PREFERRED_RANKER = "hybrid"
 FALLBACK_RANKER = "cosine"  # without a classifier (L2 ranks L2-normalised embeddings the same way)
 
 
-def recommended_ranker(evaluation_csv, available, default=FALLBACK_RANKER):
-    """:data:`PREFERRED_RANKER` when available; else the one 5_evaluate.py marked ``best_on_val``; else ``default``.
+def recommended_ranker(record, available, default=FALLBACK_RANKER):
+    """:data:`PREFERRED_RANKER` when available; else the one step 5 recorded as ``best_on_val``; else ``default``.
 
     Parameters
     ----------
-    evaluation_csv : str or Path
-        Step 5's ``evaluation.csv``; may be missing.
+    record : dict
+        Step 5's run record (``RunLayout.load_record``); {} before step 5 ran.
     available : iterable of str
         Ranker names that can be used now.
     default : str
@@ -41,17 +42,50 @@ def recommended_ranker(evaluation_csv, available, default=FALLBACK_RANKER):
     -------
     str
     """
-    if PREFERRED_RANKER in set(available):
+    available = set(available)
+    if PREFERRED_RANKER in available:
         return PREFERRED_RANKER
-    path = Path(evaluation_csv)
-    if path.is_file():
-        with open(path, encoding="utf-8", newline="") as handle:
-            best = next((row["ranker"] for row in csv.DictReader(handle) if row.get("best_on_val") == "1"), None)
-        if best in set(available):
-            return best
-        if best is not None:
-            logger.warning("%s recommends %s, which is not available: using %s", path, best, default)
+    best = record.get("best_on_val")
+    if best in available:
+        return best
+    if best is not None:
+        logger.warning("step 5 recommends %s, which is not available: using %s", best, default)
     return default
+
+
+def featurizing_model(layout, backbone, refine_epochs, fallback_to_pretrained, before_step2=False):
+    """The network to embed with: the refined ``layout.model``, or the pretrained ``backbone``.
+
+    The pretrained backbone when ``refine_epochs`` is 0, when step 2 found that it ranks the validation sets better
+    and ``fallback_to_pretrained`` is on, or, with ``before_step2``, when no refined network exists yet.
+
+    Returns
+    -------
+    str or Path
+        The backbone name or the checkpoint's path.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the refined network is needed and missing (naming step 2).
+    """
+    if refine_epochs > 0 and (layout.model.exists() or not before_step2):
+        if not layout.model.exists():
+            raise FileNotFoundError(missing_message(layout.model, "2_refineDNN.py"))
+        if fallback_to_pretrained and _refined_is_worse(layout.model):
+            return backbone
+        return layout.model
+    return backbone
+
+
+def _refined_is_worse(model_path):
+    """Whether step 2 recorded in ``model_path`` that the pretrained network ranks the validation sets better."""
+    from ..models.checkpoints import checkpoint_meta
+
+    try:
+        return bool(checkpoint_meta(model_path).get("pretrained_ranks_better", False))
+    except ValueError:  # not a checkpoint: loading it names the file and the reason
+        return False
 
 
 @dataclass
@@ -67,7 +101,7 @@ class Run:
     default_ranker : str
         The recommended ranker (:func:`recommended_ranker`).
     attributes : dict of str to attributes.AttributeModel
-        The run's own attribute (its ``svm.pickle``, named after the dataset) plus the extra ones.
+        The run's own attribute (its ``svm.skops``, named after the dataset) plus the extra ones.
     notes : list of str
         What is missing, one line each.
     candidates : (str, Path, Path)
@@ -99,24 +133,21 @@ class Run:
     embedder = property(load_network)
 
 
-def load_run(features_path, backbone, checkpoint, svm_path, classifier_path, evaluation_csv, name=None,
-             attribute_paths=None, random_state=None, network=True, mmap=True, engine=None):
+def load_run(layout, backbone, name=None, attribute_paths=None, random_state=None, network=True, mmap=True,
+             engine=None):
     """Load a run's outputs.
 
     Parameters
     ----------
-    features_path : str or Path
-        Step 3's ``features.npy``.
-    backbone, checkpoint : str, Path
-        The pretrained backbone and the refined checkpoint: whichever made the features is loaded.
-    svm_path, classifier_path : Path
-        Step 4's payloads; when one is missing its rankers are left out (said in ``notes``).
-    evaluation_csv : Path
-        Step 5's table, for the recommended ranker.
+    layout : layout.RunLayout
+        The run's artefacts: features, the refined checkpoint, step 4's payloads (when one is missing its rankers
+        are left out, said in ``notes``) and step 5's record (for the recommended ranker).
+    backbone : str
+        The pretrained backbone: it or the refined checkpoint, whichever made the features, is loaded.
     name : str, optional
         The run's own attribute name (the dataset's); None: no attributes are loaded.
     attribute_paths : dict of str to path, optional
-        Extra attributes ``{name: svm.pickle or classprob.pickle}`` of runs on the same network.
+        Extra attributes ``{name: svm.skops or classprob.skops}`` of runs on the same network.
     random_state : int, optional
         Seeds the random baseline.
     network : bool
@@ -132,25 +163,25 @@ def load_run(features_path, backbone, checkpoint, svm_path, classifier_path, eva
     FileNotFoundError
         When the features are missing.
     ValueError
-        When the network or a payload belongs to other features.
+        When the network or a payload belongs to other features, or a payload is refused (``rankers.read_payload``).
     """
-    features = load_features(features_path, mmap=mmap)
+    features = load_features(layout.features, mmap=mmap)
     model_id = features.meta["model_id"]
     notes, payloads = [], []
-    for path in (svm_path, classifier_path):
+    for path in (layout.svm, layout.classifier):
         if Path(path).is_file():
             payloads.append(rankers.load_payload(path, model_id))
         else:
             payloads.append(None)
-            notes.append(f"{path} not found: its rankers are unavailable (run 4_trainSvm.py)")
+            notes.append(f"{missing_message(path, '4_trainSvm.py')}; its rankers are unavailable")
     ranker_map = rankers.build_rankers(*payloads, random_state=random_state)
     attributes = {}
     if name is not None:
         from ..apps.attributes import configured_attributes  # here: attributes bring the index (FAISS), step 5 needs neither
 
-        attributes = configured_attributes(name, svm_path, features_path, attribute_paths)
-    run = Run(features, ranker_map, recommended_ranker(evaluation_csv, ranker_map), attributes, notes,
-              (backbone, checkpoint, features_path), engine or InferenceConfig())
+        attributes = configured_attributes(name, layout.svm, layout.features, attribute_paths)
+    run = Run(features, ranker_map, recommended_ranker(layout.load_record(), ranker_map), attributes, notes,
+              (backbone, layout.model, layout.features), engine or InferenceConfig())
     if network:
         run.load_network()  # now: a missing or wrong network fails before anything else
     return run
