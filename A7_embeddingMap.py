@@ -19,7 +19,7 @@ def add_arguments(parser):
 
 
 def main(args, P):
-    from image_similarity.apps import embedding_map
+    from image_similarity.apps import embedding_map, label_issues
     from image_similarity.data.features import load_features
     from image_similarity.pipeline import plots
     helpers.require_choice(P, "map_method", embedding_map.METHODS)
@@ -27,7 +27,7 @@ def main(args, P):
         store, images = helpers.require(P.featuresPath, "3_featurizeImages.py"), args.images or P.imgDir
         json_out, png_out = P.embeddingMapPath, P.embeddingMapPlotPath
         flagged = embedding_map.read_flagged_keys(P.labelIssuesPath)
-        groups = embedding_map.read_duplicate_groups(P.nearDuplicatesPath)
+        groups = label_issues.read_near_duplicate_groups(P.nearDuplicatesPath)
     else:
         store, images, flagged, groups = args.features, args.images, set(), []
         json_out, png_out = (store.with_name(f"{store.stem}_map{suffix}") for suffix in (".json", ".png"))

@@ -5,7 +5,6 @@ scikit-learn's t-SNE); :func:`build_map` joins the points with what is known abo
 suspects of A6, the near-duplicate groups of step 1); :func:`save_map` writes it as JSON for the web page's map view
 and :func:`.plots.plot_embedding_map` draws it.
 """
-import csv
 import importlib.util
 import logging
 from dataclasses import dataclass, field
@@ -15,9 +14,9 @@ import numpy as np
 
 from ..data.fileio import load_json, save_json
 from ..data.splits import label_of
+from .label_issues import load_label_issues
 
-__all__ = ["METHODS", "EmbeddingMap", "project_2d", "build_map", "save_map", "load_map", "read_duplicate_groups",
-           "read_flagged_keys"]
+__all__ = ["METHODS", "EmbeddingMap", "project_2d", "build_map", "save_map", "load_map", "read_flagged_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ def build_map(keys, matrix, method="auto", flagged=(), duplicate_groups=(), rand
     flagged : iterable of str
         Keys A6 flagged as label issues (:func:`read_flagged_keys`).
     duplicate_groups : iterable of list of str
-        Near-duplicate groups (:func:`read_duplicate_groups`); keys that are not in ``keys`` are left out.
+        Near-duplicate groups (:func:`.label_issues.read_near_duplicate_groups`); keys that are not in ``keys`` are left out.
     random_state : int
 
     Returns
@@ -151,20 +150,8 @@ def load_map(path):
     return document
 
 
-def read_duplicate_groups(path):
-    """Groups of keys from step 1's near_duplicates.csv (columns group, key, ...); [] when the file is absent."""
-    if not Path(path).is_file():
-        return []
-    groups = {}
-    with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            groups.setdefault(row["group"], []).append(row["key"])
-    return list(groups.values())
-
-
 def read_flagged_keys(path):
     """Keys that A6's label_issues.csv flags (``flagged == 'yes'``); empty when the file is absent."""
     if not Path(path).is_file():
         return set()
-    with open(path, newline="", encoding="utf-8") as handle:
-        return {row["key"] for row in csv.DictReader(handle) if row.get("flagged") == "yes"}
+    return {row["key"] for row in load_label_issues(path) if row.get("flagged") == "yes"}
