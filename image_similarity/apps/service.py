@@ -18,9 +18,14 @@ backbone, checked by ``model_id``), the features, the rankers of 4_trainSvm.py, 
     opaque: unknown ids, and anything resolving outside the image folder, are 404.
 ``GET /label-issues``
     The top suspects of A6_findLabelIssues.py's label_issues.csv (:meth:`SimilarityService.label_issues`).
+``GET /map``
+    A7_embeddingMap.py's embedding_map.json (:meth:`SimilarityService.embedding_map`): ``{"available": true, "path",
+    "method", "points": [{id, key, label, x, y, suspect}], "duplicate_pairs"}``, or ``{"available": false,
+    "reason"}`` when it is missing or maps other images than the references.
 ``GET /``
     A small page: drop or pick an image, see the top-k matches with labels and scores; choose k, the ranker, or
-    attributes to combine; open "label issues" to see the suspects with their given and suggested labels.
+    attributes to combine; open "label issues" to see the suspects with their given and suggested labels; open "map"
+    to see every reference in the plane (hover: its thumbnail; click: query with it).
 
 Uploads over the size limit are refused with 413 (the declared Content-Length and the bytes actually received are
 both checked); the rest of the body is read and dropped first, up to :data:`DISCARD_BYTES`, so that clients which
@@ -45,6 +50,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from . import attributes as attribute_models
+from . import embedding_map
 from ..search import core
 from ..data.images import ImageReadError, read_image
 from .label_issues import load_label_issues as label_issue_rows
@@ -101,11 +107,13 @@ class SimilarityService:
         What is missing (reported by ``/health``).
     label_issues_path : str or Path, optional
         A label_issues.csv of A6_findLabelIssues.py, read by :meth:`label_issues` when it exists.
+    embedding_map_path : str or Path, optional
+        An embedding_map.json of A7_embeddingMap.py, read by :meth:`embedding_map` when it exists.
     """
 
     def __init__(self, embedder, gallery, ranker_map, image_dir, default_ranker="cosine", attribute_map=None,
                  max_upload_bytes=10_000_000, thumb_px=160, notes=(), label_issues_path=None,
-                 max_image_pixels=40_000_000):
+                 max_image_pixels=40_000_000, embedding_map_path=None):
         self.embedder = embedder
         if embedder.model_id != gallery.model_id:
             raise ValueError(f"the network is {embedder.model_id} but the features come from {gallery.model_id}")
@@ -125,6 +133,8 @@ class SimilarityService:
         self.thumb_px = int(thumb_px)
         self.notes = list(notes)
         self.label_issues_path = Path(label_issues_path) if label_issues_path else None
+        self.embedding_map_path = Path(embedding_map_path) if embedding_map_path else None
+        self._map_cache = (None, None)  # (the file's identity, its /map document)
         # As many forward passes at once as the network runs side by side (an engine's streams; PyTorch: one, as
         # parallel ones only fight over the cores).
         self._net_slots = threading.BoundedSemaphore(getattr(embedder.engine, "streams", 1))
@@ -132,13 +142,13 @@ class SimilarityService:
 
     @classmethod
     def from_run(cls, run, image_dir, max_upload_bytes=10_000_000, thumb_px=160, label_issues_path=None,
-                 max_image_pixels=40_000_000):
+                 max_image_pixels=40_000_000, embedding_map_path=None):
         """The service of a run loaded by :func:`.runs.load_run` (with its network)."""
         for note in run.notes:
             logger.warning(note)
         gallery = core.run_gallery(run.features, run.candidates[2], image_dir, run.load_network)
         return cls(run.embedder, gallery, run.rankers, image_dir, run.default_ranker, run.attributes,
-                   max_upload_bytes, thumb_px, run.notes, label_issues_path, max_image_pixels)
+                   max_upload_bytes, thumb_px, run.notes, label_issues_path, max_image_pixels, embedding_map_path)
 
     def health(self):
         """The ``/health`` document: a dict of plain JSON values."""
@@ -218,6 +228,35 @@ class SimilarityService:
         suspects = [{**{f: row[f] for f in fields}, "id": row_of.get(row["key"])}
                     for row in label_issue_rows(path, n)]
         return {"available": True, "path": str(path), "suspects": suspects}
+
+    def embedding_map(self):
+        """The ``/map`` document: the embedding map when its keys are the references', in order (ids are rows).
+
+        Read once per version of the file (A7 replaces it by renaming, so its inode, size or mtime change) and
+        cached; ``{"available": False, "reason": str}`` when it is missing, unreadable or maps other images.
+        """
+        path = self.embedding_map_path
+        if path is None or not path.is_file():
+            return {"available": False, "reason": f"no embedding map {path or ''}: run A7_embeddingMap.py"}
+        stat = path.stat()
+        identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if self._map_cache[0] != identity:
+            self._map_cache = (identity, self._read_map(path))
+        return self._map_cache[1]
+
+    def _read_map(self, path):
+        try:
+            document = embedding_map.load_map(path)
+        except ValueError as err:
+            return {"available": False, "reason": str(err)}
+        keys = [point.get("key") for point in document.get("points", ())]
+        if keys != list(self.keys):
+            differ = next((f"row {i} is {a!r}, not {b!r}" for i, (a, b) in enumerate(zip(keys, self.keys)) if a != b),
+                          f"{len(keys)} points for {len(self.keys)} references")
+            return {"available": False, "reason": f"{path} maps other images than the service's references "
+                                                  f"({differ}): run A7_embeddingMap.py again"}
+        return {"available": True, "path": str(path), "method": document.get("method", ""),
+                "points": document["points"], "duplicate_pairs": document.get("duplicate_pairs", [])}
 
     def image_path(self, image_id):
         """The file of reference ``image_id`` (a row number as text), or KeyError when there is none."""
@@ -362,6 +401,10 @@ def create_app(service, upload_timeout_s=60.0, max_decodes=None):
     def label_issues():
         return service.label_issues()
 
+    @app.get("/map")
+    def embedding_map_view():
+        return service.embedding_map()
+
     @app.get("/", response_class=HTMLResponse)
     def page():
         return PAGE.replace("{{title}}", html.escape(f"Image similarity: {len(service.keys)} references"))
@@ -431,6 +474,16 @@ body{font-family:sans-serif;margin:1.5em;max-width:70em}
 .match figcaption{font-size:.85em}
 #status.error{color:#b00}
 #issues{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:.8em;margin-top:1em}
+#map-box{position:relative}
+#map{width:100%;border:1px solid #ccc;border-radius:6px}
+#map .point{cursor:pointer;stroke:#fff;stroke-width:.5}
+#map .point:hover{stroke:#000;stroke-width:2}
+#map .ring{fill:none;stroke:#d00;stroke-width:2;pointer-events:none}
+#map line{stroke:#999;stroke-width:1;pointer-events:none}
+#map-tip{position:absolute;display:none;background:#fff;border:1px solid #888;border-radius:4px;padding:3px;
+font-size:.8em;pointer-events:none;text-align:center}
+#map-tip img{display:block;max-width:120px;max-height:120px;margin:auto}
+.swatch{display:inline-block;width:.8em;height:.8em;border-radius:50%;margin:0 .2em 0 .8em}
 </style></head>
 <body>
 <h1>{{title}}</h1>
@@ -442,6 +495,9 @@ body{font-family:sans-serif;margin:1.5em;max-width:70em}
 <div id="results"></div>
 <details id="issues-view"><summary>label issues: the images whose label looks wrong</summary>
 <p id="issues-status">loading ...</p><div id="issues"></div></details>
+<details id="map-view"><summary>map: every reference in the plane (hover to see it, click to query with it)</summary>
+<p id="map-status">loading ...</p><p id="map-legend"></p>
+<div id="map-box"><svg id="map" viewBox="0 0 1000 700"></svg><div id="map-tip"></div></div></details>
 <script>
 const $ = id => document.getElementById(id);
 for (const n of [1, 3, 5, 10, 20, 50]) $("k").add(new Option(n, n, n === 5, n === 5));
@@ -509,6 +565,54 @@ $("issues-view").addEventListener("toggle", async () => {
     const fig = figure(s.id, s.key, s.rank + ". " + s.key + " (" + s.split + "): given " + s.given_label + " (p " +
       Number(s.p_given_label).toFixed(2) + "), suggested " + s.suggested_label);
     fig.classList.add("suspect"); $("issues").append(fig);
+  }
+});
+const MAP_W = 1000, MAP_H = 700, MAP_PAD = 15;
+function svgNode(tag, attributes) {
+  const node = document.createElementNS($("map").namespaceURI, tag);  // the page's own <svg>: SVG's namespace
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  return node;
+}
+async function queryReference(point) {  // the reference's own file, through the dropped-file path
+  show("fetching " + point.key + " ...");
+  const blob = await (await fetch("/images/" + point.id)).blob();
+  search(new File([blob], point.key.split("/").pop(), {type: blob.type}));
+}
+function showTip(point, node) {
+  const tip = $("map-tip"), box = $("map").getBoundingClientRect(), at = node.getBoundingClientRect();
+  const img = Object.assign(document.createElement("img"), {src: "/images/" + point.id + "?thumb=1", alt: point.key});
+  tip.replaceChildren(img, point.key + (point.suspect ? " (label issue?)" : ""));
+  tip.style.left = (at.right - box.left + 8) + "px"; tip.style.top = (at.bottom - box.top + 8) + "px";
+  tip.style.display = "block";
+}
+$("map-view").addEventListener("toggle", async () => {
+  if (!$("map-view").open || $("map").childElementCount) return;
+  const body = await (await fetch("/map")).json();
+  if (!body.available) { $("map-status").textContent = body.reason; return; }
+  const labels = [...new Set(body.points.map(p => p.label))].sort();
+  const colour = Object.fromEntries(labels.map((l, i) => [l, "hsl(" + Math.round(i * 360 / labels.length) +
+                                                              ",70%,45%)"]));
+  $("map-status").textContent = body.points.length + " references mapped with " + body.method + " (" +
+    body.points.filter(p => p.suspect).length + " label issues ringed red, " + body.duplicate_pairs.length +
+    " near-duplicate links in grey), from " + body.path;
+  for (const l of labels) {
+    $("map-legend").append(Object.assign(document.createElement("span"), {className: "swatch"}), l || "(none)");
+    $("map-legend").lastElementChild.style.background = colour[l];
+  }
+  const X = p => MAP_PAD + p.x * (MAP_W - 2 * MAP_PAD), Y = p => MAP_PAD + (1 - p.y) * (MAP_H - 2 * MAP_PAD);
+  const map = $("map");
+  for (const [a, b] of body.duplicate_pairs) {
+    const p = body.points[a], q = body.points[b];
+    map.append(svgNode("line", {x1: X(p), y1: Y(p), x2: X(q), y2: Y(q)}));
+  }
+  for (const p of body.points) {
+    const dot = svgNode("circle", {class: "point", cx: X(p), cy: Y(p), r: 6, fill: colour[p.label],
+                                   "data-id": p.id});
+    dot.addEventListener("mouseenter", () => showTip(p, dot));
+    dot.addEventListener("mouseleave", () => { $("map-tip").style.display = "none"; });
+    dot.addEventListener("click", () => queryReference(p));
+    map.append(dot);
+    if (p.suspect) map.append(svgNode("circle", {class: "ring", cx: X(p), cy: Y(p), r: 10}));
   }
 });
 $("file").addEventListener("change", e => { if (e.target.files.length) search(e.target.files[0]); });
