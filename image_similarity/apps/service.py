@@ -590,7 +590,7 @@ $("map-view").addEventListener("toggle", async () => {
   const body = await (await fetch("/map")).json();
   if (!body.available) { $("map-status").textContent = body.reason; return; }
   const labels = [...new Set(body.points.map(p => p.label))].sort();
-  const colour = Object.fromEntries(labels.map((l, i) => [l, "hsl(" + Math.round(i * 360 / labels.length) +
+  const colour = Object.fromEntries(labels.map((l, i) => [l, "hsl(" + Math.round(200 + i * 360 / labels.length) % 360 +
                                                               ",70%,45%)"]));
   $("map-status").textContent = body.points.length + " references mapped with " + body.method + " (" +
     body.points.filter(p => p.suspect).length + " label issues ringed red, " + body.duplicate_pairs.length +
