@@ -449,6 +449,8 @@ def test_map_view_serves_the_map_of_the_references_only(server):
         assert "run A7_embeddingMap.py again" in refused["reason"]
         P.embeddingMapPath.write_text('{"format": "something else"}')
         assert "not an embedding map" in client.get("/map").json()["reason"]
+        P.embeddingMapPath.write_text('{"format": "image_similarity.embedding_map/1", "points": [7]}')
+        assert "(row 0 is None, not " in client.get("/map").json()["reason"]  # not a point: refused, not a 500
         assert 'id="map-view"' in client.get("/").text
     finally:
         P.embeddingMapPath.unlink(missing_ok=True)

@@ -237,10 +237,13 @@ class SimilarityService:
         cached; ``{"available": False, "reason": str}`` when it is missing, unreadable or maps other images.
         """
         path = self.embedding_map_path
-        if path is None or not path.is_file():
+        try:
+            stat = path.stat() if path else None
+        except OSError:  # missing, or removed a moment ago
+            stat = None
+        if stat is None:
             where = f" at {path}" if path else ""
             return {"available": False, "reason": f"no embedding map{where}: run A7_embeddingMap.py"}
-        stat = path.stat()
         identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if self._map_cache[0] != identity:
             self._map_cache = (identity, self._read_map(path))
@@ -249,16 +252,18 @@ class SimilarityService:
     def _read_map(self, path):
         try:
             document = embedding_map.load_map(path)
-        except ValueError as err:
+        except (OSError, ValueError) as err:
             return {"available": False, "reason": str(err)}
-        keys = [point.get("key") for point in document.get("points", ())]
+        points = document.get("points")
+        points = points if isinstance(points, list) else []
+        keys = [point.get("key") if isinstance(point, dict) else None for point in points]
         if keys != list(self.keys):
             differ = next((f"row {i} is {a!r}, not {b!r}" for i, (a, b) in enumerate(zip(keys, self.keys)) if a != b),
                           f"{len(keys)} points for {len(self.keys)} references")
             return {"available": False, "reason": f"{path} maps other images than the service's references "
                                                   f"({differ}): run A7_embeddingMap.py again"}
         return {"available": True, "path": str(path), "method": document.get("method", ""),
-                "points": document["points"], "duplicate_pairs": document.get("duplicate_pairs", [])}
+                "points": points, "duplicate_pairs": document.get("duplicate_pairs", [])}
 
     def image_path(self, image_id):
         """The file of reference ``image_id`` (a row number as text), or KeyError when there is none."""
