@@ -254,7 +254,7 @@ def load_service(P):
     from image_similarity.apps.service import SimilarityService
 
     return SimilarityService.from_run(load_run(P), P.imgDir, P.svc_maxUploadBytes, P.svc_thumbnailPx,
-                                      P.labelIssuesPath, P.svc_maxImagePixels)
+                                      P.labelIssuesPath, P.svc_maxImagePixels, P.embeddingMapPath)
 
 
 def require_features(features, keys, path):

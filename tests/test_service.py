@@ -415,3 +415,47 @@ def write_label_issues(path):
                  p_given_label="0.2", p_suggested_label="0.7", label_quality="0.2", flagged="no",
                  duplicate_with_other_label="")]
     save_csv(path, LABEL_ISSUE_COLUMNS, [[row[c] for c in LABEL_ISSUE_COLUMNS] for row in rows])
+
+
+def write_map(P, reorder=False):
+    """The embedding map of the served features as A7_embeddingMap.py writes it (t-SNE), with one label-issue
+    suspect and one near-duplicate pair; ``reorder``: its rows in another order than the references'."""
+    from image_similarity.apps import embedding_map
+    from image_similarity.data.features import load_features
+
+    features = load_features(P.featuresPath)
+    keys, matrix = list(features.keys), np.asarray(features.matrix)
+    if reorder:
+        keys, matrix = keys[::-1], matrix[::-1]
+    emap = embedding_map.build_map(keys, matrix, "tsne", flagged=[keys[3]], duplicate_groups=[[keys[0], keys[1]]])
+    embedding_map.save_map(P.embeddingMapPath, emap)
+    return emap
+
+
+def test_map_view_serves_the_map_of_the_references_only(server):
+    client, P = server
+    assert not P.embeddingMapPath.exists()
+    missing = client.get("/map").json()
+    assert missing["available"] is False and "run A7_embeddingMap.py" in missing["reason"]
+    try:
+        emap = write_map(P)
+        body = client.get("/map").json()
+        assert body["available"] and body["method"] == "tsne" and body["path"] == str(P.embeddingMapPath)
+        keys = [client.get(f"/images/{p['id']}").content == (P.imgDir / p["key"]).read_bytes()
+                for p in body["points"]]
+        assert len(keys) == 36 and all(keys)  # every point's id serves that point's image
+        assert [p["key"] for p in body["points"]] == emap.keys
+        assert [p["id"] for p in body["points"] if p["suspect"]] == [3] and body["duplicate_pairs"] == [[0, 1]]
+        assert all(0 <= p["x"] <= 1 and 0 <= p["y"] <= 1 for p in body["points"])
+        write_map(P, reorder=True)  # ids would point at other images: refused, saying why
+        refused = client.get("/map").json()
+        assert refused["available"] is False
+        assert "maps other images than the service's references (row 0 is" in refused["reason"]
+        assert "run A7_embeddingMap.py again" in refused["reason"]
+        P.embeddingMapPath.write_text('{"format": "something else"}')
+        assert "not an embedding map" in client.get("/map").json()["reason"]
+        P.embeddingMapPath.write_text('{"format": "image_similarity.embedding_map/1", "points": [7]}')
+        assert "(row 0 is None, not " in client.get("/map").json()["reason"]  # not a point: refused, not a 500
+        assert 'id="map-view"' in client.get("/").text
+    finally:
+        P.embeddingMapPath.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -143,3 +144,47 @@ def test_page_shows_the_label_issue_suspects(browser, server):  # noqa: F811
         assert len(browser.find_elements(By.CSS_SELECTOR, "#issues img")) == 1  # gone/x.jpg has no image
     finally:
         P.labelIssuesPath.unlink()
+
+
+def test_map_view_draws_the_references_and_queries_a_clicked_one(browser, server):  # noqa: F811
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from test_service import write_map
+
+    client, P = server
+    emap = write_map(P)  # row 3 is a suspect, rows 0 and 1 near-duplicates
+    try:
+        browser.get(str(client.base_url))
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "ranker")).options) == len(ranker_names()))
+        Select(browser.find_element(By.ID, "ranker")).select_by_value("cosine")
+        browser.find_element(By.CSS_SELECTOR, "#map-view summary").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#map circle.point")) == 36)
+        points = browser.find_elements(By.CSS_SELECTOR, "#map circle.point")
+        assert [int(p.get_attribute("data-id")) for p in points] == list(range(36))
+        assert len({p.get_attribute("fill") for p in points}) == 3  # one colour per label
+        rings = browser.find_elements(By.CSS_SELECTOR, "#map circle.ring")
+        assert len(rings) == 1 and rings[0].get_attribute("cx") == points[3].get_attribute("cx")
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#map line")) == 1
+        assert "36 references mapped with tsne (1 label issues" in browser.find_element(By.ID, "map-status").text
+        # The point farthest from its neighbours, so that the pointer lands on it and on no other.
+        coords = emap.coords.astype(float)
+        gaps = np.linalg.norm(coords[:, None] - coords[None], axis=-1) + np.eye(len(coords)) * 9
+        row = int(gaps.min(axis=1).argmax())
+        ActionChains(browser).move_to_element(points[row]).perform()
+        tip = browser.find_element(By.ID, "map-tip")
+        wait.until(lambda d: tip.is_displayed() and tip.text == emap.keys[row])
+        wait.until(lambda d: d.execute_script("const i = document.querySelector('#map-tip img'); "
+                                              "return i.complete && i.naturalWidth > 0"))
+        points[row].click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .match")) == 5)
+        first = browser.find_element(By.CSS_SELECTOR, "#results figcaption").text
+        found = re.fullmatch(r"1\. (\S+) \((\w+)\) - distance (\S+)", first)
+        assert found and found.group(1) == emap.keys[row].split("/")[-1], first
+        assert found.group(2) == emap.labels[row] and abs(float(found.group(3))) < 1e-4, first
+        assert "5 matches (cosine)" in browser.find_element(By.ID, "status").text
+    finally:
+        P.embeddingMapPath.unlink(missing_ok=True)

@@ -18,9 +18,14 @@ backbone, checked by ``model_id``), the features, the rankers of 4_trainSvm.py, 
     opaque: unknown ids, and anything resolving outside the image folder, are 404.
 ``GET /label-issues``
     The top suspects of A6_findLabelIssues.py's label_issues.csv (:meth:`SimilarityService.label_issues`).
+``GET /map``
+    A7_embeddingMap.py's embedding_map.json (:meth:`SimilarityService.embedding_map`): ``{"available": true, "path",
+    "method", "points": [{id, key, label, x, y, suspect}], "duplicate_pairs"}``, or ``{"available": false,
+    "reason"}`` when it is missing or maps other images than the references.
 ``GET /``
     A small page: drop or pick an image, see the top-k matches with labels and scores; choose k, the ranker, or
-    attributes to combine; open "label issues" to see the suspects with their given and suggested labels.
+    attributes to combine; open "label issues" to see the suspects with their given and suggested labels; open "map"
+    to see every reference in the plane (hover: its thumbnail; click: query with it).
 
 Uploads over the size limit are refused with 413 (the declared Content-Length and the bytes actually received are
 both checked); the rest of the body is read and dropped first, up to :data:`DISCARD_BYTES`, so that clients which
@@ -45,9 +50,11 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from . import attributes as attribute_models
+from . import embedding_map
 from ..search import core
 from ..data.images import ImageReadError, read_image
 from .label_issues import load_label_issues as label_issue_rows
+from .service_page import PAGE
 from ..data.splits import label_of
 
 __all__ = ["SimilarityService", "create_app", "server_config", "parse_count", "MAX_K", "FORM_OVERHEAD_BYTES",
@@ -101,11 +108,13 @@ class SimilarityService:
         What is missing (reported by ``/health``).
     label_issues_path : str or Path, optional
         A label_issues.csv of A6_findLabelIssues.py, read by :meth:`label_issues` when it exists.
+    embedding_map_path : str or Path, optional
+        An embedding_map.json of A7_embeddingMap.py, read by :meth:`embedding_map` when it exists.
     """
 
     def __init__(self, embedder, gallery, ranker_map, image_dir, default_ranker="cosine", attribute_map=None,
                  max_upload_bytes=10_000_000, thumb_px=160, notes=(), label_issues_path=None,
-                 max_image_pixels=40_000_000):
+                 max_image_pixels=40_000_000, embedding_map_path=None):
         self.embedder = embedder
         if embedder.model_id != gallery.model_id:
             raise ValueError(f"the network is {embedder.model_id} but the features come from {gallery.model_id}")
@@ -125,6 +134,8 @@ class SimilarityService:
         self.thumb_px = int(thumb_px)
         self.notes = list(notes)
         self.label_issues_path = Path(label_issues_path) if label_issues_path else None
+        self.embedding_map_path = Path(embedding_map_path) if embedding_map_path else None
+        self._map_cache = (None, None)  # (the file's identity, its /map document)
         # As many forward passes at once as the network runs side by side (an engine's streams; PyTorch: one, as
         # parallel ones only fight over the cores).
         self._net_slots = threading.BoundedSemaphore(getattr(embedder.engine, "streams", 1))
@@ -132,13 +143,13 @@ class SimilarityService:
 
     @classmethod
     def from_run(cls, run, image_dir, max_upload_bytes=10_000_000, thumb_px=160, label_issues_path=None,
-                 max_image_pixels=40_000_000):
+                 max_image_pixels=40_000_000, embedding_map_path=None):
         """The service of a run loaded by :func:`.runs.load_run` (with its network)."""
         for note in run.notes:
             logger.warning(note)
         gallery = core.run_gallery(run.features, run.candidates[2], image_dir, run.load_network)
         return cls(run.embedder, gallery, run.rankers, image_dir, run.default_ranker, run.attributes,
-                   max_upload_bytes, thumb_px, run.notes, label_issues_path, max_image_pixels)
+                   max_upload_bytes, thumb_px, run.notes, label_issues_path, max_image_pixels, embedding_map_path)
 
     def health(self):
         """The ``/health`` document: a dict of plain JSON values."""
@@ -218,6 +229,41 @@ class SimilarityService:
         suspects = [{**{f: row[f] for f in fields}, "id": row_of.get(row["key"])}
                     for row in label_issue_rows(path, n)]
         return {"available": True, "path": str(path), "suspects": suspects}
+
+    def embedding_map(self):
+        """The ``/map`` document: the embedding map when its keys are the references', in order (ids are rows).
+
+        Read once per version of the file (A7 replaces it by renaming, so its inode, size or mtime change) and
+        cached; ``{"available": False, "reason": str}`` when it is missing, unreadable or maps other images.
+        """
+        path = self.embedding_map_path
+        try:
+            stat = path.stat() if path else None
+        except OSError:  # missing, or removed a moment ago
+            stat = None
+        if stat is None:
+            where = f" at {path}" if path else ""
+            return {"available": False, "reason": f"no embedding map{where}: run A7_embeddingMap.py"}
+        identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if self._map_cache[0] != identity:
+            self._map_cache = (identity, self._read_map(path))
+        return self._map_cache[1]
+
+    def _read_map(self, path):
+        try:
+            document = embedding_map.load_map(path)
+        except (OSError, ValueError) as err:
+            return {"available": False, "reason": str(err)}
+        points = document.get("points")
+        points = points if isinstance(points, list) else []
+        keys = [point.get("key") if isinstance(point, dict) else None for point in points]
+        if keys != list(self.keys):
+            differ = next((f"row {i} is {a!r}, not {b!r}" for i, (a, b) in enumerate(zip(keys, self.keys)) if a != b),
+                          f"{len(keys)} points for {len(self.keys)} references")
+            return {"available": False, "reason": f"{path} maps other images than the service's references "
+                                                  f"({differ}): run A7_embeddingMap.py again"}
+        return {"available": True, "path": str(path), "method": document.get("method", ""),
+                "points": points, "duplicate_pairs": document.get("duplicate_pairs", [])}
 
     def image_path(self, image_id):
         """The file of reference ``image_id`` (a row number as text), or KeyError when there is none."""
@@ -362,6 +408,10 @@ def create_app(service, upload_timeout_s=60.0, max_decodes=None):
     def label_issues():
         return service.label_issues()
 
+    @app.get("/map")
+    def embedding_map_view():
+        return service.embedding_map()
+
     @app.get("/", response_class=HTMLResponse)
     def page():
         return PAGE.replace("{{title}}", html.escape(f"Image similarity: {len(service.keys)} references"))
@@ -416,109 +466,3 @@ def server_config(app, host="127.0.0.1", port=8000, request_timeout_s=60.0, max_
     return uvicorn.Config(app, host=host, port=port, http=HeaderDeadlineProtocol if request_timeout_s else "h11",
                           limit_concurrency=max_connections,
                           timeout_keep_alive=5, log_level=log_level)
-
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{{title}}</title>
-<style>
-body{font-family:sans-serif;margin:1.5em;max-width:70em}
-#drop{border:2px dashed #888;border-radius:8px;padding:1.5em;text-align:center;cursor:pointer}
-#drop.over{background:#eef}
-#query img{max-height:10em;margin-top:.5em}
-#results{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:.8em;margin-top:1em}
-.match{margin:0;border:1px solid #ccc;border-radius:6px;padding:5px;text-align:center}
-.match img{max-width:160px;max-height:160px}
-.match figcaption{font-size:.85em}
-#status.error{color:#b00}
-#issues{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:.8em;margin-top:1em}
-</style></head>
-<body>
-<h1>{{title}}</h1>
-<p><label>matches <select id="k"></select></label>
-<label>ranker <select id="ranker"></select></label>
-<span id="attributes"></span></p>
-<div id="drop">Drop an image here, or <input type="file" id="file" accept="image/*"></div>
-<p id="status"></p><div id="query"></div>
-<div id="results"></div>
-<details id="issues-view"><summary>label issues: the images whose label looks wrong</summary>
-<p id="issues-status">loading ...</p><div id="issues"></div></details>
-<script>
-const $ = id => document.getElementById(id);
-for (const n of [1, 3, 5, 10, 20, 50]) $("k").add(new Option(n, n, n === 5, n === 5));
-let maxUploadBytes = Infinity;
-fetch("/health").then(r => r.json()).then(h => {
-  maxUploadBytes = h.max_upload_bytes;
-  for (const name of h.rankers) $("ranker").add(new Option(name, name, false, name === h.default_ranker));
-  if (h.attributes.length) $("attributes").append("or combine attributes:");
-  for (const name of h.attributes) {
-    const box = Object.assign(document.createElement("input"), {type: "checkbox", value: name, id: "attr-" + name});
-    const label = Object.assign(document.createElement("label"), {htmlFor: box.id, textContent: name});
-    $("attributes").append(" ", box, label);
-  }
-});
-function show(status, error) { $("status").textContent = status; $("status").className = error ? "error" : ""; }
-async function search(file) {
-  $("results").replaceChildren();
-  if (file.size > maxUploadBytes) {
-    $("query").replaceChildren();
-    show("Not sent: " + file.name + " is " + file.size.toLocaleString("en") + " bytes, over the service's " +
-         maxUploadBytes.toLocaleString("en") + "-byte limit", true);
-    return;
-  }
-  $("query").replaceChildren(Object.assign(document.createElement("img"), {src: URL.createObjectURL(file)}));
-  show("searching ...");
-  const form = new FormData();
-  form.append("image", file); form.append("k", $("k").value); form.append("ranker", $("ranker").value);
-  const picked = [...document.querySelectorAll("#attributes input:checked")].map(box => box.value);
-  if (picked.length) form.append("attributes", picked.join(","));
-  const response = await fetch("/query", {method: "POST", body: form});
-  const body = await response.json();
-  if (!response.ok) { show("Error " + response.status + ": " + body.detail, true); return; }
-  const t = body.timings_ms;
-  show(body.results.length + " matches (" + body.ranker + "): decode " + t.decode.toFixed(1) + " ms, network " +
-       t.network.toFixed(1) + " ms, search " + t.search.toFixed(1) + " ms" +
-       (t.wait > 1 ? " (waited " + t.wait.toFixed(0) + " ms)" : ""));
-  body.results.forEach((m, i) => {
-    const fig = document.createElement("figure"); fig.className = "match";
-    const img = Object.assign(document.createElement("img"), {src: "/images/" + m.id + "?thumb=1", alt: m.key});
-    const link = Object.assign(document.createElement("a"), {href: "/images/" + m.id, target: "_blank"});
-    link.append(img);
-    const caption = document.createElement("figcaption");
-    caption.textContent = (i + 1) + ". " + m.key.split("/").pop() + " (" + m.label + ") - distance " +
-      m.distance.toPrecision(4) +
-      (m.probability === undefined ? "" : ", P(match) " + m.probability.toFixed(3));
-    fig.append(link, caption); $("results").append(fig);
-  });
-}
-function figure(id, alt, text) {
-  const fig = document.createElement("figure"); fig.className = "match";
-  const caption = Object.assign(document.createElement("figcaption"), {textContent: text});
-  if (id !== null) {
-    const link = Object.assign(document.createElement("a"), {href: "/images/" + id, target: "_blank"});
-    link.append(Object.assign(document.createElement("img"), {src: "/images/" + id + "?thumb=1", alt: alt}));
-    fig.append(link);
-  }
-  fig.append(caption); return fig;
-}
-$("issues-view").addEventListener("toggle", async () => {
-  if (!$("issues-view").open || $("issues").childElementCount) return;
-  const body = await (await fetch("/label-issues")).json();
-  $("issues-status").textContent = body.available ? body.suspects.length + " most suspect images, from " + body.path
-    : "No label_issues.csv yet: run A6_findLabelIssues.py.";
-  for (const s of body.suspects) {
-    const fig = figure(s.id, s.key, s.rank + ". " + s.key + " (" + s.split + "): given " + s.given_label + " (p " +
-      Number(s.p_given_label).toFixed(2) + "), suggested " + s.suggested_label);
-    fig.classList.add("suspect"); $("issues").append(fig);
-  }
-});
-$("file").addEventListener("change", e => { if (e.target.files.length) search(e.target.files[0]); });
-const drop = $("drop");
-drop.addEventListener("dragover", e => { e.preventDefault(); drop.classList.add("over"); });
-drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-drop.addEventListener("drop", e => {
-  e.preventDefault(); drop.classList.remove("over");
-  if (e.dataTransfer.files.length) search(e.dataTransfer.files[0]);
-});
-</script>
-</body></html>
-"""
