@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 import image_similarity  # noqa: E402
 from image_similarity.pipeline import evaluation
 from image_similarity.data import fileio
-from image_similarity.search import rankers  # noqa: E402
+from image_similarity.search import ranker_files, rankers  # noqa: E402
 from image_similarity.data.images import list_images, read_image  # noqa: E402
 
 CROP_SIDE = (0.6, 0.9)        # fraction of each side kept by the crop
@@ -123,7 +123,7 @@ def main():
             print(f"{name}: {len(model)} originals embedded in {time.perf_counter() - start:.1f} s")
             ranks, seconds = query_ranks(model, copies)
             results["arms"][f"cosine ({model.info['model_id']})"] = summary(ranks, seconds)
-            payload = args.classprob and rankers.load_payload(args.classprob, None)
+            payload = args.classprob and ranker_files.load_payload(args.classprob, None)
             if payload and payload.get("model_id") == model.info["model_id"] and payload.get("hybrid_band"):
                 hybrid = rankers.HybridRanker(payload["ranker"], payload["hybrid_band"]).fit()
                 start = time.perf_counter()

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from image_similarity.pipeline import evaluation
 from image_similarity.data import fileio
-from image_similarity.search import rankers  # noqa: E402
+from image_similarity.search import ranker_files, rankers  # noqa: E402
 from image_similarity.data.features import load_features  # noqa: E402
 from image_similarity.data.splits import label_of, load_ranking_sets, parse_groups_file, split_keys  # noqa: E402
 
@@ -31,7 +31,7 @@ def main():
     args = parser.parse_args()
     proc = args.work / "proc" / args.dataset
     features = load_features(proc / "features.npy")
-    payload = rankers.load_payload(proc / "classprob.skops", None)
+    payload = ranker_files.load_payload(proc / "classprob.skops", None)
     classifier = payload["ranker"]
     groups = parse_groups_file(fileio.read_tsv(args.groups)) if args.groups else None
     arms = {"cosine": rankers.CosineRanker(),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from image_similarity.search import distances, rankers
+from image_similarity.search import distances, ranker_files, rankers
 from image_similarity.pipeline import evaluation
 from image_similarity.data import fileio
 from image_similarity.data.features import load_features
@@ -118,7 +118,7 @@ def main():
         if not (proc / needed).is_file():
             sys.exit(f"error: {proc / needed} is missing: run the pipeline (steps 1-4) in that workDir first")
     features = load_features(proc / "features.npy")
-    payload = rankers.load_payload(proc / "classprob.skops", features.meta["model_id"])
+    payload = ranker_files.load_payload(proc / "classprob.skops", features.meta["model_id"])
     classifier, accuracy = payload["ranker"], payload["accuracy"]
     metric = rankers.CLASSPROB_METRICS[args.ranker]
     ranking_sets = load_ranking_sets(proc / "imgInfosTest.json")

@@ -13,7 +13,7 @@ from image_similarity.models.checkpoints import load_checkpoint
 from image_similarity.data import fileio
 from image_similarity.apps import label_issues
 from image_similarity.pipeline import plots
-from image_similarity.search import rankers
+from image_similarity.search import ranker_files, rankers
 from image_similarity.search.rankers import ClassProbRanker
 from image_similarity.data.splits import RankingSet, label_of, load_ranking_sets, load_split
 
@@ -182,12 +182,12 @@ def test_a6_reuses_step_4s_C_only_when_chosen_by_the_same_rule(pipeline, tmp_pat
     work = tmp_path / "work"
     shutil.copytree(pipeline, work, symlinks=True)
     run_ok("4_trainSvm.py", *settings(work))
-    step4_C = rankers.load_payload(work / "proc" / "tiny" / "classprob.skops", None)["ranker"].C
+    step4_C = ranker_files.load_payload(work / "proc" / "tiny" / "classprob.skops", None)["ranker"].C
     assert f"C = {step4_C:g} (step 4's)" in run_ok("A6_findLabelIssues.py", *settings(work)).stdout
     other_rule = run_ok("A6_findLabelIssues.py", *settings(work), "--set", "svm_classProbCCriterion=accuracy")
     assert "(best validation accuracy)" in other_rule.stdout and "step 4's" not in other_rule.stdout
-    payload = rankers.load_payload(work / "proc" / "tiny" / "classprob.skops", None)
-    rankers.save_payload(work / "proc" / "tiny" / "classprob.skops", **{**payload, "model_id": "sha256:older"})
+    payload = ranker_files.load_payload(work / "proc" / "tiny" / "classprob.skops", None)
+    ranker_files.save_payload(work / "proc" / "tiny" / "classprob.skops", **{**payload, "model_id": "sha256:older"})
     stale = run_ok("A6_findLabelIssues.py", *settings(work))  # step 4's file is for other features: not a stop
     assert "(best validation log loss)" in stale.stdout and "choosing C here instead" in stale.stderr
 

@@ -9,7 +9,7 @@ import image_similarity
 from conftest import SAMPLE_DIR
 from image_similarity.pipeline import evaluation, training
 from image_similarity.data import features
-from image_similarity.search import rankers
+from image_similarity.search import ranker_files, rankers
 from image_similarity.apps.attributes import AttributeModel, combine
 from image_similarity.data.splits import make_ranking_sets
 
@@ -115,13 +115,13 @@ def test_from_pipeline_payload(synthetic, tmp_path):
     proc = tmp_path / "proc" / "fridge"
     features.save_features(proc / "features.npy", ["a/1.jpg"], np.zeros((1, DIM), np.float32),
                            {"model_id": "pretrained:efficientnet_lite0", "backbone": "efficientnet_lite0"})
-    rankers.save_payload(proc / "svm.skops", "pretrained:efficientnet_lite0", ranker=attribute_a.ranker.ranker,
+    ranker_files.save_payload(proc / "svm.skops", "pretrained:efficientnet_lite0", ranker=attribute_a.ranker.ranker,
                          calibrated=attribute_a.ranker)
     loaded = AttributeModel.from_pipeline(proc / "svm.skops")
     assert loaded.name == "fridge" and loaded.model_id == "pretrained:efficientnet_lite0"
     x = synthetic[2]
     np.testing.assert_allclose(loaded.probabilities(x, x), attribute_a.probabilities(x, x))
-    rankers.save_payload(proc / "other.skops", "sha256:0123456789abcdef", ranker=attribute_a.ranker.ranker,
+    ranker_files.save_payload(proc / "other.skops", "sha256:0123456789abcdef", ranker=attribute_a.ranker.ranker,
                          calibrated=attribute_a.ranker)
     with pytest.raises(ValueError, match="another model|trained on features of sha256"):
         AttributeModel.from_pipeline(proc / "other.skops")

@@ -8,8 +8,8 @@ from sklearn.preprocessing import normalize
 from image_similarity.pipeline.evaluation import mean_rank, positive_rank
 from image_similarity.search.rankers import (CalibratedRanker, ClassProbRanker, CosineRanker, HybridRanker,
                                              KReciprocalRanker, L1Ranker, L2Ranker, RandomRanker, WeightedL2Ranker,
-                                             build_rankers, load_payload, negative_sample_weights, ranker_names,
-                                             save_payload)
+                                             build_rankers, negative_sample_weights, ranker_names)
+from image_similarity.search.ranker_files import load_payload, save_payload
 from image_similarity.pipeline.training import pair_differences
 
 

@@ -15,7 +15,7 @@ import skops.io
 import helpers
 from conftest import REPO, make_labelled_images, run_script
 from image_similarity.apps import store
-from image_similarity.search import rankers
+from image_similarity.search import ranker_files, rankers
 
 BASE = ["--set", "datasetName=tiny", "--set", "rf_maxEpochs=0", "--set", "dedup_enabled=False",
         "--set", "ratioValFromTrain=0.3", "--set", "run_nrWorkers=0", "--set", "svm_CValCandidates=[1.0]",
@@ -102,7 +102,7 @@ def test_skops_payload_with_a_foreign_type_is_refused(work):
     """A real skops file, but holding a type outside the rankers' allow-list: refused before anything is built."""
     work, marker = work
     target = work / "proc" / "tiny" / "svm.skops"
-    payload = rankers.load_payload(target, None)
+    payload = ranker_files.load_payload(target, None)
     target.write_bytes(skops.io.dumps({**payload, "calibrated": Marker(marker)}))
     result = run(work, "5_evaluate.py")
     assert not marker.exists() and result.returncode == 1

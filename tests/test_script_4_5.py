@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import make_labelled_images, run_script
 from image_similarity.data.features import load_features, save_features
 from image_similarity.data.splits import load_ranking_sets, load_split
-from image_similarity.search import rankers
+from image_similarity.search import ranker_files, rankers
 from image_similarity.search.rankers import ranker_names
 
 TOP_NS = [1, 2, 4, 5, 8, 10, 15, 20, 28, 32]
@@ -69,8 +69,8 @@ def test_train_svm_reports_and_saves_payloads(pipeline):
     assert "Hard-negative mining 1 of 1: added" in out
     assert "Hybrid ranker (label agreement in bands, cosine within a band)" in out
     features_meta = json.loads((work / "proc" / "tiny" / "features.json").read_text())
-    svm = rankers.load_payload(work / "proc" / "tiny" / "svm.skops", features_meta["model_id"])
-    classprob = rankers.load_payload(work / "proc" / "tiny" / "classprob.skops", features_meta["model_id"])
+    svm = ranker_files.load_payload(work / "proc" / "tiny" / "svm.skops", features_meta["model_id"])
+    classprob = ranker_files.load_payload(work / "proc" / "tiny" / "classprob.skops", features_meta["model_id"])
     assert svm["model_id"] == classprob["model_id"] == features_meta["model_id"]
     assert svm["ranker"].C in (0.1, 1.0) and set(svm["C_table"]) == {0.1, 1.0}
     assert svm["ranker"].coef_.shape == (features_meta["dim"],)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..search import rankers
+from ..search import ranker_files
 from ..pipeline import training
 from ..search.core import search
 from ..search.distances import from_probability
@@ -165,11 +166,11 @@ class AttributeModel:
         Parameters
         ----------
         payload_path : str or Path
-            A ``rankers.save_payload`` file: ``svm.skops`` gives its Platt-calibrated ranker
+            A ``ranker_files.save_payload`` file: ``svm.skops`` gives its Platt-calibrated ranker
             (``weightedl2prob``), ``classprob.skops`` its class-probability ranker.
         features_path : str or Path, optional
             The features the ranker was trained on; default ``features.npy`` beside the payload. Only its sidecar
-            is read, for the ``model_id`` the payload must match (``rankers.load_payload`` refuses another).
+            is read, for the ``model_id`` the payload must match (``ranker_files.load_payload`` refuses another).
         name : str, optional
             Default: the payload's folder name (the dataset name).
 
@@ -183,7 +184,7 @@ class AttributeModel:
             raise FileNotFoundError(f"{side} not found: the features {payload_path.name} was trained on are needed "
                                     "for their model_id")
         model_id = load_json(side)["model_id"]
-        payload = rankers.load_payload(payload_path, model_id)
+        payload = ranker_files.load_payload(payload_path, model_id)
         return cls(payload.get("calibrated", payload["ranker"]), name or payload_path.parent.name, model_id)
 
 

@@ -12,7 +12,7 @@ reaches (SQLite by default, PostgreSQL with ``postgresql://...``). Tables, by th
    the set's (shuffled) reference order.
 3. ``model`` (``name``, ``model_id``, ``payload``): the class-probability classifier payload
    (``{'model_id', 'ranker': ClassProbRanker, 'C_table', 'accuracy', 'hybrid_band', 'hybrid_table'}``) in the bytes
-   ``4_trainSvm.py`` writes to its file (``rankers.payload_bytes``, skops: read back without running code).
+   ``4_trainSvm.py`` writes to its file (``ranker_files.payload_bytes``, skops: read back without running code).
 4. ``scores`` (``image_id``, ``class_index``, ``label``, ``score``): one row per (image, class): the classifier's
    probability of that class, so ``n_features x n_classes`` rows.
 5. ``evaluation_results`` (``split``, ``ranker``, ``metric``, ``value``): ``evaluation.evaluate`` of the positive
@@ -37,6 +37,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from ..pipeline import evaluation, steps
 from ..search import rankers
+from ..search import ranker_files
 from ..search.distances import ProbabilityDistance
 from ..search.core import Gallery, resolve_ranker, search_keys
 from ..search.rankers import HybridRanker
@@ -321,7 +322,7 @@ def train_classifier(engine, C_candidates, random_state=None, hybrid_bands=(), m
         xy, feats, val_sets, C_candidates, random_state, C_criterion, hybrid_bands, max_top1_drop, max_mean_rank_rise)}
     with engine.begin() as conn:
         _replace(conn, 3, {model_table: [{"name": MODEL_NAME, "model_id": payload["model_id"],
-                                          "payload": rankers.payload_bytes(**payload)}]})
+                                          "payload": ranker_files.payload_bytes(**payload)}]})
     return payload
 
 
@@ -332,7 +333,7 @@ def read_model(conn, model_id=None):
     if model_id is not None and row.model_id != model_id:
         raise ValueError(f"table model holds a classifier trained on features of {row.model_id} but the features "
                          f"are from {model_id}: run step 3 again")
-    return rankers.read_payload(row.payload, f"table model, row name={MODEL_NAME!r}", written_by=_STEP3)
+    return ranker_files.read_payload(row.payload, f"table model, row name={MODEL_NAME!r}", written_by=_STEP3)
 
 
 def write_scores(engine):

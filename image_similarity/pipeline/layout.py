@@ -79,7 +79,7 @@ class RunLayout:
     # Step 3 (3_featurizeImages.py, A5) and the SQL variant (A3)
     features = property(lambda self: self.proc_dir / "features.npy")
     sql_db = property(lambda self: self.proc_dir / "image_similarity.sqlite")
-    # Step 4 (4_trainSvm.py): skops payloads (rankers.save_payload)
+    # Step 4 (4_trainSvm.py): skops payloads (ranker_files.save_payload)
     svm = property(lambda self: self.proc_dir / "svm.skops")
     classifier = property(lambda self: self.proc_dir / "classprob.skops")
     svm_curve = property(lambda self: self.results_dir / "svm_score_vs_probability.png")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..search import rankers
+from ..search import ranker_files
 from ..models.embedder import Embedder, resolve_embedder
 from ..models.inference import InferenceConfig
 from ..data.features import Features, load_features
@@ -163,14 +164,14 @@ def load_run(layout, backbone, name=None, attribute_paths=None, random_state=Non
     FileNotFoundError
         When the features are missing.
     ValueError
-        When the network or a payload belongs to other features, or a payload is refused (``rankers.read_payload``).
+        When the network or a payload belongs to other features, or a payload is refused (``ranker_files.read_payload``).
     """
     features = load_features(layout.features, mmap=mmap)
     model_id = features.meta["model_id"]
     notes, payloads = [], []
     for path in (layout.svm, layout.classifier):
         if Path(path).is_file():
-            payloads.append(rankers.load_payload(path, model_id))
+            payloads.append(ranker_files.load_payload(path, model_id))
         else:
             payloads.append(None)
             notes.append(f"{missing_message(path, '4_trainSvm.py')}; its rankers are unavailable")

@@ -3,7 +3,7 @@
 Step 1's intermediates are written and read here (:func:`save_prepared`, :func:`load_prepared`); step 4 and the SQL
 variant (``store.train_classifier``) train the class-probability ranker with one function,
 :func:`train_classprob`, and step 4's weighted L2 with :func:`train_weighted_l2`; step 4 saves both payloads with
-:func:`save_rankers` (``rankers.save_payload``: skops, read back without running code).
+:func:`save_rankers` (``ranker_files.save_payload``: skops, read back without running code).
 """
 import logging
 from dataclasses import dataclass
@@ -15,6 +15,7 @@ from ..data.features import load_features
 from ..data.splits import (SPLITS, label_of, load_ranking_sets, load_split, save_ranking_sets, save_split,
                            split_keys)
 from ..search import rankers
+from ..search import ranker_files
 from . import training
 
 __all__ = ["usable_keys_by_label", "save_prepared", "load_prepared", "train_classprob", "WeightedL2Training", "train_weighted_l2",
@@ -171,9 +172,9 @@ def save_rankers(layout, model_id, weighted_l2, classprob):
     """Write step 4's payloads: ``layout.svm`` (the weighted L2 and its calibration) and ``layout.classifier``
     (:func:`train_classprob`'s payload), both for the features of ``model_id``."""
     fit = weighted_l2.fit
-    rankers.save_payload(layout.svm, model_id, ranker=fit.ranker, calibrated=fit.calibrated, C_table=fit.C_table,
+    ranker_files.save_payload(layout.svm, model_id, ranker=fit.ranker, calibrated=fit.calibrated, C_table=fit.C_table,
                          n_hard_negatives=fit.n_hard_negatives)
-    rankers.save_payload(layout.classifier, model_id, **classprob)
+    ranker_files.save_payload(layout.classifier, model_id, **classprob)
 
 
 @dataclass
@@ -224,7 +225,7 @@ def label_issue_inputs(layout, C_candidates, C_criterion):
     model_id = stored.meta["model_id"]
     if layout.classifier.is_file():  # step 4 chose C on the same splits: reused by the same rule
         try:
-            step4 = rankers.load_payload(layout.classifier, model_id)
+            step4 = ranker_files.load_payload(layout.classifier, model_id)
         except ValueError as err:  # older features or not step 4's file: A6 does not need it
             logger.warning("%s; choosing C here instead", err)
         else:

@@ -14,12 +14,8 @@ negatives and the whole weighted-L2 fit in :mod:`.training`.
 import copy
 import warnings
 import weakref
-import zipfile
-from pathlib import Path
 
 import numpy as np
-import skops.io
-from skops.io.exceptions import UntrustedTypesFoundException
 from sklearn.base import BaseEstimator
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
@@ -33,12 +29,10 @@ from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 from .colour import ColourCosineRanker
 from .distances import (check_pair, embedding_distances, from_probability, k_reciprocal, label_then_appearance,
                         probability_distances)
-from ..data.fileio import atomic_write_bytes, refuse_pickle
 
 __all__ = ["RandomRanker", "L1Ranker", "L2Ranker", "CosineRanker", "WeightedL2Ranker", "CalibratedRanker",
            "ClassProbRanker", "HybridRanker", "KReciprocalRanker", "CLASSPROB_METRICS", "negative_sample_weights",
-           "payload_bytes", "read_payload", "save_payload", "load_payload", "register_ranker", "ranker_names",
-           "build_rankers", "DEFAULT_COLOUR_WEIGHT", "TRUSTED_TYPES"]
+           "register_ranker", "ranker_names", "build_rankers", "DEFAULT_COLOUR_WEIGHT"]
 
 # The colour share of the "cosine+colour" ranker: the least that keeps plain white and black apart
 # (tests/test_colour.py); its cost: bench/colour_weight.py.
@@ -386,55 +380,6 @@ class KReciprocalRanker(BaseEstimator):
                             self.lambda_value)
 
 
-# What a ranker file may hold besides the plain data and the sklearn estimators skops trusts itself (LinearSVC,
-# LogisticRegression, FrozenEstimator ...): the learned rankers and the calibration parts they keep. skops refuses
-# any other type instead of building it, so loading never runs code from the file.
-TRUSTED_TYPES = [f"{__name__}.{name}" for name in ("WeightedL2Ranker", "CalibratedRanker", "ClassProbRanker")] + [
-    "sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration"]
-
-
-def payload_bytes(model_id, **contents):
-    """Fitted rankers and their facts, with the ``model_id`` of the features they were trained on, as skops bytes.
-
-    Step 4 writes them to a file (:func:`save_payload`), the SQL variant into its ``model`` table: the same bytes.
-    """
-    return skops.io.dumps({"model_id": model_id, **contents})
-
-
-def read_payload(data, source, model_id=None, written_by="4_trainSvm.py"):
-    """The payload in :func:`payload_bytes`' ``data``, refused unless it holds only :data:`TRUSTED_TYPES`.
-
-    Parameters
-    ----------
-    data : bytes
-    source : str or Path
-        Where ``data`` came from (a file, a table row): every error names it.
-    model_id : str, optional
-        The features' model id the rankers must have been trained on; None: not checked.
-    written_by : str
-        The step that writes ``data``, named in the errors.
-
-    Raises
-    ------
-    ValueError
-        For a pickle of an older version, a file that is not a ranker payload, a type outside the allow-list, or
-        rankers trained on another model's features.
-    """
-    refuse_pickle(data, source, written_by)
-    try:
-        payload = skops.io.loads(data, trusted=TRUSTED_TYPES)
-    except UntrustedTypesFoundException as err:
-        raise ValueError(f"{source} refused: it holds types that are not the project's rankers ({err})") from None
-    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError) as err:
-        raise ValueError(f"{source}: not a ranker payload written by {written_by} ({err})") from None
-    if not isinstance(payload, dict) or "model_id" not in payload:
-        raise ValueError(f"{source}: not a ranker payload written by {written_by}")
-    if model_id is not None and payload["model_id"] != model_id:
-        raise ValueError(f"{source} was trained on features of {payload['model_id']} but the features now come from "
-                         f"{model_id}: run {written_by} again")
-    return payload
-
-
 def register_ranker(name, build):
     """Offer a ranker by name to every door (A1 ``--ranker``, the service's ``ranker``, the API, step 5): the one
     registration point.
@@ -455,16 +400,6 @@ def register_ranker(name, build):
 def ranker_names():
     """Every registered ranker name, in report order."""
     return tuple(_REGISTRY)
-
-
-def save_payload(path, model_id, **contents):
-    """Write :func:`payload_bytes` to ``path`` (atomically)."""
-    return atomic_write_bytes(path, payload_bytes(model_id, **contents))
-
-
-def load_payload(path, model_id):
-    """Read a :func:`save_payload` file (:func:`read_payload`); refused when trained on another model's features."""
-    return read_payload(Path(path).read_bytes(), path, model_id)
 
 
 def build_rankers(svm_payload=None, classprob_payload=None, random_state=None):
