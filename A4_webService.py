@@ -8,9 +8,11 @@ serves until interrupted:
   POST /query            multipart image, k, ranker, attributes -> JSON matches and timings
   GET  /images/<id>      a reference image (?thumb=1: a small JPEG)
   GET  /health           what is loaded
+  GET  /map              the map of A7_embeddingMap.py, shown by the page's map view
+  GET  /label-issues     the suspects of A6_findLabelIssues.py, shown by the page
 
-The default ranker is hybrid when step 4 made a classifier (runs.PREFERRED_RANKER), else cosine (runs.FALLBACK_RANKER). Knobs: svc_*
-in PARAMETERS.py.
+The default ranker is hybrid when step 4 made a classifier (runs.PREFERRED_RANKER), else cosine
+(runs.FALLBACK_RANKER). Knobs: svc_* in PARAMETERS.py (limits on uploads, slow clients and connections).
 """
 import helpers
 

@@ -14,7 +14,6 @@ from ..data import fileio
 from ..data.features import load_features
 from ..data.splits import (SPLITS, label_of, load_ranking_sets, load_split, save_ranking_sets, save_split,
                            split_keys)
-from ..search import rankers
 from ..search import ranker_files
 from . import training
 
