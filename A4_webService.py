@@ -40,7 +40,10 @@ def main(args, P):
     print(f"Open http://{args.host}:{args.port}/ (Ctrl+C stops)")
     timeout = P.svc_requestTimeoutSec or None
     app = create_app(service, timeout, P.svc_maxDecodes or None)
-    uvicorn.Server(server_config(app, args.host, args.port, timeout, P.svc_maxConnections or None)).run()
+    try:
+        uvicorn.Server(server_config(app, args.host, args.port, timeout, P.svc_maxConnections or None)).run()
+    except KeyboardInterrupt:  # Ctrl+C (uvicorn re-raises it once the server has shut down): a normal end
+        pass
     print(f"Done: served {P.datasetName} on {args.host}:{args.port}.")
 
 

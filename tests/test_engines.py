@@ -245,3 +245,14 @@ def test_auto_falls_back_when_engines_are_missing(tmp_path, monkeypatch, caplog)
         assert engines.load_engine(net, "sha256:small", SMALL, tmp_path / "small.onnx", on("auto")) is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "openvino is not installed" in warnings[0] and "onnxruntime" in warnings[0]
+
+
+def test_one_compiled_engine_per_network_in_a_process(lite0):
+    """Embedders of one network share its compiled engine: a process that opens many models (the API's tests, a
+    service with several attributes) holds one engine and its threads, not one each."""
+    net, batch, expected, path = lite0
+    first = engines.load_engine(net, MODEL_ID, LITE0, path, InferenceConfig("openvino"), streams=2)
+    again = engines.load_engine(net, MODEL_ID, LITE0, path, InferenceConfig("openvino"), streams=2)
+    other = engines.load_engine(net, MODEL_ID, LITE0, path, InferenceConfig("onnxruntime"), streams=2)
+    assert first is again and other is not first and other.name == "onnxruntime"
+    assert _min_cosine(again(batch), expected) >= 0.99999

@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -213,6 +214,10 @@ def _onnxruntime(path, precision, streams):
 
 
 _COMPILERS = {"openvino": _openvino, "onnxruntime": _onnxruntime}
+# One compiled engine per (engine, precision, export file and its SHA-256, streams) in a process: embedders of the same
+# network share it (an Engine is thread-safe), instead of each compiling its own copy with its own threads.
+_COMPILED = {}
+_COMPILING = threading.Lock()
 
 
 def load_engine(net, model_id, data_config, export_path, inference=None, streams=1):
@@ -257,7 +262,12 @@ def load_engine(net, model_id, data_config, export_path, inference=None, streams
             reasons.append(f"{name} is not installed ({err}; pip install '.[inference]')")
     if installed and _ensure_export(net, model_id, data_config, path, reasons):
         for name in installed:
-            engine = _compile(name, precision, net, model_id, data_config, path, reasons, streams)
+            with _COMPILING:
+                key = (name, precision, str(path.resolve()), _sha256(path), streams)
+                engine = _COMPILED.get(key) or _compile(name, precision, net, model_id, data_config, path, reasons,
+                                                        streams)
+                if engine is not None:
+                    _COMPILED[(name, precision, str(path.resolve()), _sha256(engine.path), streams)] = engine
             if engine is not None:
                 logger.info("inference engine: %s, %s, %d streams, on %s", name, precision, engine.streams, path)
                 return engine
