@@ -15,7 +15,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from image_similarity.data.fileio import save_json  # noqa: E402
+from image_similarity.models.engines import cpu_info  # noqa: E402
 
 TEXTURES = REPO.parent / "shared" / "datasets" / "fashionTexture11"
 LABELS = ("dotted", "striped", "leopard")
@@ -87,9 +87,10 @@ def main():
                 print(f"rf_activationCheckpointing {name:>3}: peak {peak / 2**30:.2f} GiB, {seconds:.0f} s/epoch")
     summary = {name: {"peak_gib": round(max(p for p, _ in r) / 2**30, 3),
                       "seconds_per_epoch": round(statistics.median(s for _, s in r), 1)} for name, r in runs.items()}
-    result = {"command": "python bench/refine_memory.py " + " ".join(sys.argv[1:]), "data": str(source),
-              "labels": list(labels), "images_per_epoch": args.images, "input_resolution": 320,
-              "cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
+    result = {"command": "python bench/refine_memory.py " + " ".join(sys.argv[1:]),
+              "data": source.relative_to(REPO.parent).as_posix(), "labels": list(labels),
+              "images_per_epoch": args.images, "input_resolution": 320, "cpu": cpu_info()["model"],
+              "cores": len(os.sched_getaffinity(0)),
               "runs": {k: [[p, s] for p, s in v] for k, v in runs.items()}, **summary}
     save_json(RESULTS, result)
     print(json.dumps(summary))
