@@ -60,10 +60,7 @@ def run(tmp_path_factory):
         patch.setattr(rankers, "_REGISTRY", dict(rankers._REGISTRY))  # the toy leaves with this module
         rankers.register_ranker("halfL1", lambda svm, classprob, random_state: HalfL1Ranker())
         service = SimilarityService.from_run(helpers.load_run(P), P.imgDir)
-        model = image_similarity.open_run(features_path=P.featuresPath, backbone=P.rf_backbone,
-                                          checkpoint=P.modelPath, svm_path=P.svmPath,
-                                          classifier_path=P.classifierPath,
-                                          evaluation_csv=P.evaluationCsvPath, image_dir=P.imgDir,
+        model = image_similarity.open_run(P.procDir, backbone=P.rf_backbone, image_dir=P.imgDir,
                                           inference=helpers.inference_config(P))
         yield work, args, P, TestClient(create_app(service)), model
 

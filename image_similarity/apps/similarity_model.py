@@ -447,20 +447,30 @@ def load(folder, inference=None):
     return similarity
 
 
-def open_run(features_path, backbone, checkpoint, svm_path, classifier_path, evaluation_csv, image_dir=None,
-             inference=None, random_state=None):
+def open_run(proc_dir, backbone="efficientnet_lite0", image_dir=None, inference=None, random_state=None):
     """A :class:`SimilarityModel` on a finished pipeline run: it ranks like A1 and the web service.
 
-    The parameters are those of :func:`.runs.load_run` (step 3's features, the backbone and refined checkpoint,
-    step 4's payloads, step 5's ``evaluation.csv``, which may be missing), plus ``image_dir``: the folder the
-    features' keys are relative to, for the "cosine+colour" ranker's colours.
+    Parameters
+    ----------
+    proc_dir : str or Path
+        The run's ``proc/<dataset>/``: step 3's features, the refined ``model.pt`` (when the features came from it),
+        step 4's rankers and step 5's ``run.json`` (which may be missing), as :class:`.layout.RunLayout` names them.
+    backbone : str
+        The pretrained backbone, for features that came from it (``rf_backbone``).
+    image_dir : str or Path, optional
+        The folder the features' keys are relative to (``data/<dataset>/``), for the "cosine+colour" ranker.
+    inference : models.inference.InferenceConfig, optional
+    random_state : int, optional
+        Seeds the random baseline.
 
     Returns
     -------
     SimilarityModel
     """
-    from ..pipeline.runs import load_run  # here: the pipeline only for a model opened on a run
+    from ..pipeline.layout import RunLayout  # here: the pipeline only for a model opened on a run
+    from ..pipeline.runs import load_run
 
-    run = load_run(features_path, backbone, checkpoint, svm_path, classifier_path, evaluation_csv,
-                   random_state=random_state, engine=inference)
+    proc_dir = Path(proc_dir)
+    layout = RunLayout(proc_dir, proc_dir.parent.parent / "results" / proc_dir.name)
+    run = load_run(layout, backbone, random_state=random_state, engine=inference)
     return SimilarityModel.from_run(run, image_dir)
