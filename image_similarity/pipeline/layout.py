@@ -103,8 +103,8 @@ class RunLayout:
 
     def retrieval_figure(self, image_stem, ranker):
         """A1's figure of the matches of the query image named ``image_stem`` under ``ranker`` (its table: the same
-        name with ``.csv``); characters a file name should not hold become '-'."""
-        return self.results_dir / re.sub(r"[^\w.+-]", "-", f"retrieval_{image_stem}_{ranker}.png")
+        name with ``.csv``); a separator or another character a file name should not hold becomes '-'."""
+        return self.results_dir / re.sub(r'[/\\:*?"<>|]', "-", f"retrieval_{image_stem}_{ranker}.png")
 
     def save_record(self, **facts):
         """Write what step 5 decided (e.g. ``best_on_val``) to ``run.json``, keeping the facts already there."""
