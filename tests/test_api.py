@@ -284,3 +284,37 @@ def test_in_memory_references_labels_and_skipped_files(tmp_path):
         image_similarity.create(paths, label=["r", "r", "b"])
     with pytest.raises(ValueError, match="unknown backbone|neither a backbone"):
         image_similarity.create(paths, model="no_such_net")
+
+
+def test_adding_while_other_threads_query_is_safe():
+    """add() in one thread while others query(): every call answers (it once raised about mismatched histograms)."""
+    import threading
+
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(30)]
+    shared = image_similarity.create(pictures[:6], n_workers=0, batch_size=4)
+    errors, adding = [], threading.Event()
+    adding.set()
+
+    def add_one_by_one():
+        for i in range(6, 30):
+            try:
+                shared.add([pictures[i]], keys=[f"new{i}"])
+            except Exception as err:  # noqa: BLE001  (any failure is what this test looks for)
+                errors.append(repr(err))
+        adding.clear()
+
+    def query_meanwhile():
+        while adding.is_set():
+            try:
+                found = shared.query([pictures[1]], k=3)
+                assert found["reference"].iloc[0] == "1"
+            except Exception as err:  # noqa: BLE001
+                errors.append(repr(err))
+
+    threads = [threading.Thread(target=add_one_by_one), *(threading.Thread(target=query_meanwhile) for _ in range(2))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert errors == [] and len(shared) == 30
