@@ -263,11 +263,11 @@ def load_engine(net, model_id, data_config, export_path, inference=None, streams
     if installed and _ensure_export(net, model_id, data_config, path, reasons):
         for name in installed:
             with _COMPILING:
-                key = (name, precision, str(path.resolve()), _sha256(path), streams)
-                engine = _COMPILED.get(key) or _compile(name, precision, net, model_id, data_config, path, reasons,
-                                                        streams)
-                if engine is not None:
-                    _COMPILED[(name, precision, str(path.resolve()), _sha256(engine.path), streams)] = engine
+                engine = _COMPILED.get((name, precision, str(path.resolve()), _sha256(path), streams))
+                if engine is None:
+                    engine = _compile(name, precision, net, model_id, data_config, path, reasons, streams)
+                    if engine is not None:  # keyed by the export it loaded, which a failed first load rebuilds
+                        _COMPILED[(name, precision, str(path.resolve()), _sha256(path), streams)] = engine
             if engine is not None:
                 logger.info("inference engine: %s, %s, %d streams, on %s", name, precision, engine.streams, path)
                 return engine
